@@ -1,0 +1,37 @@
+# polyak — the two commands of the README: `make demo` and `make test`.
+# Everything they need is installed by `make install` into .venv (pinned by constraints.txt).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.polyak-installed
+# Keras 3 runs on the torch backend here; respect a backend the user has chosen.
+export KERAS_BACKEND ?= torch
+
+.PHONY: install test lint typecheck demo bench fuzz clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[all,dev]"
+	@touch $(STAMP)
+
+test: install lint
+	$(PY) -m pytest -n 2 -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+demo: install
+	$(VENV)/bin/polyak demo
+
+bench: install
+	$(PY) benchmarks/run.py
+
+fuzz: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt atheris
+	$(PY) tests/fuzz/fuzz_formats.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

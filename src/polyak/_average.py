@@ -1,0 +1,395 @@
+"""The streaming averaging engine.
+
+Averages checkpoints tensor by tensor. For each tensor the members are combined chunk by
+chunk into one float32 (float64 for float64 tensors) accumulator that is allocated once and
+reused, so memory is the output plus a few tensors, never all members. Integer and bool
+tensors are never averaged: they are copied from the newest member (``int_policy="newest"``)
+or refused (``"error"``). Every floating tensor of the result is checked for NaN/Inf; only
+when one is found are the members searched for the culprit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._atomic import check_output_path, cleanup_stale_temps
+from ._dtypes import accumulator_dtype, dtype_from_name, dtype_name, is_float
+from ._errors import ConfigError, NonFiniteError
+from ._members import MemberLike, check_members, open_members, select_members
+from ._progress import Progress
+from ._schemes import get_scheme, scheme_weights
+from .formats import TensorInfo, TensorSource, TensorWriter, WriteOptions, open_writer
+from .formats import output_format as _output_format
+
+__all__ = ["AverageResult", "average", "average_sources", "parse_size"]
+
+#: Elements per chunk: small enough that a chunk of every member and the accumulator stay
+#: in the CPU cache, large enough that Python overhead is negligible.
+CHUNK = 1 << 16
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class AverageResult:
+    """What :func:`average` wrote.
+
+    Attributes:
+        out: The output path given.
+        files: Every file written (shards and index for a sharded output).
+        members: The member files (or labels), oldest → newest.
+        weights: The normalised weight of each member, oldest → newest.
+        scheme: The scheme name.
+        averaged: Number of floating tensors averaged.
+        copied: Number of integer/bool tensors copied from the newest member.
+        nbytes: Bytes of tensor data written.
+        seconds: Wall time.
+        metadata: The ``polyak`` metadata record stored in the output.
+    """
+
+    out: Path
+    files: list[Path]
+    members: list[str]
+    weights: list[float]
+    scheme: str
+    averaged: int
+    copied: int
+    nbytes: int
+    seconds: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``"5GB"``, ``"500MiB"`` or a number of bytes.
+
+    Example:
+        >>> parse_size("5GB"), parse_size("1MiB"), parse_size(123)
+        (5000000000, 1048576, 123)
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(num):]
+        if unit not in _SIZE_UNITS or not num:
+            raise ConfigError(f"cannot read the size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+        try:
+            value = int(float(num) * _SIZE_UNITS[unit])
+        except ValueError:
+            raise ConfigError(f"cannot read the size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
+    if value < 1:
+        raise ConfigError(f"a size must be at least 1 byte, got {text!r}")
+    return value
+
+
+class _Buffers:
+    """Accumulator and scratch space, grown on demand and reused for every tensor.
+
+    Fresh large allocations cost far more than reusing memory (page faults on every new
+    page), so each buffer is allocated once at the size of the largest tensor seen.
+    """
+
+    def __init__(self) -> None:
+        self._pool: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def get(self, slot: str, dtype: np.dtype, n: int) -> np.ndarray:
+        dt = np.dtype(dtype)
+        buf = self._pool.get((slot, dt))
+        if buf is None or buf.size < n:
+            buf = np.empty(max(n, 1), dtype=dt)
+            self._pool[(slot, dt)] = buf
+        return buf[:n]
+
+
+def _accumulate(
+    arrays: Sequence[np.ndarray],
+    weights: Sequence[float],
+    acc: np.ndarray,
+    bufs: _Buffers,
+    *,
+    first: bool,
+) -> None:
+    """``acc ← Σ w_i · x_i`` (or ``acc += ...`` when not ``first``), chunk by chunk.
+
+    Members are the inner loop, so a chunk of the accumulator stays in the CPU cache while
+    every member is added to it; narrow dtypes (bfloat16, float16) are widened into a
+    scratch chunk first so that the products are computed at accumulator precision.
+    """
+    n = acc.size
+    ws = [acc.dtype.type(w) for w in weights]
+    cast = bufs.get("cast", acc.dtype, min(n, CHUNK))
+    tmp = bufs.get("tmp", acc.dtype, min(n, CHUNK))
+    flats = [a.reshape(-1) for a in arrays]
+    for a in range(0, n, CHUNK):
+        b = min(a + CHUNK, n)
+        dst = acc[a:b]
+        m = b - a
+        for i, (x, w) in enumerate(zip(flats, ws)):
+            xs = x[a:b]
+            if xs.dtype != acc.dtype:
+                c = cast[:m]
+                np.copyto(c, xs, casting="unsafe")
+                xs = c
+            if i == 0 and first:
+                np.multiply(xs, w, out=dst)
+            else:
+                t = tmp[:m]
+                np.multiply(xs, w, out=t)
+                np.add(dst, t, out=dst)
+
+
+def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
+    bad = []
+    for src in sources:
+        x = src.read(name)
+        if not np.isfinite(x.astype(np.float32) if x.dtype.kind not in "fc" else x).all():
+            bad.append(src.label)
+    return bad
+
+
+def average_sources(
+    sources: Sequence[TensorSource],
+    weights: Sequence[float] | np.ndarray,
+    *,
+    infos: Sequence[TensorInfo] | None = None,
+    dtype: str | None = None,
+    int_policy: str = "newest",
+    writer: TensorWriter | None = None,
+    progress: bool = False,
+    check_finite: bool = True,
+) -> dict[str, np.ndarray] | None:
+    """Average opened sources with given normalised weights (oldest → newest).
+
+    With ``writer`` the tensors are streamed to it in its order and ``None`` is returned;
+    otherwise a dict of new arrays (each in its output dtype) is returned.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) != len(sources):
+        raise ConfigError(f"{len(w)} weights for {len(sources)} members")
+    ref_infos = {i.name: i for i in (infos if infos is not None else check_members(sources, int_policy=int_policy))}
+    out_dtype = None if dtype is None else dtype_from_name(dtype)
+    if out_dtype is not None and not is_float(out_dtype):
+        raise ConfigError(f"--dtype must be a floating-point dtype, got {dtype!r}")
+    newest = sources[-1]
+    zero_copy = all(s.zero_copy for s in sources)
+    bufs = _Buffers()
+    order = writer.order if writer is not None else list(ref_infos)
+    result: dict[str, np.ndarray] = {}
+    total = sum(ref_infos[n].nbytes for n in order) * len(sources)
+    bar = Progress(total, "averaging", enabled=progress)
+    try:
+        for name in order:
+            info = ref_infos[name]
+            if not is_float(info.dtype):
+                value = newest.read(name)
+                if writer is not None:
+                    writer.write(name, value)
+                else:
+                    result[name] = np.array(value, copy=True)
+                bar.update(info.nbytes * len(sources))
+                continue
+            acc_dt = accumulator_dtype(info.dtype)
+            target = out_dtype if out_dtype is not None else np.dtype(info.dtype)
+            acc = bufs.get("acc", acc_dt, info.size)
+            if info.size:
+                if zero_copy:
+                    # Views of memory maps: every member's tensor at once costs nothing.
+                    _accumulate([s.read(name) for s in sources], w, acc, bufs, first=True)
+                else:
+                    # Formats that copy on read: one member's tensor at a time.
+                    for i, s in enumerate(sources):
+                        _accumulate([s.read(name)], [w[i]], acc, bufs, first=i == 0)
+            if check_finite and info.size and not math.isfinite(float(np.add.reduce(acc, dtype=np.float64 if acc_dt.kind != "c" else acc_dt).real)):
+                if not np.isfinite(acc).all():
+                    culprits = _find_nonfinite(name, sources)
+                    who = ", ".join(culprits) if culprits else "none of the members (overflow while averaging)"
+                    raise NonFiniteError(
+                        f"tensor \"{name}\" has NaN or Inf values in: {who}. Averaging would spread them "
+                        "into the result; drop that member (e.g. with --last) or repair it first"
+                    )
+            value = acc.reshape(info.shape)
+            if target != acc_dt:
+                out = bufs.get("out", target, info.size).reshape(info.shape)
+                np.copyto(out, value, casting="unsafe")
+                value = out
+            if writer is not None:
+                writer.write(name, value)
+            else:
+                result[name] = np.array(value, copy=True)
+            bar.update(info.nbytes * len(sources))
+    finally:
+        bar.close()
+    return None if writer is not None else result
+
+
+def _member_record(member: MemberLike, label: str, checksum: bool) -> dict[str, Any]:
+    rec: dict[str, Any] = {"file": label}
+    if isinstance(member, (str, os.PathLike)):
+        p = Path(member)
+        rec["file"] = p.name
+        try:
+            rec["bytes"] = p.stat().st_size
+        except OSError:
+            pass
+        if checksum and p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            rec["sha256"] = h.hexdigest()
+    return rec
+
+
+def average(
+    members: Sequence[MemberLike],
+    *,
+    scheme: str = "equal",
+    alpha: float = 2.0,
+    weights: Sequence[float] | None = None,
+    last: int | None = None,
+    order: str = "number",
+    out: str | os.PathLike[str] | None = None,
+    format: str | None = None,
+    out_format: str | None = None,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    dtype: str | None = None,
+    int_policy: str = "newest",
+    checksum: bool = False,
+    shard_size: int | str | None = None,
+    keep_optimizer: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Average checkpoints (or in-memory states) with equal, linear, exponential or custom weights.
+
+    Members are ordered oldest → newest (``order``), the newest ``last`` are kept, and their
+    weighted average is computed tensor by tensor (see :func:`polyak.scheme_weights` for the
+    exact weights). Floating tensors are summed in float32 (float64 for float64) and written
+    in their own dtype unless ``dtype`` says otherwise; integer and bool tensors are copied
+    from the newest member.
+
+    Args:
+        members: Checkpoint paths (safetensors, sharded safetensors index, ``.npz``, ``.pt``,
+            Keras files when ``polyak[keras]`` is installed) or mappings of name → array.
+        scheme: ``"equal"``, ``"linear"``, ``"exponential"`` or ``"custom"``.
+        alpha: Decay rate of ``"exponential"`` (> 0). Default 2.0.
+        weights: Custom weights, oldest → newest (implies ``scheme="custom"``).
+        last: Keep only the newest ``last`` members.
+        order: How to order paths: ``"number"`` (numbers in the file name; default),
+            ``"mtime"``, ``"name"`` or ``"given"``.
+        out: Write the result here (format from the suffix) instead of returning it.
+        format: Force the input format (default: by suffix, checked by magic bytes).
+        out_format: Force the output format.
+        key: Key of the state dict inside nested ``.pt`` checkpoints (``"model"``...).
+        strip_prefix: Prefixes to remove from tensor names (``"module."``, ``"_orig_mod."``).
+        dtype: Output dtype for floating tensors (e.g. ``"float32"``); default: as the input.
+        int_policy: ``"newest"`` (copy integer/bool tensors from the newest member) or
+            ``"error"``.
+        checksum: Record each member's SHA-256 in the output metadata (an extra read pass).
+        shard_size: Split a safetensors output into shards of at most this many bytes
+            (``"5GB"``), with a ``.safetensors.index.json`` index.
+        keep_optimizer: Keras archives: copy the newest member's optimizer variables.
+        force: Replace an existing output.
+        progress: Show a progress bar on stderr (only on a terminal).
+
+    Returns:
+        Without ``out``: a dict of numpy arrays, in the newest member's tensor order. With
+        ``out``: an :class:`AverageResult`.
+
+    Raises:
+        ConfigError: Invalid options (``SchemeError`` for scheme problems).
+        FormatError: An unreadable, corrupt or unsafe member.
+        MismatchError: Members disagree on names, shapes or dtypes (all listed at once).
+        NonFiniteError: A member holds NaN/Inf in a floating tensor.
+        OutputError: The output exists (without ``force``), equals an input, or cannot be
+            written. No partial output is left behind.
+
+    Example:
+        >>> import numpy as np, polyak
+        >>> a = {"w": np.array([0.0, 3.0], np.float32)}
+        >>> b = {"w": np.array([3.0, 6.0], np.float32)}
+        >>> polyak.average([a, b], scheme="linear")["w"].tolist()
+        [2.0, 5.0]
+    """
+    t0 = time.perf_counter()
+    if weights is not None:
+        scheme = "custom"
+    get_scheme(scheme)
+    chosen = select_members(members, last=last, order=order)
+    w = scheme_weights(scheme, len(chosen), alpha=alpha, weights=weights)
+    shard_bytes = None if shard_size is None else parse_size(shard_size)
+    out_path: Path | None = None
+    if out is not None:
+        fmt = _output_format(out, out_format)
+        if shard_bytes is not None and fmt.name not in ("safetensors", "safetensors-index"):
+            raise ConfigError("--shard-size applies to safetensors outputs only")
+        inputs = [m for m in chosen if isinstance(m, (str, os.PathLike))]
+        out_path = check_output_path(out, force=force, inputs=inputs)
+        cleanup_stale_temps(out_path.parent)
+    with open_members(chosen, format=format, key=key, strip_prefix=strip_prefix) as sources:
+        labels = [s.label for s in sources]
+        infos = check_members(sources, int_policy=int_policy)
+        if out_path is None:
+            return average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, progress=progress)
+        out_dt = None if dtype is None else dtype_from_name(dtype)
+        out_infos = [
+            TensorInfo(i.name, i.shape, out_dt if (out_dt is not None and is_float(i.dtype)) else i.dtype)
+            for i in infos
+        ]
+        params: dict[str, Any] = {"alpha": float(alpha)} if scheme == "exponential" else {}
+        record = {
+            "tool": f"polyak {__version__}",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "scheme": scheme,
+            "params": params,
+            "weights": [float(x) for x in w],
+            "order": order,
+            "members": [_member_record(m, lab, checksum) for m, lab in zip(chosen, labels)],
+            "accumulate": "float32 (float64 for float64 tensors)",
+            "int_policy": int_policy,
+            "dtype": "as input" if dtype is None else dtype_name(dtype_from_name(dtype)),
+        }
+        metadata = dict(sources[-1].metadata())
+        metadata["polyak"] = json.dumps(record, ensure_ascii=False)
+        writer = open_writer(
+            out_path,
+            out_infos,
+            format=out_format,
+            metadata=metadata,
+            template=sources[-1],
+            aliases=sources[-1].aliases(),
+            options=WriteOptions(shard_size=shard_bytes, keep_optimizer=keep_optimizer),
+        )
+        with writer:
+            average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress)
+            files = writer.commit()
+    n_float = sum(1 for i in infos if is_float(i.dtype))
+    return AverageResult(
+        out=out_path,
+        files=files,
+        members=labels,
+        weights=[float(x) for x in w],
+        scheme=scheme,
+        averaged=n_float,
+        copied=len(infos) - n_float,
+        nbytes=sum(i.nbytes for i in out_infos),
+        seconds=time.perf_counter() - t0,
+        metadata=record,
+    )

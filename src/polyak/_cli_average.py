@@ -1,0 +1,129 @@
+"""``polyak average`` and ``polyak inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ._errors import ConfigError
+from ._members import ORDERS
+from ._schemes import SCHEMES
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers, got {text!r}") from None
+
+
+def _formats() -> list[str]:
+    from .formats import format_names
+
+    return format_names()
+
+
+AVERAGE_EPILOG = """\
+examples:
+  polyak average runs/ckpt_*.safetensors -o final.safetensors --scheme exponential --alpha 2 --last 10
+  polyak average epoch_*.pt -o avg.pt --scheme linear --key model
+  polyak average a.pt b.pt c.pt -o avg.safetensors --weights 1,2,4 --strip-prefix module.
+  polyak average big/model.safetensors.index.json big2/model.safetensors.index.json -o out/model.safetensors --shard-size 5GB
+
+Members are ordered oldest → newest by the numbers in their names (model_9 before model_10);
+with j = 0 for the newest of the n members, the weights are equal: 1, linear: n - j,
+exponential: exp(-(j + 1) / alpha), normalised to sum to 1.
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "average",
+        help="average checkpoints into a new checkpoint",
+        description="Average the weights of checkpoints (safetensors, .npz, .pt, Keras files) into one.",
+        epilog=AVERAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (any order; see --order)")
+    p.add_argument("-o", "--out", required=True, help="output file; its suffix picks the format")
+    p.add_argument("--scheme", choices=[s for s in SCHEMES if s != "custom"], default="equal", help="weighting scheme (default: equal)")
+    p.add_argument("--alpha", type=float, default=2.0, help="decay rate of --scheme exponential (default: 2.0)")
+    p.add_argument("--weights", type=_weights, help="custom weights, oldest → newest, e.g. 1,2,4 (replaces --scheme)")
+    p.add_argument("--last", type=int, metavar="N", help="average only the newest N checkpoints")
+    p.add_argument("--order", choices=ORDERS, default="number", help="how to order the checkpoints oldest → newest (default: number in the file name)")
+    p.add_argument("--format", help="input format, instead of detecting it from the suffix")
+    p.add_argument("--out-format", help="output format, instead of the output suffix")
+    p.add_argument("--key", help="key of the state dict in nested .pt checkpoints (e.g. model, state_dict, ema)")
+    p.add_argument("--strip-prefix", action="append", default=[], metavar="PREFIX", help="remove this prefix from tensor names (repeatable), e.g. module. or _orig_mod.")
+    p.add_argument("--dtype", help="output dtype of floating tensors (default: as the input), e.g. float32")
+    p.add_argument("--int-policy", choices=("newest", "error"), default="newest", help="integer/bool tensors: copy from the newest member (default) or refuse")
+    p.add_argument("--checksum", action="store_true", help="record each member's SHA-256 in the output metadata (an extra read pass)")
+    p.add_argument("--shard-size", help="split a safetensors output into shards of at most this size, e.g. 5GB")
+    p.add_argument("--keep-optimizer", action="store_true", help="Keras archives: copy the newest member's optimizer state instead of dropping it")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.set_defaults(func=run_average)
+
+    q = sub.add_parser(
+        "inspect",
+        help="list the tensors, shapes, dtypes and metadata of a checkpoint",
+        description="Describe a checkpoint: tensors, shapes, dtypes, sizes, total parameters, metadata.",
+    )
+    q.add_argument("checkpoint", metavar="CKPT")
+    q.add_argument("--format", help="input format, instead of detecting it from the suffix")
+    q.add_argument("--key", help="key of the state dict in nested .pt checkpoints")
+    q.add_argument("--all", action="store_true", help="list every tensor (default: the first 50)")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.set_defaults(func=run_inspect)
+
+
+def run_average(args: argparse.Namespace) -> int:
+    from ._average import average
+    from ._inspect import human_bytes
+
+    if args.last is not None and args.last < 1:
+        raise ConfigError(f"--last must be at least 1, got {args.last}")
+    result = average(
+        args.checkpoints,
+        scheme=args.scheme,
+        alpha=args.alpha,
+        weights=args.weights,
+        last=args.last,
+        order=args.order,
+        out=args.out,
+        format=args.format,
+        out_format=args.out_format,
+        key=args.key,
+        strip_prefix=args.strip_prefix,
+        dtype=args.dtype,
+        int_policy=args.int_policy,
+        checksum=args.checksum,
+        shard_size=args.shard_size,
+        keep_optimizer=args.keep_optimizer,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        ws = ", ".join(f"{w:.4g}" for w in result.weights)
+        print(f"averaged {len(result.members)} checkpoints ({result.scheme}; weights oldest → newest: {ws})")
+        print(
+            f"{result.averaged} tensors averaged, {result.copied} copied from the newest member, "
+            f"{human_bytes(result.nbytes)} in {result.seconds:.2f} s"
+        )
+        for f in result.files:
+            print(f"wrote {f}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from ._inspect import format_inspection, inspect
+
+    ins = inspect(args.checkpoint, format=args.format, key=args.key)
+    if args.json:
+        json.dump(ins.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_inspection(ins, limit=None if args.all else 50))
+    return 0

@@ -1,0 +1,53 @@
+"""The polyak exception family.
+
+Every error polyak raises on purpose is a :class:`PolyakError`. Subclasses also derive
+from the builtin that fits (``ValueError`` for bad values, ``OSError`` for files), so code
+that already catches those keeps working. Messages say what went wrong, where (file and
+tensor), and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class PolyakError(Exception):
+    """Base class of every error raised by polyak on purpose."""
+
+
+class ConfigError(PolyakError, ValueError):
+    """An option or argument has an invalid value (a scheme, alpha, weights, a size...)."""
+
+
+class SchemeError(ConfigError):
+    """A weighting scheme or its parameters are invalid."""
+
+
+class FormatError(PolyakError, ValueError):
+    """A file cannot be read as the format it claims to be (corrupt, truncated, unknown)."""
+
+
+class UnsafeFileError(FormatError):
+    """A file would need code execution, links outside itself, or unbounded resources."""
+
+
+class MismatchError(PolyakError, ValueError):
+    """Members disagree on tensor names, shapes or dtypes."""
+
+
+class NonFiniteError(PolyakError, ValueError):
+    """A member (or the result) holds NaN or Inf in a floating-point tensor."""
+
+
+class OutputError(PolyakError, OSError):
+    """The output cannot be written (exists, read-only folder, equal to an input, disk full)."""
+
+
+__all__ = [
+    "ConfigError",
+    "FormatError",
+    "MismatchError",
+    "NonFiniteError",
+    "OutputError",
+    "PolyakError",
+    "SchemeError",
+    "UnsafeFileError",
+]

@@ -1,0 +1,151 @@
+"""``polyak inspect``: what a checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .formats import TensorInfo, detect_format, open_source
+
+
+@dataclass
+class Inspection:
+    """A checkpoint's contents: format, tensors, totals and metadata."""
+
+    path: str
+    format: str
+    tensors: list[TensorInfo]
+    metadata: dict[str, str]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> int:
+        """Total number of elements over all tensors."""
+        return sum(t.size for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def dtypes(self) -> dict[str, int]:
+        """Elements per dtype."""
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.dtype_name] = counts.get(t.dtype_name, 0) + t.size
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        for k, v in self.metadata.items():
+            try:
+                meta[k] = json.loads(v) if k == "polyak" else v
+            except json.JSONDecodeError:
+                meta[k] = v
+        return {
+            "path": self.path,
+            "format": self.format,
+            "parameters": self.parameters,
+            "bytes": self.nbytes,
+            "dtypes": self.dtypes(),
+            "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype_name, "bytes": t.nbytes} for t in self.tensors],
+            "metadata": meta,
+            "extras": {k: v for k, v in self.extras.items() if _jsonable(v)},
+        }
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def inspect(path: str | os.PathLike[str], *, format: str | None = None, key: str | None = None) -> Inspection:
+    """Describe a checkpoint without reading its tensor data.
+
+    Args:
+        path: The checkpoint.
+        format: Force a format by name.
+        key: Key of the state dict inside a nested ``.pt`` checkpoint.
+
+    Returns:
+        An :class:`Inspection` (tensors with shapes, dtypes and sizes; metadata; totals).
+
+    Example:
+        >>> import numpy as np, polyak, tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> _ = polyak.save({"w": np.ones((2, 3), np.float32)}, os.path.join(d, "m.safetensors"))
+        >>> polyak.inspect(os.path.join(d, "m.safetensors")).parameters
+        6
+    """
+    fmt = detect_format(path, format)
+    with open_source(path, format=fmt.name, key=key) as src:
+        return Inspection(str(path), fmt.name, list(src.infos().values()), src.metadata(), src.extras())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def format_inspection(ins: Inspection, *, limit: int | None = 50) -> str:
+    """A terminal table of an inspection."""
+    lines = [f"{ins.path}  ({ins.format})"]
+    rows = ins.tensors if limit is None else ins.tensors[:limit]
+    width = max([len(t.name) for t in rows] + [6])
+    lines.append(f"  {'tensor'.ljust(width)}  {'shape':<18} {'dtype':<10} {'size':>10}")
+    for t in rows:
+        shape = "(" + ", ".join(map(str, t.shape)) + ("," if len(t.shape) == 1 else "") + ")"
+        lines.append(f"  {t.name.ljust(width)}  {shape:<18} {t.dtype_name:<10} {human_bytes(t.nbytes):>10}")
+    if limit is not None and len(ins.tensors) > limit:
+        lines.append(f"  ... {len(ins.tensors) - limit} more tensors (--all shows every tensor)")
+    dtypes = ", ".join(f"{k}: {v:,}" for k, v in ins.dtypes().items())
+    lines.append(f"total: {len(ins.tensors)} tensors, {ins.parameters:,} parameters, {human_bytes(ins.nbytes)} ({dtypes})")
+    for k, v in ins.extras.items():
+        if v:
+            lines.append(f"{k}: {v}")
+    for k, v in sorted(ins.metadata.items()):
+        if k == "polyak":
+            try:
+                rec = json.loads(v)
+                ws = ", ".join(f"{x:.4g}" for x in rec.get("weights", []))
+                names = ", ".join(m.get("file", "?") for m in rec.get("members", []))
+                lines.append(f"polyak: {rec.get('scheme')} average of {len(rec.get('members', []))} members ({names}); weights {ws}")
+                continue
+            except (json.JSONDecodeError, AttributeError):
+                pass
+        text = v if len(v) <= 200 else v[:200] + "…"
+        lines.append(f"metadata {k}: {text}")
+    return "\n".join(lines)
+
+
+def save(state: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None, force: bool = False) -> list[Any]:
+    """Write a name-keyed state (numpy arrays or tensors) to any writable format, atomically.
+
+    Example:
+        >>> import numpy as np, polyak, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
+        >>> _ = polyak.save({"w": np.arange(3.0)}, p)
+        >>> polyak.inspect(p).parameters
+        3
+    """
+    from ._atomic import check_output_path
+    from .formats import open_writer
+    from .formats._memory import MappingSource
+
+    out = check_output_path(path, force=force)
+    src = MappingSource(state, "state")
+    infos = list(src.infos().values())
+    writer = open_writer(out, infos, metadata=metadata or {})
+    with writer:
+        for name in writer.order:
+            writer.write(name, np.asarray(src.read(name)))
+        return writer.commit()

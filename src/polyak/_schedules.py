@@ -1,0 +1,202 @@
+"""EMA decay schedules: the decay used by each update of an exponential moving average.
+
+An EMA update is ``average ← decay · average + (1 − decay) · current``. Every schedule
+here counts ``n``, the number of updates already applied; the first update (``n = 0``)
+always copies the current weights (decay 0), as ``torch.optim.swa_utils.AveragedModel``,
+timm and Keras ``use_ema`` do.
+
+================  =====================================================  ====================
+name              decay of update n (n ≥ 1)                              reference
+================  =====================================================  ====================
+``constant``      ``decay``                                              AveragedModel EMA
+``warmup``        ``clamp(1 − (1 + n/γ)^(−p), min_decay, decay)``        timm ``ModelEmaV3``
+``tf_warmup``     ``min(decay, (1 + n) / (10 + n))``                     TF / torch-ema
+``half_life``     ``0.5 ** (every / half_life_steps)``                   Composer ``EMA``
+================  =====================================================  ====================
+
+The schedule is plain data (a frozen dataclass) so it can be saved with the averager's
+state and resumed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = ["SCHEDULES", "DecaySchedule", "make_schedule"]
+
+SCHEDULES: dict[str, str] = {
+    "constant": "the same decay for every update (after the first, which copies)",
+    "warmup": "timm-style warmup 1 - (1 + n/gamma)^(-power), clamped to [min_decay, decay]",
+    "tf_warmup": "TensorFlow/torch-ema warmup min(decay, (1 + n) / (10 + n))",
+    "half_life": "constant decay 0.5 ** (every / half_life_steps): weights halve every half-life",
+}
+
+
+@dataclass(frozen=True)
+class DecaySchedule:
+    """A named EMA decay schedule (plain data).
+
+    Attributes:
+        name: One of ``constant``, ``warmup``, ``tf_warmup``, ``half_life``.
+        decay: The decay once warm (the maximum for warmup schedules), in ``[0, 1)``.
+        min_decay: Lower clamp of the ``warmup`` schedule.
+        warmup_gamma: ``γ`` of the ``warmup`` schedule (timm's ``warmup_gamma``).
+        warmup_power: ``p`` of the ``warmup`` schedule (timm's ``warmup_power``).
+        half_life_steps: For ``half_life``: training steps after which an update's weight
+            has halved.
+        every: Training steps between two updates (used to express half-lives in steps).
+    """
+
+    name: str
+    decay: float
+    min_decay: float = 0.0
+    warmup_gamma: float = 1.0
+    warmup_power: float = 2.0 / 3.0
+    half_life_steps: float | None = None
+    every: int = 1
+
+    def __call__(self, n: int) -> float:
+        """The decay of the update that follows ``n`` earlier updates (0 for the first)."""
+        if n <= 0:
+            return 0.0
+        if self.name == "warmup":
+            d = 1.0 - (1.0 + n / self.warmup_gamma) ** (-self.warmup_power)
+            return min(max(d, self.min_decay), self.decay)
+        if self.name == "tf_warmup":
+            return min(self.decay, (1.0 + n) / (10.0 + n))
+        return self.decay
+
+    @property
+    def half_life(self) -> float:
+        """Training steps after which an update's weight has halved, once warm."""
+        if self.decay <= 0:
+            return 0.0
+        return self.every * math.log(2.0) / -math.log(self.decay)
+
+    @property
+    def window(self) -> float:
+        """Effective averaging window in training steps, ``every / (1 − decay)``."""
+        return self.every / (1.0 - self.decay)
+
+    def describe(self) -> str:
+        """One line for logs: schedule, decay, half-life and effective window."""
+        return (
+            f"{self.name} EMA, decay {self.decay:.6g}, half-life {self.half_life:.4g} steps, "
+            f"window ≈ {self.window:.4g} steps"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schedule as a JSON-able dict (for state files and metadata)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecaySchedule:
+        """Rebuild a schedule saved with :meth:`to_dict`."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown decay-schedule fields {sorted(unknown)} in saved state")
+        return make_schedule_from_fields(dict(data))
+
+
+def make_schedule_from_fields(data: dict[str, Any]) -> DecaySchedule:
+    name = data.get("name")
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown decay schedule {name!r}; valid schedules: {sorted(SCHEDULES)}")
+    schedule = DecaySchedule(**data)
+    _validate(schedule)
+    return schedule
+
+
+def _validate(s: DecaySchedule) -> None:
+    if not (0.0 <= s.decay < 1.0) or not math.isfinite(s.decay):
+        raise ConfigError(f"decay must be in [0, 1), got {s.decay!r}")
+    if not (0.0 <= s.min_decay <= s.decay):
+        raise ConfigError(f"min_decay must be in [0, decay={s.decay}], got {s.min_decay!r}")
+    if s.warmup_gamma <= 0 or s.warmup_power <= 0:
+        raise ConfigError(
+            f"warmup_gamma and warmup_power must be > 0, got {s.warmup_gamma!r}, {s.warmup_power!r}"
+        )
+    if isinstance(s.every, bool) or not isinstance(s.every, int) or s.every < 1:
+        raise ConfigError(f"every must be a whole number of steps ≥ 1, got {s.every!r}")
+
+
+_WARMUPS: dict[str | None, str] = {None: "constant", "timm": "warmup", "tf": "tf_warmup"}
+
+
+def make_schedule(
+    decay: float | None = None,
+    *,
+    half_life: float | None = None,
+    warmup: str | None = None,
+    min_decay: float = 0.0,
+    warmup_gamma: float = 1.0,
+    warmup_power: float = 2.0 / 3.0,
+    every: int = 1,
+) -> DecaySchedule:
+    """Build a validated decay schedule from user-facing options.
+
+    Args:
+        decay: The decay once warm, in ``[0, 1)``. Give this or ``half_life``.
+        half_life: Training steps after which an update's weight has halved; the decay per
+            update is ``0.5 ** (every / half_life)``.
+        warmup: ``None`` (constant decay), ``"timm"`` (``1 − (1 + n/γ)^(−p)`` clamped to
+            ``[min_decay, decay]``) or ``"tf"`` (``min(decay, (1 + n)/(10 + n))``).
+        min_decay: Lower clamp of the ``"timm"`` warmup.
+        warmup_gamma: ``γ`` of the ``"timm"`` warmup.
+        warmup_power: ``p`` of the ``"timm"`` warmup (2/3 for long runs, 3/4 for short ones).
+        every: Training steps between updates.
+
+    Returns:
+        A :class:`DecaySchedule`.
+
+    Raises:
+        ConfigError: Both or neither of ``decay`` and ``half_life``, or a value out of range.
+
+    Example:
+        >>> from polyak import make_schedule
+        >>> s = make_schedule(0.999)
+        >>> s(0), s(1), round(s.half_life, 1)
+        (0.0, 0.999, 692.8)
+        >>> round(make_schedule(half_life=100).decay, 6)
+        0.993092
+    """
+    if (decay is None) == (half_life is None):
+        raise ConfigError("give exactly one of decay= or half_life=")
+    if warmup not in _WARMUPS:
+        raise ConfigError(f"warmup must be one of {list(_WARMUPS)}, got {warmup!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"every must be a whole number of steps ≥ 1, got {every!r}")
+    steps: float | None = None
+    if half_life is not None:
+        try:
+            steps = float(half_life)
+        except (TypeError, ValueError):
+            raise ConfigError(f"half_life must be a number of steps, got {half_life!r}") from None
+        if not math.isfinite(steps) or steps <= 0:
+            raise ConfigError(f"half_life must be a positive number of steps, got {half_life!r}")
+        decay = 0.5 ** (every / steps)
+    name = _WARMUPS[warmup]
+    if name == "constant" and half_life is not None:
+        name = "half_life"
+    try:
+        value = float(decay)  # type: ignore[arg-type]  # set in both branches above
+    except (TypeError, ValueError):
+        raise ConfigError(f"decay must be a number in [0, 1), got {decay!r}") from None
+    schedule = DecaySchedule(
+        name=name,
+        decay=value,
+        min_decay=float(min_decay),
+        warmup_gamma=float(warmup_gamma),
+        warmup_power=float(warmup_power),
+        half_life_steps=steps,
+        every=every,
+    )
+    _validate(schedule)
+    return schedule
+

@@ -1,0 +1,256 @@
+"""Checkpoint formats: a registry keyed by suffix and checked by magic bytes.
+
+Each format gives a lazy, name-keyed :class:`TensorSource` and (where it can be written) a
+:class:`TensorWriter`. Format modules are imported only when their format is used, so
+reading a safetensors file never imports torch, h5py or keras.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._errors import ConfigError, FormatError
+from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+
+__all__ = [
+    "FORMATS",
+    "Format",
+    "TensorInfo",
+    "TensorSource",
+    "TensorWriter",
+    "WriteOptions",
+    "detect_format",
+    "format_names",
+    "get_format",
+    "open_source",
+    "open_writer",
+    "register_format",
+]
+
+ZIP_MAGIC = b"PK\x03\x04"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Format:
+    """A registered checkpoint format.
+
+    Attributes:
+        name: Used by ``--format`` and in messages.
+        suffixes: File-name endings that select this format (longest match wins).
+        module: The module (relative to this package) that implements it; imported lazily.
+            For a format named ``x-y`` it provides ``sniff_x_y(path, head) -> bool`` (must
+            not import a framework), ``open_x_y(path, *, key, label) -> TensorSource`` and,
+            if writable, ``writer_x_y(path, infos, *, metadata, template, aliases, options)``.
+        description: One line for ``--help``.
+        writable: Whether polyak can write it.
+        directory: The "file" is a folder (e.g. a torch.distributed checkpoint).
+    """
+
+    name: str
+    suffixes: tuple[str, ...]
+    module: str
+    description: str
+    writable: bool = True
+    directory: bool = False
+
+    def impl(self) -> Any:
+        return importlib.import_module(f"{__name__}.{self.module}")
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Add a format to the registry (a later registration of the same name replaces it)."""
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+for _fmt in (
+    Format("safetensors", (".safetensors",), "safetensors", "safetensors, one file"),
+    Format(
+        "safetensors-index",
+        (".safetensors.index.json",),
+        "safetensors",
+        "Hugging Face sharded safetensors (model.safetensors.index.json + shards)",
+    ),
+    Format("npz", (".npz",), "npz", "numpy .npz archive"),
+    Format(
+        "torch",
+        (".pt", ".pth", ".bin", ".ckpt", ".pt.tar", ".pth.tar"),
+        "torch_pt",
+        "PyTorch state dict (torch.save), loaded with weights_only=True",
+    ),
+):
+    register_format(_fmt)
+
+
+def _entry(fmt: Format, verb: str) -> Any:
+    """The module function ``<verb>_<format name>`` (``open_safetensors``, ``sniff_npz``...)."""
+    return getattr(fmt.impl(), f"{verb}_{fmt.name.replace('-', '_')}")
+
+
+def format_names() -> list[str]:
+    return sorted(FORMATS)
+
+
+def get_format(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ConfigError(f"unknown format {name!r}; known formats: {', '.join(format_names())}") from None
+
+
+def _by_suffix(path: Path) -> Format | None:
+    name = path.name.lower()
+    best: tuple[int, Format] | None = None
+    for fmt in FORMATS.values():
+        for suffix in fmt.suffixes:
+            if name.endswith(suffix) and (best is None or len(suffix) > best[0]):
+                best = (len(suffix), fmt)
+    return None if best is None else best[1]
+
+
+def _read_head(path: Path, size: int = 4096) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        return b""
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _sniff(path: Path) -> list[Format]:
+    """Every registered format whose magic bytes / structure match the file."""
+    head = b"" if path.is_dir() else _read_head(path)
+    found = []
+    for fmt in FORMATS.values():
+        if fmt.directory != path.is_dir():
+            continue
+        sniff: Callable[[Path, bytes], bool] = _entry(fmt, "sniff")
+        try:
+            if sniff(path, head):
+                found.append(fmt)
+        except Exception:  # a sniffer must never decide for another format by crashing
+            continue
+    return found
+
+
+def detect_format(path: str | os.PathLike[str], format: str | None = None) -> Format:
+    """Choose the format of an existing file: ``format`` if given, else suffix, checked by content.
+
+    Raises:
+        FormatError: The file is missing or empty, or its content does not match its suffix
+            (the message names the format the content looks like and the ``--format`` fix).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file")
+    if p.is_file() and p.stat().st_size == 0:
+        raise FormatError(f"{p}: the file is empty (0 bytes); it was probably not written completely")
+    if format is not None:
+        fmt = get_format(format)
+        if fmt not in _sniff(p):
+            raise FormatError(
+                f"{p}: the content is not {fmt.name} ({fmt.description}); check --format"
+            )
+        return fmt
+    by_suffix = _by_suffix(p)
+    sniffed = _sniff(p)
+    if by_suffix is not None and by_suffix in sniffed:
+        return by_suffix
+    if by_suffix is None and p.is_dir() and len(sniffed) == 1:
+        return sniffed[0]
+    if by_suffix is None:
+        hint = (
+            f"; its content looks like {sniffed[0].name}, pass --format {sniffed[0].name}"
+            if len(sniffed) == 1
+            else ""
+        )
+        raise FormatError(
+            f"{p}: unknown checkpoint suffix{hint}. Known formats: {', '.join(format_names())}"
+        )
+    if sniffed:
+        raise FormatError(
+            f"{p}: the name says {by_suffix.name} but the content looks like {sniffed[0].name}; "
+            f"rename the file or pass --format {sniffed[0].name}"
+        )
+    raise FormatError(
+        f"{p}: not a valid {by_suffix.name} file (wrong magic bytes or corrupted header); "
+        "the file may be truncated or not a checkpoint"
+    )
+
+
+def output_format(path: str | os.PathLike[str], format: str | None = None) -> Format:
+    """The format to write ``path`` in: ``format`` if given, else by suffix."""
+    if format is not None:
+        fmt = get_format(format)
+    else:
+        found = _by_suffix(Path(path))
+        if found is None:
+            writable = sorted({s for f in FORMATS.values() if f.writable for s in f.suffixes})
+            raise ConfigError(
+                f"cannot tell the output format from {Path(path).name!r}; use one of the "
+                f"suffixes {', '.join(writable)} or pass --out-format"
+            )
+        fmt = found
+    if not fmt.writable:
+        raise ConfigError(f"polyak cannot write {fmt.name} files; choose another output suffix")
+    return fmt
+
+
+def open_source(
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    key: str | None = None,
+    label: str | None = None,
+) -> TensorSource:
+    """Open a checkpoint lazily as a :class:`TensorSource`.
+
+    Args:
+        path: The checkpoint file (or folder for folder formats).
+        format: Force a format by name instead of detecting it.
+        key: For nested checkpoints (``{"model": {...}}``), the key holding the tensors.
+        label: How the member is named in messages (default: the path).
+
+    Raises:
+        FormatError: Unreadable, corrupt or unsafe file.
+    """
+    fmt = detect_format(path, format)
+    opener = _entry(fmt, "open")
+    return opener(Path(path), key=key, label=label)  # type: ignore[no-any-return]
+
+
+def open_writer(
+    path: str | os.PathLike[str],
+    infos: list[TensorInfo],
+    *,
+    format: str | None = None,
+    metadata: dict[str, str] | None = None,
+    template: TensorSource | None = None,
+    aliases: dict[str, str] | None = None,
+    options: WriteOptions | None = None,
+) -> TensorWriter:
+    """Create the writer for ``path`` (format from ``format`` or the suffix)."""
+    fmt = output_format(path, format)
+    factory = _entry(fmt, "writer")
+    if template is not None and template.format_name != fmt.name:
+        template = None
+    return factory(  # type: ignore[no-any-return]
+        Path(path),
+        infos,
+        metadata=metadata or {},
+        template=template,
+        aliases=aliases,
+        options=options,
+    )

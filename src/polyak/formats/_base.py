@@ -1,0 +1,180 @@
+"""The neutral currency of polyak: lazy, name-keyed tensor sources and atomic writers.
+
+A :class:`TensorSource` is one checkpoint seen as an ordered mapping from tensor name to
+numpy array. It knows every tensor's shape and dtype up front (:meth:`TensorSource.infos`)
+and reads one tensor at a time (:meth:`TensorSource.read`), so the engine never holds more
+than a few tensors. A :class:`TensorWriter` receives tensors one at a time, in the order it
+asks for (:attr:`TensorWriter.order`), and makes the output appear only on
+:meth:`TensorWriter.commit`.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._dtypes import dtype_name
+
+__all__ = ["TensorInfo", "TensorSource", "TensorWriter", "WriteOptions"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+
+class TensorSource(ABC):
+    """One checkpoint as lazy, name-keyed tensors.
+
+    Subclasses implement :meth:`infos` and :meth:`read`. ``label`` names the member in
+    error messages (usually the file path).
+    """
+
+    format_name: ClassVar[str] = "?"
+    #: True when :meth:`read` returns views of memory-mapped data (no copy per read), so
+    #: that the engine may hold one tensor of every member at once.
+    zero_copy: ClassVar[bool] = False
+
+    def __init__(self, path: str | os.PathLike[str] | None, label: str | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.label = label if label is not None else str(path)
+
+    @abstractmethod
+    def infos(self) -> Mapping[str, TensorInfo]:
+        """Every tensor's info, in the checkpoint's own order."""
+
+    @abstractmethod
+    def read(self, name: str) -> np.ndarray:
+        """The tensor ``name``. The caller must not write into the returned array."""
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata stored with the checkpoint (empty if the format has none)."""
+        return {}
+
+    def aliases(self) -> dict[str, str]:
+        """Tied tensors: ``{name: canonical name}`` for names that share another's storage."""
+        return {}
+
+    def extras(self) -> dict[str, Any]:
+        """Format-specific details worth reporting (``polyak inspect``)."""
+        return {}
+
+    def close(self) -> None:
+        """Release file handles and mappings."""
+
+    def keys(self) -> list[str]:
+        return list(self.infos())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos())
+
+    def __len__(self) -> int:
+        return len(self.infos())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos().values())
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label!r}: {len(self)} tensors>"
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Options every writer understands; a writer ignores what its format cannot express.
+
+    Attributes:
+        shard_size: Largest shard in bytes, or ``None`` for one file (safetensors only).
+        keep_optimizer: Keras archives: copy optimizer variables from the template.
+        extra: Format-specific options.
+    """
+
+    shard_size: int | None = None
+    keep_optimizer: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class TensorWriter(ABC):
+    """Writes one output atomically: nothing appears under the final name before commit.
+
+    Args:
+        path: The output path.
+        infos: The tensors to write (name, shape, output dtype), in the caller's order.
+        metadata: String metadata to store where the format allows.
+        template: The newest member when it has the output's format, so that
+            format-specific structure (HDF5 attributes, Keras configs, a ``.pt`` nesting
+            key) can be carried over; ``None`` otherwise.
+        aliases: Tied tensors ``{name: canonical}``; formats that can share storage write
+            the data once.
+        options: :class:`WriteOptions`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        infos: Sequence[TensorInfo],
+        *,
+        metadata: Mapping[str, str],
+        template: TensorSource | None = None,
+        aliases: Mapping[str, str] | None = None,
+        options: WriteOptions | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.infos = {i.name: i for i in infos}
+        self.metadata = dict(metadata)
+        self.template = template
+        self.aliases = dict(aliases or {})
+        self.options = options or WriteOptions()
+
+    @property
+    def order(self) -> list[str]:
+        """The order in which :meth:`write` must be called (default: the caller's)."""
+        return list(self.infos)
+
+    @abstractmethod
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write one tensor. ``array`` may be a reused buffer: copy it if it must outlive the call."""
+
+    @abstractmethod
+    def commit(self) -> list[Path]:
+        """Finish and make the output appear; returns every file written."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Delete everything written so far; the target is left untouched."""
+
+    def __enter__(self) -> TensorWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()

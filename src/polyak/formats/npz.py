@@ -1,0 +1,220 @@
+"""numpy ``.npz`` archives (``numpy.savez``), read without pickle, one array at a time.
+
+Arrays of ml_dtypes types (bfloat16, float8) have no ``.npy`` type code; polyak stores them
+as unsigned integers of the same width and records the real dtype in a member named
+``__polyak__.json`` (also holding the string metadata), which its reader applies. Other
+npz files are read as they are; object arrays (pickles) are refused.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .._atomic import AtomicFile
+from .._dtypes import dtype_from_name, dtype_name
+from .._errors import FormatError, OutputError, UnsafeFileError
+from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+from ._common import reject_key
+
+META_MEMBER = "__polyak__.json"
+#: Refuse members whose uncompressed size is this many times their compressed size.
+MAX_RATIO = 1000
+MAX_TOTAL = 1 << 40  # 1 TiB of claimed content is not a checkpoint
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def sniff_npz(path: Path, head: bytes) -> bool:
+    if not head.startswith(b"PK\x03\x04"):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return bool(names) and all(n.endswith(".npy") or n == META_MEMBER for n in names)
+
+
+def _read_npy_header(fp: object, label: str, member: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    read = fp.read  # type: ignore[attr-defined]
+    magic = read(8)
+    if len(magic) < 8 or magic[:6] != _NPY_MAGIC:
+        raise FormatError(f"{label}: member {member} is not a .npy array")
+    major = magic[6]
+    if major == 1:
+        (hlen,) = np.frombuffer(read(2), dtype="<u2")
+        start = 10
+    elif major in (2, 3):
+        (hlen,) = np.frombuffer(read(4), dtype="<u4")
+        start = 12
+    else:
+        raise FormatError(f"{label}: member {member} has unsupported .npy version {major}")
+    if hlen > 1_000_000:
+        raise UnsafeFileError(f"{label}: member {member} claims a {hlen}-byte .npy header")
+    try:
+        header = ast.literal_eval(read(int(hlen)).decode("latin1"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+        dtype = np.lib.format.descr_to_dtype(descr)
+    except Exception as exc:
+        raise FormatError(f"{label}: member {member} has a corrupted .npy header ({exc})") from None
+    if dtype.hasobject:
+        raise UnsafeFileError(
+            f"{label}: array {member[:-4]!r} holds Python objects (a pickle); polyak never unpickles "
+            "npz members. Save numeric arrays only."
+        )
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise FormatError(f"{label}: member {member} has an invalid shape {shape}")
+    return shape, dtype, bool(fortran), start + int(hlen)
+
+
+class NpzSource(TensorSource):
+    format_name = "npz"
+
+    def __init__(self, path: Path, *, label: str | None = None) -> None:
+        super().__init__(path, label)
+        try:
+            self._zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise FormatError(f"{self.label}: not a readable .npz archive ({exc})") from None
+        self._infos: dict[str, TensorInfo] = {}
+        self._members: dict[str, tuple[str, bool, np.dtype]] = {}
+        self._meta: dict[str, str] = {}
+        dtypes: dict[str, str] = {}
+        total = 0
+        try:
+            zinfos = self._zf.infolist()
+            for zi in zinfos:
+                total += zi.file_size
+                if zi.compress_size and zi.file_size > MAX_RATIO * max(zi.compress_size, 1) and zi.file_size > (1 << 24):
+                    raise UnsafeFileError(
+                        f"{self.label}: member {zi.filename} expands {zi.file_size // max(zi.compress_size, 1)}×; "
+                        "refusing a likely zip bomb"
+                    )
+            if total > MAX_TOTAL:
+                raise UnsafeFileError(f"{self.label}: the archive claims {total} bytes of content; refusing it")
+            if META_MEMBER in self._zf.namelist():
+                with self._zf.open(META_MEMBER) as fp:
+                    meta_raw = fp.read(10_000_001)
+                if len(meta_raw) > 10_000_000:
+                    raise UnsafeFileError(f"{self.label}: {META_MEMBER} is implausibly large")
+                meta = json.loads(meta_raw.decode("utf-8"))
+                dtypes = dict(meta.get("dtypes", {}))
+                self._meta = {str(k): str(v) for k, v in dict(meta.get("metadata", {})).items()}
+            for zi in zinfos:
+                member = zi.filename
+                if member == META_MEMBER:
+                    continue
+                if not member.endswith(".npy"):
+                    raise FormatError(f"{self.label}: unexpected member {member} (not a .npy array)")
+                with self._zf.open(zi) as fp:
+                    shape, dtype, fortran, header_len = _read_npy_header(fp, self.label, member)
+                name = member[:-4]
+                stored = dtype
+                if name in dtypes:
+                    real = dtype_from_name(dtypes[name])
+                    if real.itemsize != stored.itemsize:
+                        raise FormatError(f"{self.label}: dtype record for {name!r} does not match the array")
+                    dtype = real
+                info = TensorInfo(name, shape, dtype)
+                if zi.file_size != header_len + info.nbytes:
+                    raise FormatError(
+                        f"{self.label}: array {name!r} should hold {info.nbytes} bytes for shape {shape} "
+                        f"{dtype_name(dtype)}, the archive member holds {zi.file_size - header_len}; "
+                        "the file is truncated or corrupt"
+                    )
+                self._infos[name] = info
+                self._members[name] = (member, fortran, stored)
+        except (zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+            if isinstance(exc, FormatError):
+                raise
+            raise FormatError(f"{self.label}: corrupt .npz archive ({exc})") from None
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def read(self, name: str) -> np.ndarray:
+        info = self._infos[name]
+        member, fortran, stored = self._members[name]
+        try:
+            with self._zf.open(member) as fp:
+                _read_npy_header(fp, self.label, member)
+                data = fp.read(info.nbytes)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise FormatError(f"{self.label}: cannot read array {name!r} ({exc})") from None
+        if len(data) != info.nbytes:
+            raise FormatError(f"{self.label}: array {name!r} is truncated")
+        arr = np.frombuffer(data, dtype=stored)
+        if stored != info.dtype:
+            arr = arr.view(info.dtype)
+        order = "F" if fortran else "C"
+        return arr.reshape(info.shape, order=order)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def close(self) -> None:
+        self._zf.close()
+
+
+def open_npz(path: Path, *, key: str | None = None, label: str | None = None) -> NpzSource:
+    reject_key(key, path, "npz")
+    return NpzSource(path, label=label)
+
+
+class NpzWriter(TensorWriter):
+    """Writes a ``.npz`` (uncompressed, like ``numpy.savez``) one array at a time."""
+
+    def __init__(self, path: Path, infos: Sequence[TensorInfo], **kwargs: object) -> None:
+        super().__init__(path, infos, **kwargs)  # type: ignore[arg-type]
+        self._file = AtomicFile(self.path)
+        self._zf = zipfile.ZipFile(self._file.file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._dtypes: dict[str, str] = {}
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        info = self.infos[name]
+        arr = np.ascontiguousarray(array)
+        if arr.dtype.kind == "V" or (arr.dtype.kind not in "biufc"):
+            # ml_dtypes types: store the bits, record the type.
+            self._dtypes[name] = dtype_name(arr.dtype)
+            arr = arr.view(f"u{arr.dtype.itemsize}")
+        try:
+            with self._zf.open(name + ".npy", "w", force_zip64=True) as fp:
+                np.lib.format.write_array(fp, arr, allow_pickle=False)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot write {self.path}: {exc}") from exc
+        del info
+
+    def commit(self) -> list[Path]:
+        try:
+            meta = {"dtypes": self._dtypes, "metadata": self.metadata}
+            self._zf.writestr(META_MEMBER, json.dumps(meta, ensure_ascii=False))
+            self._zf.close()
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot write {self.path}: {exc}") from exc
+        return [self._file.commit()]
+
+    def abort(self) -> None:
+        try:
+            self._zf.close()
+        except Exception:
+            pass
+        self._file.abort()
+
+
+def writer_npz(
+    path: Path,
+    infos: Sequence[TensorInfo],
+    *,
+    metadata: Mapping[str, str],
+    template: TensorSource | None = None,
+    aliases: Mapping[str, str] | None = None,
+    options: WriteOptions | None = None,
+) -> NpzWriter:
+    return NpzWriter(path, infos, metadata=metadata, aliases=aliases, options=options)

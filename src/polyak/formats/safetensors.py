@@ -1,0 +1,460 @@
+"""safetensors, single file and Hugging Face sharded (``*.safetensors.index.json``).
+
+Read without the ``safetensors`` package: the 8-byte header length and the JSON header are
+parsed and validated here, and each tensor is a read-only, zero-copy numpy view of a memory
+map, so any dtype ml_dtypes knows (bfloat16, float8) works and nothing is read before it is
+needed. Written in a streaming way: the header depends only on names, shapes and dtypes, so
+it is written first and the tensors follow one at a time.
+
+Layout (https://github.com/huggingface/safetensors#format): ``<u64 little-endian N>``, N
+bytes of JSON header (``{"__metadata__": {str: str}, name: {"dtype", "shape",
+"data_offsets": [begin, end]}}``, padded with spaces), then the data, little-endian, C order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .._atomic import AtomicFile, commit_many
+from .._errors import FormatError, OutputError, UnsafeFileError
+from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+from ._common import reject_key
+
+__all__ = ["SafetensorsIndexSource", "SafetensorsSource", "SafetensorsWriter", "ShardedSafetensorsWriter"]
+
+#: safetensors refuses headers above 100 MB (MAX_HEADER_SIZE); so do we, before allocating.
+MAX_HEADER_SIZE = 100_000_000
+MAX_INDEX_SIZE = 100_000_000
+
+_CODES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "C64": np.dtype("<c8"),
+    "C128": np.dtype("<c16"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+if hasattr(ml_dtypes, "float8_e8m0fnu"):
+    _CODES["F8_E8M0"] = np.dtype(ml_dtypes.float8_e8m0fnu)
+_NAMES: dict[np.dtype, str] = {dt.newbyteorder("="): code for code, dt in _CODES.items()}
+
+
+def dtype_code(dtype: np.dtype) -> str:
+    """The safetensors dtype code of a numpy dtype (``float32`` → ``F32``)."""
+    dt = np.dtype(dtype).newbyteorder("=")
+    try:
+        return _NAMES[dt]
+    except KeyError:
+        raise FormatError(f"safetensors cannot store dtype {dt.name}") from None
+
+
+def sniff_safetensors(path: Path, head: bytes) -> bool:
+    """A safetensors file: a plausible little-endian header length, then ``{``."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
+def sniff_safetensors_index(path: Path, head: bytes) -> bool:
+    return head.lstrip()[:1] == b"{" and b"weight_map" in head
+
+
+def _parse_header(path: Path, f: object, size: int, label: str) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]], dict[str, str]]:
+    read = f.read  # type: ignore[attr-defined]
+    if size < 8:
+        raise FormatError(f"{label}: truncated safetensors file ({size} bytes; the header length alone takes 8)")
+    (n,) = struct.unpack("<Q", read(8))
+    if n > MAX_HEADER_SIZE:
+        raise UnsafeFileError(
+            f"{label}: the safetensors header claims {n} bytes, above the {MAX_HEADER_SIZE}-byte "
+            "limit; the file is corrupt or hostile"
+        )
+    if 8 + n > size:
+        raise FormatError(
+            f"{label}: truncated or corrupt safetensors file: the header claims {n} bytes but "
+            f"the file has only {size - 8} after the length field"
+        )
+    raw = read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{label}: corrupted safetensors header (not valid JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{label}: corrupted safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise FormatError(f"{label}: corrupted safetensors header (__metadata__ must map strings to strings)")
+    data_size = size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise FormatError(f"{label}: corrupted safetensors header (entry {name!r} is not an object)")
+        code, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if code not in _CODES:
+            raise FormatError(f"{label}: tensor {name!r} has unknown dtype {code!r}")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
+            raise FormatError(f"{label}: corrupted safetensors header (bad shape or offsets for {name!r})")
+        dt = _CODES[code]
+        numel = 1
+        for d in shape:
+            numel *= d
+        begin, end = offs
+        if not (0 <= begin <= end <= data_size) or end - begin != numel * dt.itemsize:
+            raise FormatError(
+                f"{label}: tensor {name!r} claims bytes [{begin}, {end}) for shape {tuple(shape)} "
+                f"{dt.name} ({numel * dt.itemsize} bytes) in a data section of {data_size} bytes; "
+                "the file is truncated or corrupt"
+            )
+        infos[name] = TensorInfo(name, tuple(shape), dt)
+        offsets[name] = (begin, end)
+    spans = sorted(offsets.values())
+    for (b0, e0), (b1, _e1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(f"{label}: corrupt safetensors file: tensors overlap in the data section")
+    # Present tensors in file order (as safe_open's offset_keys()), which suits sequential reads.
+    ordered = dict(sorted(infos.items(), key=lambda kv: offsets[kv[0]][0]))
+    return 8 + n, ordered, offsets, meta
+
+
+class SafetensorsSource(TensorSource):
+    """A single ``.safetensors`` file, memory-mapped, one tensor at a time."""
+
+    format_name = "safetensors"
+    zero_copy = True
+
+    def __init__(self, path: Path, *, label: str | None = None) -> None:
+        super().__init__(path, label)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._data_start, self._infos, self._offsets, self._meta = _parse_header(path, f, size, self.label)
+        except OSError as exc:
+            raise FormatError(f"{self.label}: cannot read: {exc.strerror or exc}") from exc
+        self._size = size
+        self._mm: mmap.mmap | None = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as f:  # type: ignore[arg-type]
+                if os.fstat(f.fileno()).st_size != self._size:
+                    raise FormatError(f"{self.label}: the file changed size while polyak was reading it")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def read(self, name: str) -> np.ndarray:
+        info = self._infos[name]
+        begin, _end = self._offsets[name]
+        if info.size == 0:
+            return np.empty(info.shape, dtype=info.dtype)
+        arr = np.frombuffer(self._map(), dtype=info.dtype, count=info.size, offset=self._data_start + begin)
+        return arr.reshape(info.shape)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            # Arrays handed out may still view the map; then the GC closes it later.
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
+
+
+class SafetensorsIndexSource(TensorSource):
+    """A Hugging Face sharded checkpoint: the index JSON plus its shards (one mapped at a time)."""
+
+    format_name = "safetensors-index"
+    zero_copy = True
+
+    def __init__(self, path: Path, *, label: str | None = None) -> None:
+        super().__init__(path, label)
+        try:
+            size = path.stat().st_size
+            if size > MAX_INDEX_SIZE:
+                raise UnsafeFileError(f"{self.label}: index file of {size} bytes is implausibly large")
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{self.label}: corrupted index (not valid JSON: {exc})") from None
+        except OSError as exc:
+            raise FormatError(f"{self.label}: cannot read: {exc.strerror or exc}") from exc
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+            raise FormatError(f"{self.label}: corrupted index: 'weight_map' must map tensor names to shard files")
+        meta = index.get("metadata") or {}
+        self._meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+        self._meta.pop("total_size", None)
+        folder = path.parent
+        self._shards: dict[str, SafetensorsSource] = {}
+        self._where: dict[str, str] = {}
+        infos: dict[str, TensorInfo] = {}
+        for shard in dict.fromkeys(wmap.values()):
+            shard_path = folder / shard
+            if Path(shard).is_absolute() or ".." in Path(shard).parts or Path(shard).name != shard:
+                raise UnsafeFileError(
+                    f"{self.label}: shard {shard!r} points outside the checkpoint folder; refusing it"
+                )
+            if not shard_path.is_file():
+                raise FormatError(f"{self.label}: shard {shard} listed in the index is missing")
+            src = SafetensorsSource(shard_path, label=f"{self.label} (shard {shard})")
+            self._shards[shard] = src
+        for name, shard in wmap.items():
+            src = self._shards[shard]
+            if name not in src.infos():
+                raise FormatError(f"{self.label}: tensor {name!r} is listed in the index but missing from shard {shard}")
+            infos[name] = src.infos()[name]
+            self._where[name] = shard
+        self._infos = infos
+        self._current: str | None = None
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def read(self, name: str) -> np.ndarray:
+        shard = self._where[name]
+        if self._current is not None and self._current != shard:
+            self._shards[self._current].close()
+        self._current = shard
+        return self._shards[shard].read(name)
+
+    def metadata(self) -> dict[str, str]:
+        meta: dict[str, str] = {}
+        for src in self._shards.values():
+            meta.update(src.metadata())
+        meta.update(self._meta)
+        return meta
+
+    def extras(self) -> dict[str, object]:
+        return {"shards": sorted(self._shards)}
+
+    def close(self) -> None:
+        for src in self._shards.values():
+            src.close()
+
+
+def open_safetensors(path: Path, *, key: str | None = None, label: str | None = None) -> SafetensorsSource:
+    reject_key(key, path, "safetensors")
+    return SafetensorsSource(path, label=label)
+
+
+def open_safetensors_index(path: Path, *, key: str | None = None, label: str | None = None) -> SafetensorsIndexSource:
+    reject_key(key, path, "safetensors")
+    return SafetensorsIndexSource(path, label=label)
+
+
+def _sorted_for_file(infos: Sequence[TensorInfo]) -> list[TensorInfo]:
+    # Widest dtype first keeps every tensor aligned; then by name, so the bytes do not depend
+    # on the order the caller listed the tensors in (like safetensors' own writer).
+    return sorted(infos, key=lambda i: (-np.dtype(i.dtype).itemsize, i.name))
+
+
+def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
+    """The padded header (length field included) for tensors written in the given order."""
+    header: dict[str, object] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise FormatError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for info in infos:
+        nbytes = info.nbytes
+        header[info.name] = {
+            "dtype": dtype_code(info.dtype),
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _as_bytes(array: np.ndarray, info: TensorInfo, path: Path) -> memoryview:
+    if array.shape != info.shape:
+        raise OutputError(f"{path}: tensor {info.name!r} has shape {array.shape}, expected {info.shape}")
+    arr = np.ascontiguousarray(array, dtype=np.dtype(info.dtype).newbyteorder("<") if np.dtype(info.dtype).kind in "fciu" else info.dtype)
+    return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+
+
+class SafetensorsWriter(TensorWriter):
+    """Streams one ``.safetensors`` file: header first, then each tensor as it comes."""
+
+    def __init__(self, path: Path, infos: Sequence[TensorInfo], **kwargs: object) -> None:
+        super().__init__(path, infos, **kwargs)  # type: ignore[arg-type]
+        self._order = [i.name for i in _sorted_for_file(list(self.infos.values()))]
+        self._next = 0
+        self._file = AtomicFile(self.path)
+        self._file.write(build_header([self.infos[n] for n in self._order], self.metadata))
+
+    @property
+    def order(self) -> list[str]:
+        return list(self._order)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        expected = self._order[self._next] if self._next < len(self._order) else None
+        if name != expected:
+            self.abort()
+            raise OutputError(f"{self.path}: internal error: got tensor {name!r}, expected {expected!r}")
+        self._file.write(_as_bytes(array, self.infos[name], self.path))
+        self._next += 1
+
+    def finish(self) -> Path:
+        if self._next != len(self._order):
+            self.abort()
+            raise OutputError(f"{self.path}: only {self._next} of {len(self._order)} tensors were written")
+        return self._file.finish()
+
+    def commit(self) -> list[Path]:
+        self.finish()
+        commit_many([(self._file.tmp, self.path)])
+        return [self.path]
+
+    def abort(self) -> None:
+        self._file.abort()
+
+
+def shard_paths(path: Path, count: int) -> tuple[Path, list[Path]]:
+    """Index path and shard paths for a sharded output named after ``path``."""
+    name = path.name
+    if name.endswith(".safetensors.index.json"):
+        stem = name[: -len(".safetensors.index.json")]
+    elif name.endswith(".safetensors"):
+        stem = name[: -len(".safetensors")]
+    else:
+        stem = path.stem
+    index = path.with_name(f"{stem}.safetensors.index.json")
+    shards = [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
+    return index, shards
+
+
+def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:
+    """Split tensors greedily (in file order) into shards of at most ``shard_size`` bytes.
+
+    A tensor larger than ``shard_size`` gets a shard of its own.
+    """
+    shards: list[list[TensorInfo]] = [[]]
+    used = 0
+    for info in _sorted_for_file(infos):
+        if shards[-1] and used + info.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(info)
+        used += info.nbytes
+    return shards
+
+
+class ShardedSafetensorsWriter(TensorWriter):
+    """Writes ``<stem>-0000i-of-0000n.safetensors`` shards and ``<stem>.safetensors.index.json``.
+
+    Every shard is kept under a temporary name until all of them are complete; then the shards
+    are renamed into place and the index last, so an index never points at a missing or
+    partial shard.
+    """
+
+    def __init__(self, path: Path, infos: Sequence[TensorInfo], **kwargs: object) -> None:
+        super().__init__(path, infos, **kwargs)  # type: ignore[arg-type]
+        size = self.options.shard_size or 0
+        groups = plan_shards(list(self.infos.values()), size)
+        self.index_path, self.shard_paths = shard_paths(self.path, len(groups))
+        self._groups = groups
+        self._order = [i.name for g in groups for i in g]
+        self._shard_of = {i.name: k for k, g in enumerate(groups) for i in g}
+        self._writers: list[SafetensorsWriter] = []
+        self._done: list[Path] = []
+
+    @property
+    def order(self) -> list[str]:
+        return list(self._order)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        k = self._shard_of[name]
+        while len(self._writers) <= k:
+            if self._writers:
+                self._done.append(self._writers[-1].finish())
+            j = len(self._writers)
+            self._writers.append(
+                SafetensorsWriter(self.shard_paths[j], self._groups[j], metadata=self.metadata)
+            )
+        self._writers[k].write(name, array)
+
+    def commit(self) -> list[Path]:
+        if len(self._writers) != len(self._groups):
+            self.abort()
+            raise OutputError(f"{self.path}: not every shard was written")
+        self._done.append(self._writers[-1].finish())
+        index = {
+            "metadata": {**self.metadata, "total_size": sum(i.nbytes for i in self.infos.values())},
+            "weight_map": {name: self.shard_paths[self._shard_of[name]].name for name in sorted(self.infos)},
+        }
+        idx = AtomicFile(self.index_path)
+        try:
+            idx.write(json.dumps(index, indent=2, ensure_ascii=False).encode("utf-8"))
+            idx.finish()
+        except BaseException:
+            self.abort()
+            raise
+        commit_many([(w._file.tmp, p) for w, p in zip(self._writers, self.shard_paths)] + [(idx.tmp, self.index_path)])
+        return [*self.shard_paths, self.index_path]
+
+    def abort(self) -> None:
+        for w in self._writers:
+            w.abort()
+
+
+def writer_safetensors(
+    path: Path,
+    infos: Sequence[TensorInfo],
+    *,
+    metadata: Mapping[str, str],
+    template: TensorSource | None = None,
+    aliases: Mapping[str, str] | None = None,
+    options: WriteOptions | None = None,
+) -> TensorWriter:
+    """A safetensors writer: one file, or shards + index when ``options.shard_size`` is set
+    and the tensors do not fit in one shard (or the output is named ``*.safetensors.index.json``)."""
+    opts = options or WriteOptions()
+    total = sum(i.nbytes for i in infos)
+    wants_index = path.name.endswith(".safetensors.index.json")
+    if wants_index or (opts.shard_size is not None and total > opts.shard_size):
+        if opts.shard_size is None:
+            opts = WriteOptions(shard_size=5 * 10**9, keep_optimizer=opts.keep_optimizer, extra=opts.extra)
+        return ShardedSafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
+    return SafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
+
+
+writer_safetensors_index = writer_safetensors

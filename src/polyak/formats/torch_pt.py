@@ -1,0 +1,260 @@
+"""PyTorch checkpoints (``torch.save``): ``.pt``, ``.pth``, ``.bin``, ``.ckpt``.
+
+Loaded only with ``torch.load(weights_only=True, map_location="cpu")``: the restricted
+unpickler builds tensors and plain containers and refuses anything that would run code.
+There is no unsafe fallback. torch is imported only when such a file is opened.
+
+A nested training checkpoint (``{"model": {...}, "optimizer": {...}, "epoch": 3}``) is
+unwrapped by ``key=`` (``--key``), or automatically when exactly one entry holds tensors.
+Tensors that share storage (tied weights) are reported as aliases and written once.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._atomic import AtomicFile
+from .._errors import ConfigError, FormatError, OutputError, UnsafeFileError
+from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+
+_PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def sniff_torch(path: Path, head: bytes) -> bool:
+    """torch's zip format (``*/data.pkl`` inside) or the legacy pickle format."""
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return any(n.endswith("/data.pkl") or n == "data.pkl" for n in zf.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return False
+    return head[:2] in _PICKLE_PROTOCOLS
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - exercised only without torch
+        raise ConfigError(
+            "reading PyTorch checkpoints needs torch: pip install 'polyak[torch]'"
+        ) from None
+    return torch
+
+
+def tensor_to_numpy(t: Any) -> np.ndarray:
+    """A CPU numpy array for a torch tensor; bfloat16/float8 through ml_dtypes (no copy)."""
+    torch = _torch()
+    import ml_dtypes
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    special = {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+    }
+    for attr, ml in (("float8_e4m3fn", "float8_e4m3fn"), ("float8_e5m2", "float8_e5m2")):
+        if hasattr(torch, attr):
+            special[getattr(torch, attr)] = (torch.uint8, getattr(ml_dtypes, ml))
+    if t.dtype in special:
+        bits, np_dtype = special[t.dtype]
+        return t.contiguous().view(bits).numpy().view(np_dtype)
+    return t.contiguous().numpy()
+
+
+def numpy_to_tensor(a: np.ndarray) -> Any:
+    """A torch tensor (sharing memory where possible) for a numpy array, ml_dtypes included."""
+    torch = _torch()
+    arr = np.ascontiguousarray(a)
+    name = arr.dtype.name
+    mapping = {"bfloat16": ("int16", torch.bfloat16), "float8_e4m3fn": ("uint8", "float8_e4m3fn"), "float8_e5m2": ("uint8", "float8_e5m2")}
+    if name in mapping:
+        bits, target = mapping[name]
+        target_dtype = getattr(torch, target) if isinstance(target, str) else target
+        return torch.from_numpy(arr.view(bits)).view(target_dtype)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def _is_tensor(v: Any) -> bool:
+    torch = _torch()
+    return isinstance(v, torch.Tensor)
+
+
+def _candidates(obj: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in obj.items() if isinstance(v, Mapping) and any(_is_tensor(x) for x in v.values())]
+
+
+def load_state(path: Path, label: str) -> Any:
+    """``torch.load`` with ``weights_only=True``; errors say why and what to do."""
+    torch = _torch()
+    try:
+        zipped = zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        unsafe: list[str] = []
+        getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+        if getter is not None:
+            try:
+                unsafe = list(getter(str(path)))
+            except Exception:
+                unsafe = []
+        what = f" (it references {', '.join(unsafe)})" if unsafe else ""
+        raise UnsafeFileError(
+            f"{label}: refused to load: the file contains Python objects that only an unsafe "
+            f"pickle load could build{what}. polyak loads .pt files with "
+            "torch.load(weights_only=True) and never falls back to running code from a file. "
+            "If you trust this file, convert it once: state = torch.load(path, weights_only=False); "
+            "then save the tensors with safetensors.torch.save_file(state['model'], 'model.safetensors') "
+            "or torch.save(state['model'], 'model.pt')."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
+        raise FormatError(f"{label}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _flatten(obj: Any, path: Path, label: str, key: str | None) -> tuple[dict[str, Any], str | None]:
+    if not isinstance(obj, Mapping):
+        raise FormatError(
+            f"{label}: holds a {type(obj).__name__}, not a state dict; save model.state_dict() "
+            "(or a dict of tensors)"
+        )
+    if key is not None:
+        node: Any = obj
+        for part in key.split("/"):
+            if not isinstance(node, Mapping) or part not in node:
+                found = ", ".join(repr(k) for k in (node.keys() if isinstance(node, Mapping) else []))
+                raise ConfigError(f"{label}: no key {key!r} in the checkpoint; top-level keys: {found}")
+            node = node[part]
+        if not isinstance(node, Mapping) or not any(_is_tensor(v) for v in node.values()):
+            raise ConfigError(f"{label}: the entry {key!r} holds no tensors")
+        return {k: v for k, v in node.items() if _is_tensor(v)}, key
+    if any(_is_tensor(v) for v in obj.values()):
+        return {k: v for k, v in obj.items() if _is_tensor(v)}, None
+    cands = _candidates(obj)
+    if len(cands) == 1:
+        return {k: v for k, v in obj[cands[0]].items() if _is_tensor(v)}, cands[0]
+    if not cands:
+        raise FormatError(f"{label}: no tensors found (top-level keys: {', '.join(map(repr, obj))})")
+    raise ConfigError(
+        f"{label}: the checkpoint holds several state dicts ({', '.join(map(repr, cands))}); "
+        f"choose one with --key (key=), e.g. --key {cands[0]}"
+    )
+
+
+class TorchSource(TensorSource):
+    """A ``torch.save`` checkpoint, memory-mapped where torch allows (zip format)."""
+
+    format_name = "torch"
+    zero_copy = True
+
+    def __init__(self, path: Path, *, key: str | None = None, label: str | None = None) -> None:
+        super().__init__(path, label)
+        obj = load_state(path, self.label)
+        self._tensors, self.key = _flatten(obj, path, self.label, key)
+        self._infos: dict[str, TensorInfo] = {}
+        seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], Any], str] = {}
+        self._aliases: dict[str, str] = {}
+        for name, t in self._tensors.items():
+            arr_dtype = _numpy_dtype(t)
+            self._infos[name] = TensorInfo(name, tuple(t.shape), arr_dtype)
+            if t.numel() == 0:
+                continue
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if ident in seen:
+                self._aliases[name] = seen[ident]
+            else:
+                seen[ident] = name
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def read(self, name: str) -> np.ndarray:
+        return tensor_to_numpy(self._tensors[name])
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def extras(self) -> dict[str, Any]:
+        return {"key": self.key, "tied": self._aliases}
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _numpy_dtype(t: Any) -> np.dtype:
+    torch = _torch()
+    import ml_dtypes
+
+    names = {torch.bfloat16: np.dtype(ml_dtypes.bfloat16)}
+    for attr in ("float8_e4m3fn", "float8_e5m2"):
+        if hasattr(torch, attr):
+            names[getattr(torch, attr)] = np.dtype(getattr(ml_dtypes, attr))
+    if t.dtype in names:
+        return names[t.dtype]
+    try:
+        return np.dtype(str(t.dtype).removeprefix("torch."))
+    except TypeError:
+        raise FormatError(f"tensor dtype {t.dtype} has no numpy equivalent") from None
+
+
+def open_torch(path: Path, *, key: str | None = None, label: str | None = None) -> TorchSource:
+    return TorchSource(path, key=key, label=label)
+
+
+class TorchWriter(TensorWriter):
+    """Collects the tensors and writes them with ``torch.save`` (atomically) on commit.
+
+    A flat state dict is written flat. When the newest member was nested under a key, the
+    output is ``{key: state_dict, "polyak": metadata}``. Tied tensors are saved once (the
+    aliases point at the same tensor object).
+    """
+
+    def __init__(self, path: Path, infos: Sequence[TensorInfo], **kwargs: Any) -> None:
+        super().__init__(path, infos, **kwargs)
+        self._state: dict[str, Any] = {}
+
+    @property
+    def order(self) -> list[str]:
+        return [n for n in self.infos if n not in self.aliases]
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._state[name] = numpy_to_tensor(np.array(array, copy=True))
+
+    def commit(self) -> list[Path]:
+        torch = _torch()
+        from collections import OrderedDict
+
+        state: OrderedDict[str, Any] = OrderedDict()
+        for name in self.infos:
+            state[name] = self._state[self.aliases.get(name, name)]
+        key = getattr(self.template, "key", None)
+        obj: Any = state if key is None else {key: state, "polyak": dict(self.metadata)}
+        f = AtomicFile(self.path)
+        try:
+            torch.save(obj, f.file)
+        except (OSError, RuntimeError) as exc:
+            f.abort()
+            raise OutputError(f"cannot write {self.path}: {exc}") from exc
+        return [f.commit()]
+
+    def abort(self) -> None:
+        self._state = {}
+
+
+def writer_torch(
+    path: Path,
+    infos: Sequence[TensorInfo],
+    *,
+    metadata: Mapping[str, str],
+    template: TensorSource | None = None,
+    aliases: Mapping[str, str] | None = None,
+    options: WriteOptions | None = None,
+) -> TorchWriter:
+    return TorchWriter(path, infos, metadata=metadata, template=template, aliases=aliases, options=options)
