@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import struct
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +30,26 @@ META_MEMBER = "__polyak__.json"
 MAX_RATIO = 1000
 MAX_TOTAL = 1 << 40  # 1 TiB of claimed content is not a checkpoint
 _NPY_MAGIC = b"\x93NUMPY"
+#: numpy refuses .npy headers above 10000 bytes by default (``max_header_size``); a
+#: little slack for files written with a raised limit, but never an unbounded literal_eval.
+MAX_NPY_HEADER = 100_000
+#: deflate cannot expand more than 1032× (RFC 1951 block limits); a larger claim is a lie.
+DEFLATE_MAX_RATIO = 1100
+#: What a corrupt archive can raise from zipfile and its decompressors. NotImplementedError:
+#: an unknown compression method; zlib.error: a damaged deflate stream.
+_ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    struct.error,
+    UnicodeDecodeError,
+    RuntimeError,
+)
 
 
 def sniff_npz(path: Path, head: bytes) -> bool:
@@ -35,7 +58,7 @@ def sniff_npz(path: Path, head: bytes) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except _ZIP_ERRORS:
         return False
     return bool(names) and all(n.endswith(".npy") or n == META_MEMBER for n in names)
 
@@ -54,8 +77,11 @@ def _read_npy_header(fp: object, label: str, member: str) -> tuple[tuple[int, ..
         start = 12
     else:
         raise FormatError(f"{label}: member {member} has unsupported .npy version {major}")
-    if hlen > 1_000_000:
-        raise UnsafeFileError(f"{label}: member {member} claims a {hlen}-byte .npy header")
+    if hlen > MAX_NPY_HEADER:
+        raise UnsafeFileError(
+            f"{label}: member {member} claims a {hlen}-byte .npy header (numpy itself refuses "
+            f"headers above 10000 bytes); the file is corrupt or hostile"
+        )
     try:
         header = ast.literal_eval(read(int(hlen)).decode("latin1"))
         descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
@@ -67,7 +93,9 @@ def _read_npy_header(fp: object, label: str, member: str) -> tuple[tuple[int, ..
             f"{label}: array {member[:-4]!r} holds Python objects (a pickle); polyak never unpickles "
             "npz members. Save numeric arrays only."
         )
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(fortran, bool) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise FormatError(f"{label}: member {member} has an invalid shape {shape}")
     return shape, dtype, bool(fortran), start + int(hlen)
 
@@ -79,7 +107,8 @@ class NpzSource(TensorSource):
         super().__init__(path, label)
         try:
             self._zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            archive_size = os.fstat(self._zf.fp.fileno()).st_size  # type: ignore[union-attr]
+        except _ZIP_ERRORS as exc:
             raise FormatError(f"{self.label}: not a readable .npz archive ({exc})") from None
         self._infos: dict[str, TensorInfo] = {}
         self._members: dict[str, tuple[str, bool, np.dtype]] = {}
@@ -90,6 +119,23 @@ class NpzSource(TensorSource):
             zinfos = self._zf.infolist()
             for zi in zinfos:
                 total += zi.file_size
+                # Sizes come from the archive's directory, which a hostile file controls:
+                # check them against the archive before anything is allocated or inflated.
+                if zi.header_offset + zi.compress_size > archive_size:
+                    raise FormatError(
+                        f"{self.label}: member {zi.filename} claims {zi.compress_size} bytes beyond "
+                        f"the end of the {archive_size}-byte archive; the file is truncated or corrupt"
+                    )
+                if zi.compress_type == zipfile.ZIP_STORED and zi.file_size != zi.compress_size:
+                    raise FormatError(
+                        f"{self.label}: stored member {zi.filename} claims {zi.file_size} bytes of "
+                        f"content in {zi.compress_size} bytes; the archive is corrupt"
+                    )
+                if zi.compress_type == zipfile.ZIP_DEFLATED and zi.file_size > DEFLATE_MAX_RATIO * zi.compress_size + 1024:
+                    raise UnsafeFileError(
+                        f"{self.label}: member {zi.filename} claims to inflate {zi.compress_size} bytes "
+                        f"to {zi.file_size}, more than deflate can; refusing a corrupt or hostile archive"
+                    )
                 if zi.compress_size and zi.file_size > MAX_RATIO * max(zi.compress_size, 1) and zi.file_size > (1 << 24):
                     raise UnsafeFileError(
                         f"{self.label}: member {zi.filename} expands {zi.file_size // max(zi.compress_size, 1)}×; "
@@ -129,10 +175,11 @@ class NpzSource(TensorSource):
                     )
                 self._infos[name] = info
                 self._members[name] = (member, fortran, stored)
-        except (zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+        except _ZIP_ERRORS as exc:
             if isinstance(exc, FormatError):
                 raise
-            raise FormatError(f"{self.label}: corrupt .npz archive ({exc})") from None
+            self._zf.close()
+            raise FormatError(f"{self.label}: corrupt .npz archive ({type(exc).__name__}: {exc})") from None
 
     def infos(self) -> Mapping[str, TensorInfo]:
         return self._infos
@@ -144,8 +191,10 @@ class NpzSource(TensorSource):
             with self._zf.open(member) as fp:
                 _read_npy_header(fp, self.label, member)
                 data = fp.read(info.nbytes)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise FormatError(f"{self.label}: cannot read array {name!r} ({exc})") from None
+        except _ZIP_ERRORS as exc:
+            if isinstance(exc, FormatError):
+                raise
+            raise FormatError(f"{self.label}: cannot read array {name!r} ({type(exc).__name__}: {exc})") from None
         if len(data) != info.nbytes:
             raise FormatError(f"{self.label}: array {name!r} is truncated")
         arr = np.frombuffer(data, dtype=stored)
