@@ -10,6 +10,7 @@ asks for (:attr:`TensorWriter.order`), and makes the output appear only on
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,7 +36,8 @@ class TensorInfo:
     @property
     def size(self) -> int:
         """Number of elements."""
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        # Python integers: a hostile header's shape must not wrap around in int64.
+        return math.prod(int(d) for d in self.shape)
 
     @property
     def nbytes(self) -> int:
