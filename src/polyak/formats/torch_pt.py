@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -97,7 +98,11 @@ def load_state(path: Path, label: str) -> Any:
     torch = _torch()
     try:
         zipped = zipfile.is_zipfile(path)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with warnings.catch_warnings():
+            # A corrupt legacy file can carry a nonsense pickle protocol byte; torch warns
+            # about it before failing (or not). Its warnings say nothing to polyak's users.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
         unsafe: list[str] = []
         getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
@@ -115,8 +120,32 @@ def load_state(path: Path, label: str) -> Any:
             "then save the tensors with safetensors.torch.save_file(state['model'], 'model.safetensors') "
             "or torch.save(state['model'], 'model.pt')."
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        zipfile.BadZipFile,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        struct.error,
+        # torch validates parts of the legacy format with `assert` (a "storage key not found").
+        AssertionError,
+        UnicodeDecodeError,
+        OverflowError,
+        MemoryError,
+    ) as exc:
         raise FormatError(f"{label}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _named(tensors: dict[Any, Any], label: str) -> dict[str, Any]:
+    """Tensor names must be strings (a state dict's are); anything else is not a state dict."""
+    for k in tensors:
+        if not isinstance(k, str):
+            raise FormatError(f"{label}: tensor key {k!r} is a {type(k).__name__}, not a name; not a state dict")
+    return tensors
 
 
 def _flatten(obj: Any, path: Path, label: str, key: str | None) -> tuple[dict[str, Any], str | None]:
@@ -134,12 +163,12 @@ def _flatten(obj: Any, path: Path, label: str, key: str | None) -> tuple[dict[st
             node = node[part]
         if not isinstance(node, Mapping) or not any(_is_tensor(v) for v in node.values()):
             raise ConfigError(f"{label}: the entry {key!r} holds no tensors")
-        return {k: v for k, v in node.items() if _is_tensor(v)}, key
+        return _named({k: v for k, v in node.items() if _is_tensor(v)}, label), key
     if any(_is_tensor(v) for v in obj.values()):
-        return {k: v for k, v in obj.items() if _is_tensor(v)}, None
+        return _named({k: v for k, v in obj.items() if _is_tensor(v)}, label), None
     cands = _candidates(obj)
     if len(cands) == 1:
-        return {k: v for k, v in obj[cands[0]].items() if _is_tensor(v)}, cands[0]
+        return _named({k: v for k, v in obj[cands[0]].items() if _is_tensor(v)}, label), cands[0]
     if not cands:
         raise FormatError(f"{label}: no tensors found (top-level keys: {', '.join(map(repr, obj))})")
     raise ConfigError(
