@@ -217,6 +217,7 @@ class SafetensorsIndexSource(TensorSource):
             raise FormatError(f"{self.label}: corrupted index: 'weight_map' must map tensor names to shard files")
         meta = index.get("metadata") or {}
         self._meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+        claimed = meta.get("total_size") if isinstance(meta, dict) else None
         self._meta.pop("total_size", None)
         folder = path.parent
         self._shards: dict[str, SafetensorsSource] = {}
@@ -240,6 +241,20 @@ class SafetensorsIndexSource(TensorSource):
             self._where[name] = shard
         self._infos = infos
         self._current: str | None = None
+        self._check_total_size(claimed)
+
+    def _check_total_size(self, claimed: object) -> None:
+        """``total_size`` (bytes of tensor data) cannot exceed the shards that hold the data."""
+        if claimed is None:
+            return
+        if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) or claimed < 0 or claimed != int(claimed):
+            raise FormatError(f"{self.label}: corrupted index: metadata total_size {claimed!r} is not a byte count")
+        on_disk = sum(src._size for src in self._shards.values())
+        if claimed > on_disk:
+            raise FormatError(
+                f"{self.label}: the index claims total_size {int(claimed)} bytes but its shards hold "
+                f"only {on_disk}; the index is corrupt or its shards are truncated"
+            )
 
     def infos(self) -> Mapping[str, TensorInfo]:
         return self._infos
