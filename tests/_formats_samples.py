@@ -1,0 +1,141 @@
+"""Valid sample files of every format, for the reliability and hostile-input tests.
+
+Each entry of :data:`SAMPLES` knows how to write a *valid* checkpoint of its format from a
+dict of numpy arrays, with an independent writer where one exists (``safetensors.numpy``,
+``numpy.savez``, ``torch.save``), so that polyak's readers are tested on files polyak did
+not produce. A new format plugs in with one :func:`register_sample` call; every
+parametrised reliability test (broken files, mutations, fuzzing, kills) then covers it.
+
+A sample maker returns the path to hand to polyak (the index for sharded formats) and the
+list of files whose bytes the mutation tests may corrupt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SAMPLES", "SampleFormat", "available", "register_sample", "sample_state"]
+
+Maker = Callable[[Path, dict[str, np.ndarray]], tuple[Path, list[Path]]]
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """How to write a valid file of one polyak format.
+
+    Attributes:
+        name: The sample's id (``npz-compressed``...).
+        format: The polyak format it is read as (``polyak.formats.FORMATS`` key).
+        suffix: Suffix of the file handed to polyak.
+        make: ``make(folder, state) -> (path for polyak, files to corrupt)``.
+        needs: Modules the maker imports (the tests skip when one is missing).
+        writable: polyak can write this format (used by the kill and output tests).
+    """
+
+    name: str
+    format: str
+    suffix: str
+    make: Maker
+    needs: tuple[str, ...] = ()
+    writable: bool = True
+
+
+SAMPLES: dict[str, SampleFormat] = {}
+
+
+def register_sample(sample: SampleFormat) -> SampleFormat:
+    SAMPLES[sample.name] = sample
+    return sample
+
+
+def available(sample: SampleFormat) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in sample.needs)
+
+
+def sample_state(seed: int = 0, *, scale: int = 1) -> dict[str, np.ndarray]:
+    """A small state: float32 matrices and a vector, a float16 tensor, an int counter."""
+    rng = np.random.default_rng(seed)
+    return {
+        "layer.0.weight": rng.standard_normal((4 * scale, 3)).astype(np.float32),
+        "layer.0.bias": rng.standard_normal(4 * scale).astype(np.float32),
+        "layer.1.weight": rng.standard_normal((2, 4 * scale)).astype(np.float16),
+        "steps": np.array(7 + seed, dtype=np.int64),
+    }
+
+
+# --- makers ------------------------------------------------------------------------------
+
+
+def _safetensors(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    from safetensors.numpy import save_file
+
+    path = folder / "model.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path), metadata={"format": "np"})
+    return path, [path]
+
+
+def _safetensors_index(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    from safetensors.numpy import save_file
+
+    names = sorted(state)
+    half = max(1, len(names) // 2)
+    groups = [names[:half], names[half:]] if len(names) > 1 else [names]
+    shards = []
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        shard = folder / f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: np.ascontiguousarray(state[k]) for k in group}, str(shard))
+        shards.append(shard)
+        weight_map.update({k: shard.name for k in group})
+    index = folder / "model.safetensors.index.json"
+    total = sum(int(v.nbytes) for v in state.values())
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return index, [index, *shards]
+
+
+def _npz(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    path = folder / "model.npz"
+    np.savez(path, **state)  # type: ignore[arg-type]
+    return path, [path]
+
+
+def _npz_compressed(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    path = folder / "model.npz"
+    np.savez_compressed(path, **state)  # type: ignore[arg-type]
+    return path, [path]
+
+
+def _torch(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    import torch
+
+    path = folder / "model.pt"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
+    return path, [path]
+
+
+def _torch_legacy(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    import torch
+
+    path = folder / "model.pt"
+    torch.save(
+        {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
+    return path, [path]
+
+
+register_sample(SampleFormat("safetensors", "safetensors", ".safetensors", _safetensors, ("safetensors",)))
+register_sample(
+    SampleFormat("safetensors-index", "safetensors-index", ".safetensors.index.json", _safetensors_index, ("safetensors",))
+)
+register_sample(SampleFormat("npz", "npz", ".npz", _npz))
+register_sample(SampleFormat("npz-compressed", "npz", ".npz", _npz_compressed, writable=False))
+register_sample(SampleFormat("torch", "torch", ".pt", _torch, ("torch",)))
+register_sample(SampleFormat("torch-legacy", "torch", ".pt", _torch_legacy, ("torch",), writable=False))
