@@ -216,6 +216,14 @@ def open_npz(path: Path, *, key: str | None = None, label: str | None = None) ->
     return NpzSource(path, label=label)
 
 
+def _member_info(name: str) -> zipfile.ZipInfo:
+    # A fixed timestamp: the same tensors give the same bytes (zipfile stamps the clock).
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
 class NpzWriter(TensorWriter):
     """Writes a ``.npz`` (uncompressed, like ``numpy.savez``) one array at a time."""
 
@@ -233,7 +241,7 @@ class NpzWriter(TensorWriter):
             self._dtypes[name] = dtype_name(arr.dtype)
             arr = arr.view(f"u{arr.dtype.itemsize}")
         try:
-            with self._zf.open(name + ".npy", "w", force_zip64=True) as fp:
+            with self._zf.open(_member_info(name + ".npy"), "w", force_zip64=True) as fp:
                 np.lib.format.write_array(fp, arr, allow_pickle=False)
         except OSError as exc:
             self.abort()
@@ -243,7 +251,7 @@ class NpzWriter(TensorWriter):
     def commit(self) -> list[Path]:
         try:
             meta = {"dtypes": self._dtypes, "metadata": self.metadata}
-            self._zf.writestr(META_MEMBER, json.dumps(meta, ensure_ascii=False))
+            self._zf.writestr(_member_info(META_MEMBER), json.dumps(meta, ensure_ascii=False))
             self._zf.close()
         except OSError as exc:
             self.abort()
