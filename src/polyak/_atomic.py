@@ -27,6 +27,7 @@ __all__ = [
     "check_output_path",
     "cleanup_stale_temps",
     "fsync_dir",
+    "refuse_overlap",
     "temp_path_for",
 ]
 
@@ -193,6 +194,35 @@ def cleanup_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Same file under any spelling: symlinks, ``..``, hard links (samefile)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return False
+
+
+def refuse_overlap(
+    outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]]
+) -> None:
+    """Refuse an output file that is (under any spelling) a file being read.
+
+    Raises:
+        OutputError: Naming the output and the fix.
+    """
+    ins = [Path(i) for i in inputs]
+    for out in outputs:
+        o = Path(out)
+        for i in ins:
+            if _same_file(o, i):
+                raise OutputError(
+                    f"the output {o} is also one of the inputs ({i}); write to a new file "
+                    "(polyak never overwrites a file it is reading)"
+                )
+
+
 def check_output_path(
     out: str | os.PathLike[str],
     *,
@@ -205,19 +235,7 @@ def check_output_path(
         OutputError: With the reason and the fix.
     """
     path = Path(out)
-    resolved = path.resolve()
-    for item in inputs:
-        try:
-            same = Path(item).resolve() == resolved or (
-                path.exists() and os.path.samefile(item, path)
-            )
-        except OSError:
-            same = False
-        if same:
-            raise OutputError(
-                f"the output {path} is also one of the inputs; write to a new file "
-                "(polyak never overwrites a member it is reading)"
-            )
+    refuse_overlap([path], inputs)
     if path.is_dir():
         raise OutputError(f"the output {path} is a folder; give a file name such as {path / 'avg.safetensors'}")
     if path.exists() and not force:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import check_output_path, cleanup_stale_temps
+from ._atomic import check_output_path, cleanup_stale_temps, refuse_overlap
 from ._dtypes import accumulator_dtype, dtype_from_name, dtype_name, is_float
 from ._errors import ConfigError, NonFiniteError
 from ._members import MemberLike, check_members, open_members, select_members
@@ -31,6 +31,7 @@ from ._progress import Progress
 from ._schemes import get_scheme, scheme_weights
 from .formats import TensorInfo, TensorSource, TensorWriter, WriteOptions, open_writer
 from .formats import output_format as _output_format
+from .formats.safetensors import shard_paths
 
 __all__ = ["AverageResult", "average", "average_sources", "parse_size"]
 
@@ -342,6 +343,11 @@ def average(
             raise ConfigError("--shard-size applies to safetensors outputs only")
         inputs = [m for m in chosen if isinstance(m, (str, os.PathLike))]
         out_path = check_output_path(out, force=force, inputs=inputs)
+        if fmt.name in ("safetensors", "safetensors-index") and (
+            shard_bytes is not None or out_path.name.endswith(".safetensors.index.json")
+        ):
+            # A sharded output is judged by its index (the shards are renamed before it).
+            check_output_path(shard_paths(out_path, 1)[0], force=force, inputs=inputs)
         cleanup_stale_temps(out_path.parent)
     with open_members(chosen, format=format, key=key, strip_prefix=strip_prefix) as sources:
         labels = [s.label for s in sources]
@@ -378,6 +384,9 @@ def average(
             options=WriteOptions(shard_size=shard_bytes, keep_optimizer=keep_optimizer),
         )
         with writer:
+            # Inputs are known file by file only now (shards of an index): the output must not
+            # replace any of them, under any spelling.
+            refuse_overlap(writer.targets, [f for src in sources for f in src.files()])
             average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress)
             files = writer.commit()
     n_float = sum(1 for i in infos if is_float(i.dtype))

@@ -137,11 +137,12 @@ def save(state: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[
         >>> polyak.inspect(p).parameters
         3
     """
-    from ._atomic import check_output_path
+    from ._atomic import check_output_path, cleanup_stale_temps
     from .formats import open_writer
     from .formats._memory import MappingSource
 
     out = check_output_path(path, force=force)
+    cleanup_stale_temps(out.parent)
     src = MappingSource(state, "state")
     infos = list(src.infos().values())
     writer = open_writer(out, infos, metadata=metadata or {})

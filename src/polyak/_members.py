@@ -145,6 +145,9 @@ class PrefixStripped(TensorSource):
     def extras(self) -> dict[str, Any]:
         return self.inner.extras()
 
+    def files(self) -> list[Path]:
+        return self.inner.files()
+
     def close(self) -> None:
         self.inner.close()
 

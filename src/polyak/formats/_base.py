@@ -87,6 +87,10 @@ class TensorSource(ABC):
     def close(self) -> None:
         """Release file handles and mappings."""
 
+    def files(self) -> list[Path]:
+        """Every file this source reads (a sharded checkpoint's index and shards)."""
+        return [] if self.path is None else [self.path]
+
     def keys(self) -> list[str]:
         return list(self.infos())
 
@@ -161,6 +165,11 @@ class TensorWriter(ABC):
     def order(self) -> list[str]:
         """The order in which :meth:`write` must be called (default: the caller's)."""
         return list(self.infos)
+
+    @property
+    def targets(self) -> list[Path]:
+        """Every final path :meth:`commit` will create or replace."""
+        return [self.path]
 
     @abstractmethod
     def write(self, name: str, array: np.ndarray) -> None:

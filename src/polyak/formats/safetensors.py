@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from .._atomic import AtomicFile, commit_many
+from .._atomic import AtomicFile, commit_many, fsync_dir
 from .._errors import FormatError, OutputError, UnsafeFileError
 from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
 from ._common import reject_key
@@ -276,6 +276,9 @@ class SafetensorsIndexSource(TensorSource):
     def extras(self) -> dict[str, object]:
         return {"shards": sorted(self._shards)}
 
+    def files(self) -> list[Path]:
+        return [self.path, *(src.path for src in self._shards.values())]  # type: ignore[list-item]
+
     def close(self) -> None:
         for src in self._shards.values():
             src.close()
@@ -440,10 +443,44 @@ class ShardedSafetensorsWriter(TensorWriter):
         try:
             idx.write(json.dumps(index, indent=2, ensure_ascii=False).encode("utf-8"))
             idx.finish()
+            old_shards = self._retire_old_index()
+            commit_many([(w._file.tmp, p) for w, p in zip(self._writers, self.shard_paths, strict=True)])
+            commit_many([(idx.tmp, self.index_path)])
         except BaseException:
+            idx.abort()
             self.abort()
             raise
-        commit_many([(w._file.tmp, p) for w, p in zip(self._writers, self.shard_paths)] + [(idx.tmp, self.index_path)])
+        # Shards of a replaced output that the new index no longer uses.
+        for old in old_shards - set(self.shard_paths):
+            with contextlib.suppress(OSError):
+                old.unlink()
+        return [*self.shard_paths, self.index_path]
+
+    def _retire_old_index(self) -> set[Path]:
+        """Make an existing output (``--force``) stop pointing at shards about to be replaced.
+
+        Several files cannot be renamed at once. If a new shard would replace a shard of the
+        old output, the old index is deleted first, so a crash in between leaves no index
+        (no output) rather than an index over a mix of old and new shards. When no names
+        collide, the old index stays valid until the new one replaces it atomically.
+        Returns the old output's shard paths (deleted after the new index is in place).
+        """
+        if not self.index_path.exists():
+            return set()
+        old: set[Path] = set()
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            wmap = json.loads(self.index_path.read_text(encoding="utf-8")).get("weight_map", {})
+            old = {self.index_path.with_name(n) for n in set(wmap.values()) if isinstance(n, str) and Path(n).name == n}
+        if any(p.exists() for p in self.shard_paths):
+            try:
+                self.index_path.unlink()
+            except OSError as exc:
+                raise OutputError(f"cannot replace {self.index_path}: {exc.strerror or exc}") from exc
+            fsync_dir(self.index_path.parent)
+        return old
+
+    @property
+    def targets(self) -> list[Path]:
         return [*self.shard_paths, self.index_path]
 
     def abort(self) -> None:
