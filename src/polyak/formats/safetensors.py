@@ -116,7 +116,7 @@ def _parse_header(path: Path, f: object, size: int, label: str) -> tuple[int, di
         if not isinstance(entry, dict):
             raise FormatError(f"{label}: corrupted safetensors header (entry {name!r} is not an object)")
         code, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in _CODES:
+        if not isinstance(code, str) or code not in _CODES:  # a list is unhashable
             raise FormatError(f"{label}: tensor {name!r} has unknown dtype {code!r}")
         if (
             not isinstance(shape, list)
