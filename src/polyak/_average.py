@@ -194,6 +194,11 @@ def average_sources(
     result: dict[str, np.ndarray] = {}
     total = sum(ref_infos[n].nbytes for n in order) * len(sources)
     bar = Progress(total, "averaging", enabled=progress)
+    # NaN/Inf are found and reported below (NonFiniteError, naming member and tensor);
+    # numpy's RuntimeWarnings about them would only add noise (or, under -W error, an
+    # exception that is not a PolyakError).
+    errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
+    errstate.__enter__()
     try:
         for name in order:
             info = ref_infos[name]
@@ -235,6 +240,7 @@ def average_sources(
                 result[name] = np.array(value, copy=True)
             bar.update(info.nbytes * len(sources))
     finally:
+        errstate.__exit__(None, None, None)
         bar.close()
     return None if writer is not None else result
 
