@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _formats_samples import SAMPLES, SampleFormat, available, sample_state
-from _hostile import leftovers, one_line_error, run_cli
 
 import polyak
+from _formats_samples import SAMPLES, SampleFormat, available, sample_state
+from _hostile import leftovers, one_line_error, run_cli
 from polyak.cli import main as cli_main
 
 SAMPLE_IDS = sorted(SAMPLES)

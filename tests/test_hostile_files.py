@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _hostile import leftovers, one_line_error, read_all, run_cli
 
 import polyak
+from _hostile import leftovers, one_line_error, read_all, run_cli
 from polyak.cli import main as cli_main
 
 
@@ -74,7 +74,7 @@ def test_raw_pickle_with_pt_suffix_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     path = tmp_path / "model.pt"
     path.write_bytes(pickle.dumps({"w": _RunsCode(marker)}, protocol=2))
-    with pytest.raises(polyak.UnsafeFileError, match="model.pt"):
+    with pytest.raises(polyak.UnsafeFileError, match=r"model\.pt"):
         polyak.open_source(path)
     assert not marker.exists()
 

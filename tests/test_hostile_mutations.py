@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _formats_samples import SAMPLES, available, sample_state
-from _hostile import ReadingTimeout, read_all, time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import polyak
+from _formats_samples import SAMPLES, available, sample_state
+from _hostile import ReadingTimeout, read_all, time_limit
 
 EXAMPLES = int(os.environ.get("POLYAK_MUTATIONS", "40"))
 TIME_LIMIT_S = 20.0
@@ -162,7 +162,7 @@ def mutations(draw: st.DrawFn, name: str) -> dict[Path, bytes]:
 
 
 def _check(name: str, mutated: dict[Path, bytes]) -> None:
-    folder, path, originals, tensors = _original(name)
+    _folder, path, originals, tensors = _original(name)
     work = Path(tempfile.mkdtemp(prefix="polyak-mut-"))
     try:
         for f, data in mutated.items():

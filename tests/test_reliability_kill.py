@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from _killharness import average_campaign, make_members, run_campaign, save_campaign
 
 KILLS = int(os.environ.get("POLYAK_KILLS", "12"))

@@ -16,7 +16,7 @@ import os
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ._errors import OutputError
 
@@ -63,6 +63,30 @@ def _describe_os_error(exc: OSError, path: Path) -> str:
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
+class _RecordingFile:
+    """The temporary file, remembering the first OSError a write raised.
+
+    Writers that hand the file to a library (``torch.save``, ``zipfile``) often see that
+    library turn "no space left on device" into its own error; the recorded OSError lets
+    polyak still report the real cause.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._raw.write(data)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
 class AtomicFile:
     """A binary file that appears under its final name only on :meth:`commit`.
 
@@ -80,10 +104,19 @@ class AtomicFile:
         self.target = Path(target)
         self.tmp = temp_path_for(self.target)
         try:
-            self.file: BinaryIO = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+            raw = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/abort
         except OSError as exc:
             raise OutputError(_describe_os_error(exc, self.target)) from exc
+        self.file: Any = _RecordingFile(raw)
         self._done = False
+
+    def fail(self, exc: BaseException) -> OutputError:
+        """Abort and describe why writing failed (the recorded OSError when there is one)."""
+        self.abort()
+        cause = self.file.error if self.file.error is not None else exc
+        if isinstance(cause, OSError):
+            return OutputError(_describe_os_error(cause, self.target))
+        return OutputError(f"cannot write {self.target}: {cause}")
 
     def write(self, data: bytes | memoryview) -> None:
         try:

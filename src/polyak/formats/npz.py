@@ -21,7 +21,7 @@ import numpy as np
 
 from .._atomic import AtomicFile
 from .._dtypes import dtype_from_name, dtype_name
-from .._errors import FormatError, OutputError, UnsafeFileError
+from .._errors import FormatError, UnsafeFileError
 from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
 from ._common import reject_key
 
@@ -243,9 +243,9 @@ class NpzWriter(TensorWriter):
         try:
             with self._zf.open(_member_info(name + ".npy"), "w", force_zip64=True) as fp:
                 np.lib.format.write_array(fp, arr, allow_pickle=False)
-        except OSError as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
             self.abort()
-            raise OutputError(f"cannot write {self.path}: {exc}") from exc
+            raise self._file.fail(exc) from exc
         del info
 
     def commit(self) -> list[Path]:
@@ -253,9 +253,9 @@ class NpzWriter(TensorWriter):
             meta = {"dtypes": self._dtypes, "metadata": self.metadata}
             self._zf.writestr(_member_info(META_MEMBER), json.dumps(meta, ensure_ascii=False))
             self._zf.close()
-        except OSError as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
             self.abort()
-            raise OutputError(f"cannot write {self.path}: {exc}") from exc
+            raise self._file.fail(exc) from exc
         return [self._file.commit()]
 
     def abort(self) -> None:

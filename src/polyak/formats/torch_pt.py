@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import AtomicFile
-from .._errors import ConfigError, FormatError, OutputError, UnsafeFileError
+from .._errors import ConfigError, FormatError, UnsafeFileError
 from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
 
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -269,8 +269,12 @@ class TorchWriter(TensorWriter):
         try:
             torch.save(obj, f.file)
         except (OSError, RuntimeError) as exc:
+            # torch reports a failed write as "enforce fail ... unexpected pos"; f.fail
+            # names the real cause (e.g. no space left on the device).
+            raise f.fail(exc) from exc
+        except BaseException:
             f.abort()
-            raise OutputError(f"cannot write {self.path}: {exc}") from exc
+            raise
         return [f.commit()]
 
     def abort(self) -> None:
