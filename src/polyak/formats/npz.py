@@ -177,7 +177,7 @@ class NpzWriter(TensorWriter):
 
     def write(self, name: str, array: np.ndarray) -> None:
         info = self.infos[name]
-        arr = np.ascontiguousarray(array)
+        arr = np.ascontiguousarray(array).reshape(np.shape(array))  # keep 0-d shapes
         if arr.dtype.kind == "V" or (arr.dtype.kind not in "biufc"):
             # ml_dtypes types: store the bits, record the type.
             self._dtypes[name] = dtype_name(arr.dtype)

@@ -71,7 +71,7 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
 def numpy_to_tensor(a: np.ndarray) -> Any:
     """A torch tensor (sharing memory where possible) for a numpy array, ml_dtypes included."""
     torch = _torch()
-    arr = np.ascontiguousarray(a)
+    arr = np.ascontiguousarray(a).reshape(np.shape(a))  # ascontiguousarray makes 0-d arrays 1-d
     if not arr.flags.writeable:
         # torch.from_numpy warns on read-only arrays (memory-mapped reads): copy first.
         arr = arr.copy()
