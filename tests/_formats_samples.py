@@ -131,6 +131,55 @@ def _torch_legacy(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, lis
     return path, [path]
 
 
+def _h5_weights(path: Path, state: dict[str, np.ndarray]) -> None:
+    """A Keras 3 ``.weights.h5`` layout (``layers/<layer>/vars/<i>``), written with h5py."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for name, value in state.items():
+            vars_ = f.require_group(f"layers/{name}/vars")
+            vars_.create_dataset("0", data=value)
+
+
+def _keras_weights(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    path = folder / "model.weights.h5"
+    _h5_weights(path, state)
+    return path, [path]
+
+
+def _keras_archive(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    import zipfile
+
+    weights = folder / "model.weights.h5.tmp"
+    _h5_weights(weights, state)
+    path = folder / "model.keras"
+    config = {"module": "keras", "class_name": "Sequential", "config": {"name": "s", "layers": []}}
+    meta = {"keras_version": "3.0.0", "date_saved": "2025-01-01@00:00:00"}
+    with zipfile.ZipFile(path, "w") as zf:  # stored, like keras.saving
+        zf.writestr("metadata.json", json.dumps(meta))
+        zf.writestr("config.json", json.dumps(config))
+        zf.write(weights, "model.weights.h5")
+    weights.unlink()
+    return path, [path]
+
+
+def _keras2_h5(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+    """A Keras 2 weights-only ``.h5`` (``layer_names`` / ``weight_names`` attributes)."""
+    import h5py
+
+    path = folder / "model.h5"
+    with h5py.File(path, "w") as f:
+        layers = sorted(state)
+        f.attrs["layer_names"] = [n.encode() for n in layers]
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.15.0"
+        for name in layers:
+            g = f.create_group(name)
+            g.attrs["weight_names"] = [f"{name}/w:0".encode()]
+            g.create_group(name).create_dataset("w:0", data=state[name])
+    return path, [path]
+
+
 register_sample(SampleFormat("safetensors", "safetensors", ".safetensors", _safetensors, ("safetensors",)))
 register_sample(
     SampleFormat("safetensors-index", "safetensors-index", ".safetensors.index.json", _safetensors_index, ("safetensors",))
@@ -139,3 +188,6 @@ register_sample(SampleFormat("npz", "npz", ".npz", _npz))
 register_sample(SampleFormat("npz-compressed", "npz", ".npz", _npz_compressed, writable=False))
 register_sample(SampleFormat("torch", "torch", ".pt", _torch, ("torch",)))
 register_sample(SampleFormat("torch-legacy", "torch", ".pt", _torch_legacy, ("torch",), writable=False))
+register_sample(SampleFormat("keras-weights", "keras-weights", ".weights.h5", _keras_weights, ("h5py",)))
+register_sample(SampleFormat("keras", "keras", ".keras", _keras_archive, ("h5py",), writable=False))
+register_sample(SampleFormat("keras2-h5", "keras2-h5", ".h5", _keras2_h5, ("h5py",)))

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,42 @@ import numpy as np
 
 from .._atomic import commit_many, temp_path_for
 from .._dtypes import dtype_from_name
-from .._errors import FormatError, OutputError, UnsafeFileError
+from .._errors import FormatError, OutputError, PolyakError, UnsafeFileError
 from ._base import TensorInfo, TensorSource, TensorWriter
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 #: A dataset declaring more than this many bytes must store at least 1/_MAX_EXPANSION of them.
 _BOMB_FLOOR = 1 << 32
 _MAX_EXPANSION = 1000
+
+
+#: What h5py, zipfile and the decoders raise for a damaged file (HDF5's C library reports
+#: corruption as OSError, RuntimeError, KeyError or ValueError depending on where it hits).
+CORRUPT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    RuntimeError,
+    KeyError,
+    ValueError,
+    TypeError,
+    IndexError,
+    EOFError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+    zlib.error,
+    zipfile.BadZipFile,
+)
+
+
+@contextlib.contextmanager
+def corrupt_file_errors(label: str, what: str = "corrupt or unreadable file") -> Iterator[None]:
+    """Turn the errors a damaged file raises inside h5py/zipfile into one FormatError."""
+    try:
+        yield
+    except PolyakError:
+        raise
+    except CORRUPT_ERRORS as exc:
+        raise FormatError(f"{label}: {what} ({type(exc).__name__}: {exc})") from None
 
 
 def h5py_module(label: str) -> Any:
@@ -187,14 +219,15 @@ class H5Source(TensorSource):
         self._owned = list(owned)
         self._infos: dict[str, TensorInfo] = {}
         self._datasets: dict[str, Any] = {}
+        with corrupt_file_errors(self.label):
+            self._scan(names)
+
+    def _scan(self, names: Sequence[str] | None) -> None:
         h5py = h5py_module(self.label)
         found: dict[str, Any] = {}
-        try:
-            for p, obj in walk(h5, self.label):
-                if isinstance(obj, h5py.Dataset):
-                    found[p] = obj
-        except (OSError, RuntimeError, KeyError) as exc:
-            raise FormatError(f"{self.label}: corrupt HDF5 file ({exc})") from None
+        for p, obj in walk(self.h5, self.label):
+            if isinstance(obj, h5py.Dataset):
+                found[p] = obj
         if names is None:
             names = [p for p in found if not self.is_excluded(p)]
         for name in names:
@@ -218,18 +251,17 @@ class H5Source(TensorSource):
 
     def read(self, name: str) -> np.ndarray:
         info = self._infos[name]
-        try:
+        with corrupt_file_errors(self.label, f"cannot read dataset {name!r}"):
             arr = np.asarray(self._datasets[name][()])
-        except (OSError, RuntimeError) as exc:
-            raise FormatError(f"{self.label}: cannot read dataset {name!r} ({exc})") from None
-        if arr.dtype != info.dtype:
-            arr = arr.view(info.dtype)
-        return arr.reshape(info.shape)
+            if arr.dtype != info.dtype:
+                arr = arr.view(info.dtype)
+            return arr.reshape(info.shape)
 
     def metadata(self) -> dict[str, str]:
-        value = self.h5.attrs.get("polyak")
-        if isinstance(value, bytes):
-            value = value.decode("utf-8")
+        with corrupt_file_errors(self.label):
+            value = self.h5.attrs.get("polyak")
+            if isinstance(value, bytes):
+                value = value.decode("utf-8")
         return {"polyak": value} if isinstance(value, str) else {}
 
     def close(self) -> None:

@@ -23,7 +23,15 @@ from typing import Any
 from .._errors import ConfigError, FormatError
 from ._base import TensorInfo, TensorSource, WriteOptions
 from ._common import reject_key
-from ._h5 import H5Source, H5TemplateWriter, is_legacy_layout, open_h5, read_attr_list, sniff_hdf5
+from ._h5 import (
+    H5Source,
+    H5TemplateWriter,
+    corrupt_file_errors,
+    is_legacy_layout,
+    open_h5,
+    read_attr_list,
+    sniff_hdf5,
+)
 
 OPTIMIZER_GROUPS = ("optimizer_weights",)
 
@@ -53,14 +61,16 @@ class Keras2H5Source(H5Source):
     format_name = "keras2-h5"
 
     def extras(self) -> dict[str, Any]:
-        kind = "full model" if "model_weights" in self.h5 else "weights only"
-        version = self.h5.attrs.get("keras_version")
-        if isinstance(version, bytes):
-            version = version.decode()
+        with corrupt_file_errors(self.label):
+            kind = "full model" if "model_weights" in self.h5 else "weights only"
+            version = self.h5.attrs.get("keras_version")
+            if isinstance(version, bytes):
+                version = version.decode()
+            opt = "optimizer_weights" in self.h5
         return {
             "layout": f"Keras 2 HDF5, {kind}",
             "keras_version": str(version),
-            "optimizer state": "present (not averaged)" if "optimizer_weights" in self.h5 else "absent",
+            "optimizer state": "present (not averaged)" if opt else "absent",
         }
 
 
@@ -69,7 +79,9 @@ def open_keras2_h5(path: Path, *, key: str | None = None, label: str | None = No
     lab = label if label is not None else str(path)
     h5 = open_h5(path, lab)
     try:
-        return Keras2H5Source(h5, path, label=lab, names=legacy_names(h5, lab), excluded=OPTIMIZER_GROUPS)
+        with corrupt_file_errors(lab):
+            names = legacy_names(h5, lab)
+        return Keras2H5Source(h5, path, label=lab, names=names, excluded=OPTIMIZER_GROUPS)
     except BaseException:
         h5.close()
         raise

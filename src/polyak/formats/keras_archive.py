@@ -34,7 +34,7 @@ from .._atomic import AtomicFile, temp_path_for
 from .._errors import ConfigError, FormatError, OutputError, UnsafeFileError
 from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
 from ._common import reject_key
-from ._h5 import H5Source, H5TemplateWriter, open_h5
+from ._h5 import CORRUPT_ERRORS, H5Source, H5TemplateWriter, corrupt_file_errors, open_h5
 from .keras_weights import OPTIMIZER_GROUPS
 
 WEIGHTS = "model.weights.h5"
@@ -156,48 +156,56 @@ def open_keras(path: Path, *, key: str | None = None, label: str | None = None) 
     lab = label if label is not None else str(path)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except CORRUPT_ERRORS as exc:
         raise FormatError(f"{lab}: not a readable .keras archive ({exc})") from None
     owned: list[Any] = [zf]
     try:
-        check_zip(zf, lab)
-        names = zf.namelist()
-        if WEIGHTS not in names:
-            if "model.weights.npz" in names:
-                raise FormatError(
-                    f"{lab}: saved with weights_format='npz'; polyak reads .keras archives with "
-                    f"{WEIGHTS}. Re-save with model.save(path) (the default h5 weights)"
-                )
-            raise FormatError(f"{lab}: the archive has no {WEIGHTS}; not a Keras 3 model file")
-        config = read_member(zf, CONFIG, lab)
-        meta: dict[str, Any] = {}
-        if METADATA in names:
-            try:
-                meta = dict(json.loads(read_member(zf, METADATA, lab)))
-            except ValueError as exc:
-                raise FormatError(f"{lab}: corrupt {METADATA} ({exc})") from None
-        zi = zf.getinfo(WEIGHTS)
-        if zi.compress_type == zipfile.ZIP_STORED:
-            fileobj: Any = _StoredMember(path, _data_offset(path, zi), zi.file_size)
-        else:
-            tmp = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the source
-            with zf.open(zi) as fp:
-                copied = 0
-                while block := fp.read(1 << 22):
-                    copied += len(block)
-                    if copied > zi.file_size:
-                        raise UnsafeFileError(f"{lab}: {WEIGHTS} is larger than declared; refusing it")
-                    tmp.write(block)
-            tmp.seek(0)
-            fileobj = tmp
-        owned.append(fileobj)
-        h5 = open_h5(fileobj, lab)
-        src = KerasArchiveSource(h5, path, label=lab, excluded=OPTIMIZER_GROUPS, owned=owned)
+        with corrupt_file_errors(lab, "corrupt .keras archive"):
+            return _open_keras(path, zf, lab, owned)
     except BaseException:
         for obj in reversed(owned):
             with contextlib.suppress(Exception):
                 obj.close()
         raise
+
+
+def _open_keras(path: Path, zf: zipfile.ZipFile, lab: str, owned: list[Any]) -> KerasArchiveSource:
+    check_zip(zf, lab)
+    names = zf.namelist()
+    if WEIGHTS not in names:
+        if "model.weights.npz" in names:
+            raise FormatError(
+                f"{lab}: saved with weights_format='npz'; polyak reads .keras archives with "
+                f"{WEIGHTS}. Re-save with model.save(path) (the default h5 weights)"
+            )
+        raise FormatError(f"{lab}: the archive has no {WEIGHTS}; not a Keras 3 model file")
+    config = read_member(zf, CONFIG, lab)
+    meta: dict[str, Any] = {}
+    if METADATA in names:
+        try:
+            meta = json.loads(read_member(zf, METADATA, lab))
+            if not isinstance(meta, dict):
+                raise ValueError(f"{METADATA} is not a JSON object")
+        except ValueError as exc:
+            raise FormatError(f"{lab}: corrupt {METADATA} ({exc})") from None
+    zi = zf.getinfo(WEIGHTS)
+    if zi.compress_type == zipfile.ZIP_STORED:
+        fileobj: Any = _StoredMember(path, _data_offset(path, zi), zi.file_size)
+        owned.append(fileobj)
+    else:
+        tmp = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the source
+        owned.append(tmp)  # closed by open_keras if copying fails (a damaged deflate stream)
+        with zf.open(zi) as fp:
+            copied = 0
+            while block := fp.read(1 << 22):
+                copied += len(block)
+                if copied > zi.file_size:
+                    raise UnsafeFileError(f"{lab}: {WEIGHTS} is larger than declared; refusing it")
+                tmp.write(block)
+        tmp.seek(0)
+        fileobj = tmp
+    h5 = open_h5(fileobj, lab)
+    src = KerasArchiveSource(h5, path, label=lab, excluded=OPTIMIZER_GROUPS, owned=owned)
     src.config = config
     src.keras_metadata = meta
     src.members = [z for z in zf.infolist() if z.filename not in (WEIGHTS, CONFIG, METADATA)]

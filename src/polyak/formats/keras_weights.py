@@ -19,7 +19,14 @@ from typing import Any
 
 from ._base import TensorInfo, TensorSource, WriteOptions
 from ._common import reject_key
-from ._h5 import H5Source, H5TemplateWriter, is_legacy_layout, open_h5, sniff_hdf5
+from ._h5 import (
+    H5Source,
+    H5TemplateWriter,
+    corrupt_file_errors,
+    is_legacy_layout,
+    open_h5,
+    sniff_hdf5,
+)
 
 #: Top-level groups holding optimizer state in Keras 3 files.
 OPTIMIZER_GROUPS = ("optimizer",)
@@ -38,7 +45,8 @@ class KerasWeightsSource(H5Source):
     format_name = "keras-weights"
 
     def extras(self) -> dict[str, Any]:
-        opt = [g for g in OPTIMIZER_GROUPS if g in self.h5]
+        with corrupt_file_errors(self.label):
+            opt = [g for g in OPTIMIZER_GROUPS if g in self.h5]
         return {"optimizer state": "present (not averaged)" if opt else "absent"}
 
 
