@@ -114,6 +114,9 @@ def run_atheris(argv: list[str]) -> None:
     args = [a for a in argv if a.startswith("-")]
     if not any(a.startswith(("-max_total_time", "-runs", "-atheris_runs")) for a in args):
         args.append(f"-max_total_time={DEFAULT_SECONDS}")
+    if not any(a.startswith("-max_len") for a in args):
+        # Seeds longer than libFuzzer's growing length limit would be cut and always refused.
+        args.append(f"-max_len={max(len(d) for _, _, d in SAMPLE_LIST) + 4096}")
     corpus = _seed_corpus()
     atheris.Setup([sys.argv[0], *args, "-rss_limit_mb=4096", "-timeout=20", str(corpus)], check_bytes)
     atheris.Fuzz()
