@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ._atomic import AtomicFile, cleanup_stale_temps
-from ._errors import ConfigError, MismatchError, OutputError
+from ._errors import ConfigError, MismatchError
 from ._torch_common import WRAPPER_PREFIXES, canonical_name, is_writer_rank
 from .formats import open_writer
 from .formats._base import TensorInfo
@@ -164,8 +164,10 @@ class CheckpointSaver:
         try:
             torch.save({"state_dict": cpu, "polyak": record}, f.file)
         except (OSError, RuntimeError) as exc:
+            raise f.fail(exc) from exc  # the real cause (e.g. no space left), not torch's
+        except BaseException:
             f.abort()
-            raise OutputError(f"cannot write {target}: {exc}") from exc
+            raise
         f.commit()
 
     def files(self) -> list[Path]:
