@@ -248,3 +248,143 @@ def save_campaign(folder: Path, suffix: str = ".safetensors") -> Campaign:
     out = folder / "save" / f"state{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     return Campaign(f"polyak.save {suffix}", [sys.executable, "-c", SAVE_SCRIPT, str(out)], [], out, False, None)
+
+
+SAVER_SCRIPTS = {
+    # Every checkpoint N holds tensors filled with N, so a file can be checked on its own.
+    "torch-safetensors": """
+import sys, torch
+from polyak.torch import CheckpointSaver
+saver = CheckpointSaver(sys.argv[1], format=".safetensors")
+m = torch.nn.Linear(300, 300)
+for epoch in range(10_000):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float(epoch))
+    saver.save(m, epoch=epoch)
+""",
+    "torch-pt": """
+import sys, torch
+from polyak.torch import CheckpointSaver
+saver = CheckpointSaver(sys.argv[1], format=".pt")
+m = torch.nn.Linear(300, 300)
+for epoch in range(10_000):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float(epoch))
+    saver.save(m, epoch=epoch)
+""",
+    "torch-ema-state": """
+import sys, torch
+from polyak.torch import EMA
+m = torch.nn.Linear(300, 300)
+ema = EMA(m, decay=0.5)
+for step in range(10_000):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float(step))
+    ema.update()
+    ema.save(sys.argv[1] + "/ema.safetensors")
+""",
+    # All three in one process (one torch start per kill): the default test campaign.
+    "torch-all": """
+import sys, torch
+from polyak.torch import EMA, CheckpointSaver
+root = sys.argv[1]
+savers = [CheckpointSaver(root + "/st", format=".safetensors"), CheckpointSaver(root + "/pt", format=".pt")]
+m = torch.nn.Linear(300, 300)
+ema = EMA(m, decay=0.5)
+for epoch in range(10_000):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float(epoch))
+    for saver in savers:
+        saver.save(m, epoch=epoch)
+    ema.update()
+    ema.save(root + "/ema/ema.safetensors")
+""",
+}
+
+
+def _all_temps(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if TEMP_MARK in p.name}
+
+
+def _check_saver_file(path: Path) -> str | None:
+    """A checkpoint left after a kill must be complete: every tensor filled with one number."""
+    import re as _re
+
+    try:
+        with polyak.open_source(path) as src:
+            values = {float(np.asarray(src.read(n)).reshape(-1)[0]) for n in src.infos() if src.infos()[n].size}
+            complete = all(np.all(np.asarray(src.read(n)) == np.asarray(src.read(n)).reshape(-1)[0]) for n in src.infos())
+    except polyak.PolyakError as exc:
+        return f"{path.name}: unreadable after a kill: {exc}"
+    m = _re.search(r"_(\d+)\.", path.name)
+    if m and values != {float(m.group(1))}:
+        return f"{path.name}: holds {sorted(values)[:3]}, expected {m.group(1)}"
+    if not complete or len(values) != 1:
+        return f"{path.name}: mixed contents {sorted(values)[:3]}"
+    return None
+
+
+def _wait_for_saving(folder: Path, proc: subprocess.Popen[bytes], limit: float = 60) -> None:
+    """Until the process has written its first checkpoint file (or exited)."""
+    end = time.perf_counter() + limit
+    while time.perf_counter() < end and proc.poll() is None:
+        if any(p.is_file() for p in folder.rglob("*")):
+            return
+        time.sleep(0.005)
+
+
+def run_saver_campaign(kind: str, folder: Path, *, kills: int, budget_s: float, seed: int = 0) -> KillStats:
+    """Kill a process that keeps saving checkpoints (CheckpointSaver / EMA.save) at random times."""
+    env = dict(os.environ)
+    rng = random.Random(seed)
+    stats = KillStats()
+    t_start = time.perf_counter()
+    out = folder / kind
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-c", SAVER_SCRIPTS[kind], str(out)]
+    previous: set[str] = set()
+    while stats.kills < kills and time.perf_counter() - t_start < budget_s:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stats.runs += 1
+        _wait_for_saving(out, proc)  # past the imports: saving has begun
+        time.sleep(rng.uniform(0, 0.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            stats.kills += 1
+        else:
+            stats.problems.append(f"{kind}: the saver exited: {proc.stderr.read().decode()[-300:] if proc.stderr else ''}")
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        temps = _all_temps(out)
+        stats.temps_cleaned += len(previous - temps)
+        stats.temps_seen += len(temps - previous)
+        previous = temps
+        files = [p for p in out.rglob("*") if p.is_file() and TEMP_MARK not in p.name]
+        for p in files:
+            problem = _check_saver_file(p)
+            if problem:
+                stats.problems.append(f"{kind}: {problem}")
+        stats.outputs_complete += len(files)
+        for p in files:  # start each run from an empty folder but the temps
+            p.unlink()
+    # The next saver (its constructor) or EMA.save removes what killed runs left.
+    before = _all_temps(out)
+    from polyak._atomic import cleanup_stale_temps
+    from polyak.torch import CheckpointSaver
+
+    for sub in {out, *(p for p in out.rglob("*") if p.is_dir())}:
+        if sub.name in ("st", "pt") or kind in ("torch-safetensors", "torch-pt"):
+            CheckpointSaver(sub)
+        else:
+            cleanup_stale_temps(sub)  # what EMA.save -> polyak.save runs first
+    after = _all_temps(out)
+    stats.temps_cleaned += len(before - after)
+    if after:
+        stats.problems.append(f"{kind}: temporary files survived the next saver: {sorted(after)}")
+    stats.seconds = time.perf_counter() - t_start
+    return stats

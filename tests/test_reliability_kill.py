@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from _killharness import average_campaign, make_members, run_campaign, save_campaign
+from _killharness import average_campaign, make_members, run_campaign, run_saver_campaign, save_campaign
 
 KILLS = int(os.environ.get("POLYAK_KILLS", "12"))
 BUDGET_S = float(os.environ.get("POLYAK_KILL_BUDGET_S", "4"))
+#: Each saver run starts torch (~2 s): a few kills only, unless asked for more.
+SAVER_KILLS = int(os.environ.get("POLYAK_SAVER_KILLS", "2"))
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
@@ -41,5 +43,17 @@ def test_sigkill_leaves_inputs_intact_and_output_absent_or_complete(tmp_path: Pa
     print(f"\n[kills] {c.name}: {stats}")
     assert stats.problems == []
     # The campaign really killed writers (how many fit in the budget depends on the load).
+    assert stats.kills >= 1
+    assert stats.temps_cleaned == stats.temps_seen
+
+
+def test_sigkill_checkpoint_saver_and_ema_state(tmp_path: Path) -> None:
+    """A process saving checkpoints (CheckpointSaver) or EMA state in a loop, killed while
+    saving: every file left is complete, and the next saver removes the temporary files."""
+    pytest.importorskip("torch")
+    kind = "torch-all"  # CheckpointSaver .safetensors and .pt, EMA.save, in one process
+    stats = run_saver_campaign(kind, tmp_path, kills=SAVER_KILLS, budget_s=BUDGET_S * 2, seed=3)
+    print(f"\n[kills] {kind}: {stats}")
+    assert stats.problems == []
     assert stats.kills >= 1
     assert stats.temps_cleaned == stats.temps_seen
