@@ -29,9 +29,11 @@ demo: install
 bench: install
 	$(PY) benchmarks/run.py
 
+# Bounded coverage-guided fuzzing of the format readers (default 300 s); e.g.
+# make fuzz FUZZ_ARGS="-max_total_time=60 --formats safetensors,npz"
 fuzz: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt atheris
-	$(PY) tests/fuzz/fuzz_formats.py
+	$(PY) tests/fuzz/fuzz_formats.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

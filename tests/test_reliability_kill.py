@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from _killharness import average_campaign, make_members, run_campaign, run_saver_campaign, save_campaign
+from _killharness import (
+    average_campaign,
+    make_members,
+    run_campaign,
+    run_saver_campaign,
+    save_campaign,
+)
 
 KILLS = int(os.environ.get("POLYAK_KILLS", "12"))
 BUDGET_S = float(os.environ.get("POLYAK_KILL_BUDGET_S", "4"))
