@@ -88,12 +88,10 @@ def test_broken_file_one_clear_error(tmp_path: Path, name: str, damage: str, cap
         victim.write_bytes(original)
 
 
-@pytest.mark.parametrize("name", SAMPLE_IDS)
+@pytest.mark.parametrize("name", [n for n in SAMPLE_IDS if SAMPLES[n].format != "safetensors-index"])
 def test_wrong_suffix_names_file_and_fix(tmp_path: Path, name: str) -> None:
     sample = _sample(name)
     (path,) = _members(tmp_path, sample, 1)
-    if sample.format == "safetensors-index":
-        pytest.skip("an index is JSON; its suffix is its format")
     wrong = ".npz" if sample.format != "npz" else ".safetensors"
     renamed = path.with_name("renamed" + wrong)
     shutil.copy(path, renamed)

@@ -227,3 +227,62 @@ def test_reading_good_files_still_works(tmp_path: Path) -> None:
     np.savez(tmp_path / "m.npz", w=np.arange(6, dtype=np.float32).reshape(2, 3))
     got = read_all(tmp_path / "m.npz")
     np.testing.assert_array_equal(got["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+# --- Keras / HDF5 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["keras-weights", "keras2-h5", "keras"])
+@pytest.mark.parametrize("attack", ["soft-link", "external-link", "external-storage", "virtual"])
+def test_hdf5_links_and_external_data_refused(tmp_path: Path, name: str, attack: str) -> None:
+    """Links and external/virtual storage could read other files (e.g. /etc/shadow): refused."""
+    h5py = pytest.importorskip("h5py")
+    from _formats_samples import SAMPLES, sample_state
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as g:
+        g["w"] = np.ones(4, np.float32)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path, _ = SAMPLES["keras-weights" if name == "keras" else name].make(folder, sample_state(0))
+    with h5py.File(path, "a") as f:
+        group = f["layers"] if "layers" in f else f[next(iter(f))]
+        if attack == "soft-link":
+            group["alias"] = h5py.SoftLink("/" + next(iter(f)))
+        elif attack == "external-link":
+            group["alias"] = h5py.ExternalLink(str(outside), "/w")
+        elif attack == "external-storage":
+            group.create_dataset("ext", shape=(4,), dtype="<f4", external=[(str(secret), 0, 16)])
+        else:
+            layout = h5py.VirtualLayout(shape=(4,), dtype="<f4")
+            layout[:] = h5py.VirtualSource(str(outside), "w", shape=(4,))
+            group.create_virtual_dataset("virt", layout)
+    if name == "keras":
+        archive = folder / "model.keras"
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("config.json", "{}")
+            zf.writestr("metadata.json", "{}")
+            zf.write(path, "model.weights.h5")
+        path = archive
+    with pytest.raises(polyak.UnsafeFileError) as info:
+        read_all(path)
+    assert str(path) in str(info.value)
+
+
+def test_keras_archive_bomb_and_hostile_metadata(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("config.json", "{}")
+        zf.writestr("model.weights.h5", b"\0" * (40 << 20))
+    with pytest.raises(polyak.UnsafeFileError, match="bomb"):
+        polyak.open_source(bomb)
+    bad_meta = tmp_path / "meta.keras"
+    with zipfile.ZipFile(bad_meta, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.writestr("metadata.json", "[1, 2]")
+        zf.writestr("model.weights.h5", b"")
+    with pytest.raises(polyak.FormatError, match=r"meta\.keras"):
+        polyak.open_source(bad_meta)

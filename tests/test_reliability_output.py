@@ -237,11 +237,11 @@ def test_sharded_replace_with_same_names_never_mixes(tmp_path: Path, monkeypatch
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLES))
+@pytest.mark.parametrize("name", sorted(n for n, s in SAMPLES.items() if s.writable))
 def test_save_and_average_round_trip_every_writable_format(tmp_path: Path, name: str) -> None:
     sample = SAMPLES[name]
-    if not sample.writable or not available(sample):
-        pytest.skip(f"{name}: not a polyak output format here")
+    if not available(sample):
+        pytest.skip(f"{name} needs {', '.join(sample.needs)}")
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
