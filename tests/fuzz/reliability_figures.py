@@ -49,6 +49,22 @@ def kills(per_campaign: int) -> str:
         rows.append(f"| {c.name} | {s.kills} | {s.outputs_absent} / {s.outputs_complete} | {s.temps_seen} / {s.temps_cleaned} | {len(s.problems)} |")
         for p in s.problems:
             print("PROBLEM:", p, file=sys.stderr)
+    try:
+        import torch  # noqa: F401
+
+        from _killharness import run_saver_campaign
+
+        s = run_saver_campaign("torch-all", folder / "savers", kills=max(per_campaign // 3, 1), budget_s=120, seed=9)
+        total += s.kills
+        problems += len(s.problems)
+        rows.append(
+            f"| CheckpointSaver .safetensors + .pt, EMA.save (one process) | {s.kills} | "
+            f"{s.outputs_complete} checkpoints left, all complete | {s.temps_seen} / {s.temps_cleaned} | {len(s.problems)} |"
+        )
+        for p in s.problems:
+            print("PROBLEM:", p, file=sys.stderr)
+    except ImportError:
+        pass
     rows.append(f"| **total** | **{total}** | | | **{problems}** |")
     return "\n".join(rows)
 
