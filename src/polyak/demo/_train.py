@@ -1,0 +1,188 @@
+"""Training the tutorial's MLP, with Keras (one ``fit`` call) or PyTorch (a plain loop).
+
+Both save the members as real checkpoint files while training, with polyak's own
+capture tools: ``polyak.keras.CheckpointCallback`` (``.keras`` files) and
+``polyak.torch.CheckpointSaver`` (``.safetensors``). The frameworks are imported inside
+the functions: the ``polyak`` command must start without them.
+
+The recipe is the tutorial's: ``Dense(25, relu, he_uniform) → Dense(3, softmax)``,
+categorical cross-entropy, ``SGD(learning_rate=0.01, momentum=0.9)``, batches of 32 drawn
+from a fresh shuffle of the 100 training rows every epoch (the last batch holds 4 rows).
+
+PyTorch matches Keras exactly in what it computes, up to float rounding:
+
+* initialisers: ``he_uniform`` is U(±sqrt(6 / fan_in)) for the hidden kernel,
+  ``glorot_uniform`` (Keras' default) U(±sqrt(6 / (fan_in + fan_out))) for the output
+  kernel, zero biases;
+* SGD with momentum: Keras updates ``v ← m·v − lr·g; w ← w + v`` from ``v = 0``;
+  ``torch.optim.SGD(momentum=m, dampening=0)`` updates ``b ← m·b + g; w ← w − lr·b``
+  with ``b = g`` on the first step. With ``v = −lr·b`` these are the same recursion,
+  first step included (for a constant learning rate);
+* the loss: Keras' softmax output + cross-entropy equals torch's
+  ``CrossEntropyLoss`` on the logits (the torch module returns logits; Keras clips
+  probabilities at 1e-7, which only matters for losses above 16).
+
+The random streams differ (Keras draws from its backend's generator), so the same
+``--seed`` gives different runs in the two frameworks; each is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._progress import Progress
+from ._data import Blobs, one_hot
+
+__all__ = ["Recipe", "train_keras", "train_torch"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to train and which epochs to keep.
+
+    Attributes:
+        epochs: Training epochs (the tutorial: 500).
+        members: Save the last ``members`` epochs (the tutorial: 10, epochs 490..499).
+        hidden: Hidden units (25).
+        learning_rate: SGD step (0.01).
+        momentum: SGD momentum (0.9).
+        batch_size: Rows per step (32).
+    """
+
+    epochs: int = 500
+    members: int = 10
+    hidden: int = 25
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 32
+
+    @property
+    def first_saved(self) -> int:
+        """Zero-based index of the first saved epoch (490 for the tutorial)."""
+        return self.epochs - self.members
+
+
+def _set_torch_threads() -> None:
+    import torch
+
+    # A 2-25-3 MLP on 32 rows: threads only add overhead, and one thread is deterministic.
+    torch.set_num_threads(1)
+
+
+def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quiet: bool = True) -> list[Path]:
+    """Train with PyTorch and save the last ``recipe.members`` epochs as ``.safetensors``.
+
+    Args:
+        data: The splits; trains on ``data.x_train``.
+        recipe: The training recipe.
+        seed: Seeds the initial weights and the per-epoch shuffles.
+        directory: Where the checkpoints go.
+        quiet: No progress bar.
+
+    Returns:
+        The member files, oldest → newest.
+    """
+    import torch
+    from torch import nn
+
+    from . import _shim
+
+    _set_torch_threads()
+    gen = torch.Generator().manual_seed(seed)
+    classes = data.classes
+    model = nn.Sequential()
+    model.add_module("hidden", nn.Linear(data.x_train.shape[1], recipe.hidden))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("output", nn.Linear(recipe.hidden, classes))
+    with torch.no_grad():
+        for layer, limit in (
+            (model.hidden, math.sqrt(6.0 / model.hidden.in_features)),  # he_uniform
+            (model.output, math.sqrt(6.0 / (model.output.in_features + model.output.out_features))),  # glorot
+        ):
+            layer.weight.uniform_(-limit, limit, generator=gen)
+            layer.bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.learning_rate, momentum=recipe.momentum)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.from_numpy(np.ascontiguousarray(data.x_train))
+    y = torch.from_numpy(data.y_train)
+    n = len(y)
+    saver = _shim.TorchSaver(directory, every=1, unit="epoch", start=recipe.first_saved, format=".safetensors")
+    bar = Progress(recipe.epochs, "training (torch)", enabled=not quiet, unit="epoch")
+    for epoch in range(recipe.epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, recipe.batch_size):
+            idx = order[i : i + recipe.batch_size]
+            loss = loss_fn(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        saver.maybe_save(model, epoch=epoch)
+        bar.update()
+    bar.close()
+    return _saved_files(directory, recipe)
+
+
+def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quiet: bool = True) -> list[Path]:
+    """Train with Keras in one ``fit`` call; save the last ``recipe.members`` epochs as ``.keras``.
+
+    Args:
+        data: The splits; trains on ``data.x_train``.
+        recipe: The training recipe.
+        seed: ``keras.utils.set_random_seed(seed)``: initial weights and shuffles.
+        directory: Where the checkpoints go.
+        quiet: No progress bar.
+
+    Returns:
+        The member files, oldest → newest.
+    """
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    from . import _shim
+
+    if keras.backend.backend() == "torch":
+        _set_torch_threads()
+    keras.utils.set_random_seed(seed)
+    classes = data.classes
+    model = keras.Sequential(
+        [
+            keras.Input((data.x_train.shape[1],)),
+            keras.layers.Dense(recipe.hidden, activation="relu", kernel_initializer="he_uniform"),
+            keras.layers.Dense(classes, activation="softmax"),
+        ]
+    )
+    model.compile(
+        loss="categorical_crossentropy",
+        optimizer=keras.optimizers.SGD(learning_rate=recipe.learning_rate, momentum=recipe.momentum),
+    )
+    bar = Progress(recipe.epochs, "training (keras)", enabled=not quiet, unit="epoch")
+
+    class _Bar(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            bar.update()
+
+    saver = _shim.keras_callback(directory, start_epoch=recipe.first_saved, every=1, format=".keras")
+    model.fit(
+        data.x_train,
+        one_hot(data.y_train, classes),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        verbose=0,
+        callbacks=[saver, _Bar()],
+    )
+    bar.close()
+    return _saved_files(directory, recipe)
+
+
+def _saved_files(directory: Path, recipe: Recipe) -> list[Path]:
+    from .._members import order_members
+
+    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return [Path(p) for p in order_members(files, order="number")]
