@@ -18,9 +18,10 @@ PyTorch matches Keras exactly in what it computes, up to float rounding:
   ``torch.optim.SGD(momentum=m, dampening=0)`` updates ``b ← m·b + g; w ← w − lr·b``
   with ``b = g`` on the first step. With ``v = −lr·b`` these are the same recursion,
   first step included (for a constant learning rate);
-* the loss: Keras' softmax output + cross-entropy equals torch's
-  ``CrossEntropyLoss`` on the logits (the torch module returns logits; Keras clips
-  probabilities at 1e-7, which only matters for losses above 16).
+* the loss: Keras' softmax output + cross-entropy with probabilities clipped to
+  [1e-7, 1 − 1e-7] (:func:`keras_crossentropy`; plain ``CrossEntropyLoss`` differs in
+  the first steps, where some rows are confidently wrong and Keras' clip stops their
+  gradient). The torch module returns logits; the softmax lives in the loss.
 
 The random streams differ (Keras draws from its backend's generator), so the same
 ``--seed`` gives different runs in the two frameworks; each is deterministic.
@@ -40,6 +41,9 @@ from .._progress import Progress
 from ._data import Blobs, one_hot
 
 __all__ = ["Recipe", "train_keras", "train_torch"]
+
+#: ``keras.config.epsilon()``: Keras clips probabilities to [eps, 1 - eps] in its losses.
+KERAS_EPSILON = 1e-7
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,54 @@ def sgd_momentum(params: list[Any], *, learning_rate: float, momentum: float) ->
     return step
 
 
+def build_torch_mlp(inputs: int, hidden: int, classes: int, *, generator: Any) -> Any:
+    """``hidden`` (he_uniform kernel) → ReLU → ``output`` (glorot_uniform kernel), zero biases.
+
+    The module returns logits (softmax lives in the loss and in evaluation).
+    """
+    import torch
+    from torch import nn
+
+    model = nn.Sequential()
+    model.add_module("hidden", nn.Linear(inputs, hidden))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("output", nn.Linear(hidden, classes))
+    with torch.no_grad():
+        for layer, limit in (
+            (model.hidden, math.sqrt(6.0 / inputs)),  # he_uniform: fan_in
+            (model.output, math.sqrt(6.0 / (hidden + classes))),  # glorot_uniform: fan_in + fan_out
+        ):
+            layer.weight.uniform_(-limit, limit, generator=generator)
+            layer.bias.zero_()
+    return model
+
+
+def torch_epoch(model: Any, step: Any, x: Any, y: Any, order: Any, *, batch_size: int) -> None:
+    """One epoch of mean cross-entropy SGD over ``x[order]`` in batches (the last may be short)."""
+    params = list(model.parameters())
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        for p in params:
+            p.grad = None
+        keras_crossentropy(model(x[idx]), y[idx]).backward()
+        step()
+
+
+def keras_crossentropy(logits: Any, y: Any) -> Any:
+    """Keras' ``categorical_crossentropy`` on a softmax output, in torch.
+
+    Keras clips the probabilities to ``[1e-7, 1 - 1e-7]`` before the log, so a row whose
+    true class has probability below 1e-7 (common in the first steps: the inputs reach
+    ±15 and he_uniform weights ±1.7) contributes loss 16.1 and **no gradient**;
+    ``torch.nn.CrossEntropyLoss`` would push it. Matching this keeps the torch run on
+    Keras' trajectory (the tests check the weights after several epochs agree).
+    """
+    import torch
+
+    proba = torch.softmax(logits, dim=1).clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON)
+    return -torch.log(proba.gather(1, y[:, None])).mean()
+
+
 def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quiet: bool = True) -> list[Path]:
     """Train with PyTorch and save the last ``recipe.members`` epochs as ``.safetensors``.
 
@@ -110,44 +162,42 @@ def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
         The member files, oldest → newest.
     """
     import torch
-    from torch import nn
 
     from . import _shim
 
     _set_torch_threads()
     gen = torch.Generator().manual_seed(seed)
-    classes = data.classes
-    model = nn.Sequential()
-    model.add_module("hidden", nn.Linear(data.x_train.shape[1], recipe.hidden))
-    model.add_module("relu", nn.ReLU())
-    model.add_module("output", nn.Linear(recipe.hidden, classes))
-    with torch.no_grad():
-        for layer, limit in (
-            (model.hidden, math.sqrt(6.0 / model.hidden.in_features)),  # he_uniform
-            (model.output, math.sqrt(6.0 / (model.output.in_features + model.output.out_features))),  # glorot
-        ):
-            layer.weight.uniform_(-limit, limit, generator=gen)
-            layer.bias.zero_()
+    model = build_torch_mlp(data.x_train.shape[1], recipe.hidden, data.classes, generator=gen)
     params = list(model.parameters())
     step = sgd_momentum(params, learning_rate=recipe.learning_rate, momentum=recipe.momentum)
-    loss_fn = nn.CrossEntropyLoss()
     x = torch.from_numpy(np.ascontiguousarray(data.x_train))
     y = torch.from_numpy(data.y_train)
-    n = len(y)
     saver = _shim.TorchSaver(directory, every=1, unit="epoch", start=recipe.first_saved, format=".safetensors")
     bar = Progress(recipe.epochs, "training (torch)", enabled=not quiet, unit="epoch")
     for epoch in range(recipe.epochs):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, recipe.batch_size):
-            idx = order[i : i + recipe.batch_size]
-            for p in params:
-                p.grad = None
-            loss_fn(model(x[idx]), y[idx]).backward()
-            step()
+        torch_epoch(model, step, x, y, torch.randperm(len(y), generator=gen), batch_size=recipe.batch_size)
         saver.maybe_save(model, epoch=epoch)
         bar.update()
     bar.close()
     return _saved_files(directory, recipe)
+
+
+def build_keras_mlp(inputs: int, classes: int, recipe: Recipe) -> Any:
+    """The tutorial's compiled Keras model (weights drawn from Keras' global seed)."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((inputs,)),
+            keras.layers.Dense(recipe.hidden, activation="relu", kernel_initializer="he_uniform"),
+            keras.layers.Dense(classes, activation="softmax"),
+        ]
+    )
+    model.compile(
+        loss="categorical_crossentropy",
+        optimizer=keras.optimizers.SGD(learning_rate=recipe.learning_rate, momentum=recipe.momentum),
+    )
+    return model
 
 
 def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quiet: bool = True) -> list[Path]:
@@ -172,17 +222,7 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
         _set_torch_threads()
     keras.utils.set_random_seed(seed)
     classes = data.classes
-    model = keras.Sequential(
-        [
-            keras.Input((data.x_train.shape[1],)),
-            keras.layers.Dense(recipe.hidden, activation="relu", kernel_initializer="he_uniform"),
-            keras.layers.Dense(classes, activation="softmax"),
-        ]
-    )
-    model.compile(
-        loss="categorical_crossentropy",
-        optimizer=keras.optimizers.SGD(learning_rate=recipe.learning_rate, momentum=recipe.momentum),
-    )
+    model = build_keras_mlp(data.x_train.shape[1], classes, recipe)
     bar = Progress(recipe.epochs, "training (keras)", enabled=not quiet, unit="epoch")
 
     class _Bar(keras.callbacks.Callback):
