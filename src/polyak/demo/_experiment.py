@@ -26,7 +26,7 @@ __all__ = ["FRAMEWORKS", "DemoConfig", "run_repetition", "scheme_label"]
 FRAMEWORKS = ("keras", "torch")
 SUFFIX = {"keras": ".keras", "torch": ".safetensors"}
 #: Files the demo itself writes into its checkpoint folder (and removes before a new run).
-_OWN_CHECKPOINT = re.compile(r"^model_\d+\.(keras|safetensors)$")
+_OWN_CHECKPOINT = re.compile(r"^model_(epoch_)?\d+\.(keras|weights\.h5|safetensors)$")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,12 @@ def sweep_states(
         for n in range(1, len(states) + 1):
             w = scheme_weights(scheme, n, alpha=alpha) if alpha is not None else scheme_weights(scheme, n)
             newest = states[len(states) - n :]
-            avg = {k: sum(float(wi) * s[k].astype(np.float64) for wi, s in zip(w, newest)).astype(np.float32) for k in names}
+            avg = {}
+            for k in names:
+                acc = np.zeros(newest[0][k].shape, dtype=np.float64)
+                for wi, s in zip(w, newest):
+                    acc += float(wi) * s[k]
+                avg[k] = acc.astype(np.float32)
             rows.append(evaluate(avg))
         out[label] = rows
     return out

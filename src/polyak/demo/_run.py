@@ -18,7 +18,14 @@ from typing import Any
 from .._errors import ConfigError
 from .._progress import Progress
 from ._experiment import DemoConfig, run_repetition
-from ._show import figure_repeats, figure_scheme, file_stem, repetition_text, summary_text, write_json
+from ._show import (
+    figure_repeats,
+    figure_scheme,
+    file_stem,
+    repetition_text,
+    summary_text,
+    write_json,
+)
 from ._summary import summarise
 
 __all__ = ["run_demo"]
@@ -103,10 +110,10 @@ def run_demo(
         if not quiet:
             echo(repetition_text(rep))
             echo("")
-        suffix = Path(rep["files"][0]).suffix
+        first, last = Path(rep["files"][0]).name, Path(rep["files"][-1]).name
         echo(
             f"files: {out}/ — results.json, {len(figures)} figures ({', '.join(p.name for p in figures)}), "
-            f"{len(rep['files'])} checkpoints (checkpoints/model_<epoch>{suffix}) [{time.perf_counter() - t0:.1f} s]"
+            f"{len(rep['files'])} checkpoints (checkpoints/{first} … {last}) [{time.perf_counter() - t0:.1f} s]"
         )
         return data
     seeds = list(range(seed, seed + repeats))

@@ -23,6 +23,14 @@ Rep = dict[str, Any]
 Row = tuple[str, Callable[[Rep], float] | None, Callable[[Rep], float]]
 
 
+def _last_average(label: str, split: str) -> Callable[[Rep], float]:
+    return lambda r: float(r["averages"][label][-1][split])
+
+
+def _chosen(label: str) -> Callable[[Rep], float]:
+    return lambda r: float(r["chosen"]["per_scheme"][label]["test"])
+
+
 def rows(reps: Sequence[Rep]) -> list[Row]:
     """The table's rows: what is measured in each repetition."""
     first = reps[0]
@@ -42,14 +50,8 @@ def rows(reps: Sequence[Rep]) -> list[Row]:
         ("single member chosen on validation", None, lambda r: r["chosen"]["single"]["test"]),
     ]
     for label in first["averages"]:
-        out.append(
-            (
-                f"{label}, n = {m}",
-                lambda r, lab=label: r["averages"][lab][-1]["holdout"],
-                lambda r, lab=label: r["averages"][lab][-1]["test"],
-            )
-        )
-        out.append((f"{label}, n chosen on validation", None, lambda r, lab=label: r["chosen"]["per_scheme"][lab]["test"]))
+        out.append((f"{label}, n = {m}", _last_average(label, "holdout"), _last_average(label, "test")))
+        out.append((f"{label}, n chosen on validation", None, _chosen(label)))
     out.append(("scheme and n chosen on validation", None, lambda r: r["chosen"]["overall"]["test"]))
     return out
 

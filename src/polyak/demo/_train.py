@@ -108,14 +108,15 @@ def build_torch_mlp(inputs: int, hidden: int, classes: int, *, generator: Any) -
     import torch
     from torch import nn
 
+    first, second = nn.Linear(inputs, hidden), nn.Linear(hidden, classes)
     model = nn.Sequential()
-    model.add_module("hidden", nn.Linear(inputs, hidden))
+    model.add_module("hidden", first)
     model.add_module("relu", nn.ReLU())
-    model.add_module("output", nn.Linear(hidden, classes))
+    model.add_module("output", second)
     with torch.no_grad():
         for layer, limit in (
-            (model.hidden, math.sqrt(6.0 / inputs)),  # he_uniform: fan_in
-            (model.output, math.sqrt(6.0 / (hidden + classes))),  # glorot_uniform: fan_in + fan_out
+            (first, math.sqrt(6.0 / inputs)),  # he_uniform: fan_in
+            (second, math.sqrt(6.0 / (hidden + classes))),  # glorot_uniform: fan_in + fan_out
         ):
             layer.weight.uniform_(-limit, limit, generator=generator)
             layer.bias.zero_()
@@ -163,7 +164,7 @@ def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
     """
     import torch
 
-    from . import _shim
+    from ..torch import CheckpointSaver
 
     _set_torch_threads()
     gen = torch.Generator().manual_seed(seed)
@@ -172,7 +173,7 @@ def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
     step = sgd_momentum(params, learning_rate=recipe.learning_rate, momentum=recipe.momentum)
     x = torch.from_numpy(np.ascontiguousarray(data.x_train))
     y = torch.from_numpy(data.y_train)
-    saver = _shim.TorchSaver(directory, every=1, unit="epoch", start=recipe.first_saved, format=".safetensors")
+    saver = CheckpointSaver(directory, every=1, unit="epoch", start=recipe.first_saved, format=".safetensors", prefix="model")
     bar = Progress(recipe.epochs, "training (torch)", enabled=not quiet, unit="epoch")
     for epoch in range(recipe.epochs):
         torch_epoch(model, step, x, y, torch.randperm(len(y), generator=gen), batch_size=recipe.batch_size)
@@ -247,4 +248,4 @@ def _saved_files(directory: Path, recipe: Recipe) -> list[Path]:
     from .._members import order_members
 
     files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return [Path(p) for p in order_members(files, order="number")]
+    return [Path(p) for p in order_members(files, order="number")]  # type: ignore[arg-type]
