@@ -75,11 +75,6 @@ def load_states(files: Sequence[Path], framework: str) -> list[dict[str, np.ndar
 
     states = []
     for f in files:
-        if framework == "keras":
-            from . import _shim
-
-            states.append(_shim.read_keras(f))
-            continue
         src = open_source(f)
         try:
             states.append({name: np.array(src.read(name)) for name in src.infos()})

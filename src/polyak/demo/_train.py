@@ -180,7 +180,7 @@ def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
         saver.maybe_save(model, epoch=epoch)
         bar.update()
     bar.close()
-    return _saved_files(directory, recipe)
+    return saver.files()
 
 
 def build_keras_mlp(inputs: int, classes: int, recipe: Recipe) -> Any:
@@ -217,7 +217,7 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import keras
 
-    from . import _shim
+    from ..keras import CheckpointCallback
 
     if keras.backend.backend() == "torch":
         _set_torch_threads()
@@ -230,7 +230,7 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             bar.update()
 
-    saver = _shim.keras_callback(directory, start_epoch=recipe.first_saved, every=1, format=".keras")
+    saver = CheckpointCallback(directory, start_epoch=recipe.first_saved, every=1, format=".keras", prefix="model_epoch")
     model.fit(
         data.x_train,
         one_hot(data.y_train, classes),
@@ -241,11 +241,5 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
         callbacks=[saver, _Bar()],
     )
     bar.close()
-    return _saved_files(directory, recipe)
+    return list(saver.saved)
 
-
-def _saved_files(directory: Path, recipe: Recipe) -> list[Path]:
-    from .._members import order_members
-
-    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return [Path(p) for p in order_members(files, order="number")]  # type: ignore[arg-type]
