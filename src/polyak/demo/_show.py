@@ -121,7 +121,7 @@ def _figure(width: float = 6.4, height: float = 4.0) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -155,8 +155,8 @@ def figure_repeats(reps: Sequence[Rep], summary: dict[str, Any], path: Path) -> 
 
     from ._summary import rows
 
-    fig = _figure(11.0, 5.0)
-    left, right = fig.subplots(1, 2)
+    fig = _figure(8.0, 8.0)
+    left, right = fig.subplots(2, 1, sharex=True)
     table = rows(reps)
     for ax, which, title in ((left, 1, "held-out rows (1000), tutorial-comparable"), (right, 2, "test rows (500); choices made on validation")):
         data, names = [], []
@@ -169,12 +169,12 @@ def figure_repeats(reps: Sequence[Rep], summary: dict[str, Any], path: Path) -> 
         rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
         for i, values in enumerate(data):
             ax.scatter(values, i + rng.uniform(-0.2, 0.2, len(values)), s=10, alpha=0.6, color="tab:blue")
-            mean, std = float(np.mean(values)), float(np.std(values))
+            mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             ax.errorbar([mean], [i], xerr=[std], fmt="|", color="black", markersize=14, capsize=4)
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_title(title, fontsize="medium")
-        ax.set_xlabel("accuracy")
         ax.tick_params(axis="y", labelsize="small")
+    right.set_xlabel("accuracy (dots: runs; bars: mean ± std)")
     fig.suptitle(f"{summary['runs']} runs, {reps[0]['config']['framework']}")
     return _save_png(fig, path)
