@@ -18,7 +18,7 @@ vector per member, tell the cases apart:
 Warnings fire at a cosine below :data:`MIN_COSINE` (0.9) or a relative distance above
 :data:`MAX_DISTANCE` (0.5), far from both cases (see ``docs/sweep.md`` for measurements),
 and, with sweep results, when an average scores more than :data:`MAX_DROP` (5 %) worse
-than the mean of its own members.
+than the mean of its own members' scores, weighted as the average weights the members.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ._dtypes import is_float
 from ._errors import PolyakWarning
 from ._members import MemberLike, check_members, open_members, select_members
 from ._results import SweepResults, _sign
+from ._schemes import scheme_weights
 
 __all__ = ["MAX_DISTANCE", "MAX_DROP", "MIN_COSINE", "AveragingWarning", "Diagnosis", "check_results", "diagnose"]
 
@@ -111,13 +112,17 @@ def check_results(results: SweepResults, metric: str, *, split: str | None = Non
     for r in results.rows:
         if r.kind != "average" or r.n < 2 or not all(k in singles for k in range(1, r.n + 1)):
             continue
-        mean = float(np.mean([singles[k] for k in range(1, r.n + 1)]))
+        # The members' scores weighted as the average weights them (oldest → newest):
+        # what the average "should" score if weight space were as good as score space.
+        w = scheme_weights(str(r.scheme), r.n, alpha=r.alpha if r.alpha is not None else 2.0)
+        mean = float(np.dot(w, [singles[k] for k in range(r.n, 0, -1)]))
         v = r.value(metric, split)
         drop = sign * (mean - v) / max(abs(mean), 1e-12)
         if drop > max_drop:
             found.append((drop, f"the {r.name} average of the newest {r.n} members has {split} {metric} "
-                                f"{v:.4g}, {drop:.0%} worse than its members' mean {mean:.4g}: the members "
-                                "may not share a basin (different runs, or too far apart); use fewer members"))
+                                f"{v:.4g}, {drop:.0%} worse than its members' (same-weighted) mean "
+                                f"{mean:.4g}: the members may not share a basin (different runs, or too far "
+                                "apart); use fewer members"))
     return [m for _, m in sorted(found, key=lambda t: -t[0])]
 
 
@@ -160,7 +165,7 @@ def diagnose(
         >>> a = {"w": np.array([1.0, 0.0])}; b = {"w": np.array([0.0, 1.0])}
         >>> d = polyak.diagnose([a, b], warn=False)
         >>> round(d.cosine[0][1], 3), [round(x, 3) for x in d.distance], len(d.issues)
-        (0.0, [1.0, 1.0], 3)
+        (0.0, [1.0, 1.0], 2)
     """
     chosen = select_members(members, last=last, order=order)
     with open_members(chosen, format=format, key=key, strip_prefix=strip_prefix) as sources:
@@ -194,9 +199,11 @@ def diagnose(
             issues.append(f"{len(low)} member pair(s) have cosine similarity below {min_cosine}; lowest "
                           f"{c:.3f} between {labels[i]} and {labels[j]}: they look like different runs "
                           "or basins, whose average usually fails")
-        for i in np.flatnonzero(distance > max_distance):
-            issues.append(f"{labels[i]} is {distance[i]:.2f}× the mean's norm away from the mean "
-                          f"(> {max_distance}); it looks like a different run or a much earlier checkpoint")
+        far = sorted(np.flatnonzero(distance > max_distance), key=lambda i: -distance[i])
+        if far:
+            shown = ", ".join(f"{labels[i]} ({distance[i]:.2f})" for i in far[:5]) + (" ..." if len(far) > 5 else "")
+            issues.append(f"{len(far)} member(s) lie farther than {max_distance}× the mean's norm from the "
+                          f"mean: {shown}; they look like different runs or much earlier checkpoints")
     if results is not None and metric is not None:
         issues += check_results(results, metric, split=split, mode=mode)
     if warn:
