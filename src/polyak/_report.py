@@ -159,8 +159,8 @@ def plot_sweep(results: SweepResults, path: str | os.PathLike[str], metric: str,
         for k, alpha in enumerate(alphas):
             rows = [r for r in results.select_rows(kind="average", scheme=scheme) if r.alpha == alpha]
             color = "tab:orange" if k == 0 else f"C{(k + 2) % 10}"
-            ax.plot([r.n for r in rows], [r.value(metric, split) for r in rows], "-", color=color,
-                    label=f"average of newest n ({rows[0].name})")
+            label = "average of the newest n" + ("" if alpha is None else f", alpha = {alpha:g}")
+            ax.plot([r.n for r in rows], [r.value(metric, split) for r in rows], "-", color=color, label=label)
         if ens:
             ax.plot([r.n for r in ens], [r.value(metric, split) for r in ens], "--", color="tab:green",
                     label="prediction ensemble")
