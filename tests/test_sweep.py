@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from typing import ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -52,7 +53,7 @@ def test_every_average_equals_polyak_average() -> None:
     seen, evaluate = capture()
     res = polyak.sweep(members, evaluate, alphas=(0.5, 2.0, 7.0), baselines=())
     assert len(res.rows) == 9 * 5
-    for row, state in zip(res.rows, seen):
+    for row, state in zip(res.rows, seen, strict=True):
         ref = polyak.average(members, scheme=row.scheme, alpha=row.alpha or 2.0, last=row.n)
         assert list(state) == list(ref)
         for name, want in ref.items():
@@ -80,7 +81,7 @@ def test_singles_are_the_members_with_their_own_integers() -> None:
     members = make_members(4)
     seen, evaluate = capture()
     res = polyak.sweep(members, evaluate, schemes=["equal"], baselines=("single",))
-    singles = [(r, s) for r, s in zip(res.rows, seen) if r.kind == "single"]
+    singles = [(r, s) for r, s in zip(res.rows, seen, strict=True) if r.kind == "single"]
     assert [r.n for r, _ in singles] == [1, 2, 3, 4]
     for row, state in singles:
         member = members[4 - row.n]
@@ -91,7 +92,7 @@ def test_singles_are_the_members_with_their_own_integers() -> None:
 
 
 class CountingSource(TensorSource):
-    reads: Counter[tuple[str, str]] = Counter()
+    reads: ClassVar[Counter[tuple[str, str]]] = Counter()
 
     def __init__(self, state: dict[str, np.ndarray], label: str) -> None:
         super().__init__(None, label)
@@ -185,7 +186,7 @@ def test_option_errors() -> None:
 def test_nan_member_is_refused() -> None:
     ms = make_members(3)
     ms[0]["w32"][2, 2] = np.nan
-    with pytest.raises(polyak.NonFiniteError, match="member 0.*w32"):
+    with pytest.raises(polyak.NonFiniteError, match=r"member 0.*w32"):
         polyak.sweep(ms, lambda s: {"x": 0.0})
 
 

@@ -175,7 +175,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         on = args.on or ("validation" if "validation" in splits else splits[0])
         report = args.report or ("test" if "test" in splits and on != "test" else None)
         selection = select(results, metric, on=on, report=report, mode=mode)
-        diagnosis = None if args.no_diagnose else diagnose(args.checkpoints, warn=False, **common)  # type: ignore[arg-type]
+        diagnosis = None if args.no_diagnose else diagnose(args.checkpoints, warn=False, **common)
         issues = (diagnosis.issues if diagnosis else []) + check_results(results, metric, split=on, mode=mode)
         caught += [str(r.message) for r in records]
     results.notes.extend(issues)

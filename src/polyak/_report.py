@@ -72,15 +72,15 @@ def format_table(
         vals = [r.value(metric, split) for r in rows]
         finite = [v for v in vals if not math.isnan(v)]
         best = max(finite, key=lambda v: sign * v) if finite else math.nan
-        for r, v in zip(rows, vals):
+        for r, v in zip(rows, vals, strict=True):
             text = f"{v:.4f}" + ("*" if v == best else " ")
             cells[(name, r.n)] = f"{_BOLD}{text}{_RESET}" if (color and v == best) else text
     widths = [max(len(name), 8) for name, _ in cols]
-    head = f"{'n':>4}  " + "  ".join(f"{name:>{w}}" for (name, _), w in zip(cols, widths))
+    head = f"{'n':>4}  " + "  ".join(f"{name:>{w}}" for (name, _), w in zip(cols, widths, strict=True))
     lines = [f"{split} {metric} ({'higher' if sign > 0 else 'lower'} is better; * best per column)", head]
     for n in ns:
         parts = []
-        for (name, _), w in zip(cols, widths):
+        for (name, _), w in zip(cols, widths, strict=True):
             cell = cells.get((name, n), "-")
             pad = w + (len(cell) - len(cell.replace(_BOLD, "").replace(_RESET, "")))
             parts.append(f"{cell:>{pad}}")
@@ -153,7 +153,7 @@ def plot_sweep(results: SweepResults, path: str | os.PathLike[str], metric: str,
         raise ConfigError("the results hold no averages to plot")
     fig, axes = _figure(len(schemes))
     ens = results.select_rows(kind="prediction_ensemble")
-    for ax, scheme in zip(axes, schemes):
+    for ax, scheme in zip(axes, schemes, strict=False):
         _singles(ax, results, metric, split)
         alphas = [a for s, a in results.curves() if s == scheme]
         for k, alpha in enumerate(alphas):
