@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,15 @@ import torch
 
 from ._errors import ConfigError, FormatError, MismatchError
 from ._schedules import DecaySchedule, make_schedule
-from ._torch_common import is_averaged, is_writer_rank, match_names, named_tensors
-from ._torch_plan import UpdatePlan, build_plan, signature
+from ._torch_common import (
+    Slot,
+    is_averaged,
+    is_writer_rank,
+    match_names,
+    named_slots,
+    named_tensors,
+)
+from ._torch_plan import UpdatePlan, build_plan
 
 __all__ = ["EMA", "SWA", "AveragerState"]
 
@@ -87,6 +95,7 @@ class _Averager:
                 tensors[name] = t.detach().to(device=dev, dtype=target, copy=True)
         self.state = AveragerState(tensors=tensors)
         self._plan: UpdatePlan | None = None
+        self._slots: tuple[weakref.ref[torch.nn.Module], list[Slot]] | None = None
 
     # -- what is averaged --------------------------------------------------------------
     def _averages(self, name: str, t: torch.Tensor) -> bool:
@@ -107,12 +116,25 @@ class _Averager:
 
     # -- updating ------------------------------------------------------------------------
     def _current(self, module: torch.nn.Module | None) -> list[torch.Tensor]:
-        live = {name: t for name, t, _ in named_tensors(module if module is not None else self.module)}
+        """The live tensors of ``module``, in the order of ``state.tensors``."""
+        target = module if module is not None else self.module
+        cached = self._slots
+        if cached is not None and cached[0]() is target:
+            try:
+                current = [container[key] for container, key in cached[1]]
+            except KeyError:
+                current = []
+            if len(current) == len(cached[1]) and all(t is not None for t in current):
+                return current
+        # Walk the module once; later steps re-read the same slots (a few µs per tensor).
+        found = {name: slot for name, slot, _ in named_slots(target)}
         names = self.state.tensors
-        if len(live) != len(names) or any(n not in live for n in names):
-            match_names(names, live, what="the module's tensors and the averaged ones", where="the module",
+        if len(found) != len(names) or any(n not in found for n in names):
+            match_names(names, found, what="the module's tensors and the averaged ones", where="the module",
                         fix="average the same architecture (wrapper prefixes module./_orig_mod. are ignored)")
-        return [live[n] for n in names]
+        slots = [found[n] for n in names]
+        self._slots = (weakref.ref(target), slots)
+        return [container[key] for container, key in slots]
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module | None = None, *, step: int | None = None) -> None:
@@ -135,7 +157,7 @@ class _Averager:
         weight = self._weight(st.count) if averaging else 1.0
         current = self._current(module)
         plan = self._plan
-        if plan is None or plan.signature != signature(current):
+        if plan is None or not plan.fits(current):
             stored = list(st.tensors.values())
             flags = [self._averages(n, t) for n, t in st.tensors.items()]
             plan = self._plan = build_plan(current, stored, flags)

@@ -11,6 +11,7 @@ allocated per step and the staged chunk is still in cache when the lerp reads it
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +48,18 @@ class UpdatePlan:
     signature: Signature
     groups: list[_Group]
     copies: list[tuple[int, torch.Tensor]]  # (position, stored tensor): copied, not averaged
+    sources: list[torch.Tensor] = field(default_factory=list)  # the live tensors it was built for
+
+    def fits(self, current: Sequence[torch.Tensor]) -> bool:
+        """Whether this plan applies to ``current`` (cheap when the tensors are the same objects)."""
+        if len(current) == len(self.sources) and all(map(operator.is_, current, self.sources)):
+            # Same objects; their dtype/device change only if someone reassigned ``.data``
+            # (``module.to()``), which changes every tensor of a group: check one per group.
+            return all(
+                (current[g.index[0]].dtype, current[g.index[0]].device) == self.signature[g.index[0]]
+                for g in self.groups
+            )
+        return signature(current) == self.signature
 
     @torch.no_grad()
     def apply(self, current: Sequence[torch.Tensor], weight: float) -> None:
@@ -86,7 +99,7 @@ def build_plan(
         if (src_dtype, src_dev) != (dst_dtype, dst_dev):
             group.chunks = _chunks(avg, dst_dtype, dst_dev)
         groups.append(group)
-    return UpdatePlan(signature(current), groups, copies)
+    return UpdatePlan(signature(current), groups, copies, list(current))
 
 
 def _chunks(
