@@ -121,7 +121,7 @@ def average_models(
     else:
         try:
             target = keras.models.clone_model(newest)
-        except NotImplementedError as exc:
+        except (NotImplementedError, TypeError, ValueError) as exc:
             raise PolyakError(
                 f"cannot clone the subclassed model {newest.name} ({exc}); pass template=<a "
                 "built model of the same class> or build_fn=<function returning one>"
