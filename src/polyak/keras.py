@@ -196,7 +196,7 @@ def load_models(
     if not chosen:
         raise ConfigError(f"no Keras model files (.keras, .h5) found in {where} for epochs [{start}, {end})")
     ordered = order_members(chosen, "number")
-    return [keras.models.load_model(q, compile=compile) for q in ordered]  # type: ignore[arg-type]
+    return [keras.models.load_model(q, compile=compile) for q in ordered]
 
 
 def evaluator(
