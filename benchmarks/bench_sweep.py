@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("one average of all members", t_one),
         (f"sweep: {n_avg} averages handed over (buffers reused)", t_sweep),
-        (f"sweep, evaluate copying every state", t_sweep_fresh),
+        ("sweep, evaluate copying every state", t_sweep_fresh),
         (f"from scratch: {n_avg} polyak.average calls", t_scratch),
         (f"materialise {n_avg} model-size states", t_mat),
     ]

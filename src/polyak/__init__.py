@@ -14,6 +14,10 @@ Example:
 from ._average import AverageResult as AverageResult
 from ._average import average as average
 from ._average import parse_size as parse_size
+from ._diagnose import AveragingWarning as AveragingWarning
+from ._diagnose import Diagnosis as Diagnosis
+from ._diagnose import check_results as check_results
+from ._diagnose import diagnose as diagnose
 from ._errors import ConfigError as ConfigError
 from ._errors import FormatError as FormatError
 from ._errors import MismatchError as MismatchError
@@ -26,10 +30,6 @@ from ._errors import UnsafeFileError as UnsafeFileError
 from ._inspect import Inspection as Inspection
 from ._inspect import inspect as inspect
 from ._inspect import save as save
-from ._diagnose import AveragingWarning as AveragingWarning
-from ._diagnose import Diagnosis as Diagnosis
-from ._diagnose import check_results as check_results
-from ._diagnose import diagnose as diagnose
 from ._members import order_members as order_members
 from ._results import SweepResults as SweepResults
 from ._results import SweepRow as SweepRow
