@@ -89,7 +89,7 @@ def correctness() -> None:
     kept16 = next(v for _, v in _tensors(ema16.state_dict()) if v.numel() == 1024)
     v32, avg16 = kept32.float().mean().item(), kept16.float().mean().item()
     check("bf16_model_fp32_average_moves",
-          kept32.dtype == torch.float32 and abs(v32 - expected) < 1e-6 and avg16 == 1.0,
+          kept32.dtype == torch.float32 and abs(v32 - expected) < 5e-5 and avg16 == 1.0,  # float32 rounding of 1e-4-sized steps
           f"float32 average {v32:.6f} (closed form {expected:.6f}); a bf16 average stays {avg16}")
 
     m = mlp()
