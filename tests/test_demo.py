@@ -10,7 +10,7 @@ import pytest
 
 from polyak import scheme_weights
 from polyak.demo._data import N_TRAIN, N_VALIDATION, load_blobs, make_blobs
-from polyak.demo._experiment import DemoConfig, choose, sweep_states
+from polyak.demo._experiment import DemoConfig
 from polyak.demo._model import Evaluator, MLPParams, mlp_params, predict_proba
 from polyak.demo._summary import summarise
 from polyak.demo._train import Recipe
@@ -133,38 +133,32 @@ def test_numpy_forward_equals_keras_predict_from_saved_file(tmp_path: Path) -> N
         v.assign(keras.ops.convert_to_numpy(v) + 0.1)
     model.save(tmp_path / "model_0.keras")
     x = load_blobs().x_holdout
-    (state,) = load_states([tmp_path / "model_0.keras"], "keras")
+    (state,) = load_states([tmp_path / "model_0.keras"])
     np.testing.assert_allclose(predict_proba(mlp_params(state, "keras"), x), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
-def test_sweep_equals_numpy_average() -> None:
-    rng = np.random.default_rng(0)
-    states = [{"a": rng.normal(size=(3, 2)).astype(np.float32)} for _ in range(6)]
-    seen: list[np.ndarray] = []
+def test_demo_averages_equal_numpy_average_of_the_files(tmp_path: Path) -> None:
+    """polyak.sweep's running sums inside the demo vs numpy.average of the member files."""
+    pytest.importorskip("torch")
+    from polyak.demo._experiment import load_states, run_repetition
 
-    def evaluate(state):  # type: ignore[no-untyped-def]
-        seen.append(state["a"])
-        return {"validation": 0.5, "validation_loss": 1.0, "test": 0.5}
-
-    sweep_states(states, evaluate, [("linear", "linear", None), ("exponential(alpha=2)", "exponential", 2.0)])
-    stack = np.stack([s["a"] for s in states])
-    k = 0
-    for scheme, alpha in (("linear", None), ("exponential", 2.0)):
-        for n in range(1, 7):
+    cfg = DemoConfig(framework="torch", recipe=Recipe(epochs=20, members=5), alphas=(2.0, 0.5))
+    rep = run_repetition(cfg, seed=2, directory=tmp_path)
+    states = load_states([Path(f) for f in rep["files"]])
+    evaluate = Evaluator(load_blobs(), "torch")
+    for label, scheme, alpha in cfg.schemes():
+        for n in range(1, 6):
             w = scheme_weights(scheme, n, alpha=alpha) if alpha else scheme_weights(scheme, n)
-            np.testing.assert_allclose(seen[k], np.average(stack[6 - n :], axis=0, weights=w), rtol=1e-6)
-            k += 1
-
-
-def test_choose_on_validation_breaks_ties_by_loss() -> None:
-    def m(v: float, loss: float, t: float) -> dict[str, float]:
-        return {"validation": v, "validation_loss": loss, "test": t}
-
-    single = [m(0.8, 0.5, 0.7), m(0.82, 0.5, 0.71)]
-    averages = {"equal": [m(0.8, 0.5, 0.7), m(0.82, 0.4, 0.75)], "linear": [m(0.8, 0.5, 0.7), m(0.82, 0.45, 0.9)]}
-    c = choose(single, averages, [8, 9])
-    assert c["overall"] == {"scheme": "equal", "n": 2, "validation": 0.82, "test": 0.75}
-    assert c["single"]["epoch"] == 9 and c["per_scheme"]["linear"]["n"] == 2
+            avg = {k: np.average(np.stack([s[k] for s in states[5 - n :]]), axis=0, weights=w) for k in states[0]}
+            expected, got = evaluate(avg), rep["averages"][label][n - 1]
+            for key in ("holdout", "validation", "test"):
+                assert got[key] == pytest.approx(expected[key], abs=1e-9), (label, n, key)
+            assert got["holdout_loss"] == pytest.approx(expected["holdout_loss"], rel=1e-5)
+    assert [s["holdout"] for s in rep["single"]] == [evaluate(s)["holdout"] for s in states]
+    ch = rep["chosen"]["overall"]
+    best_val = max(r["validation"] for rows in rep["averages"].values() for r in rows)
+    assert ch["validation"] == best_val
+    assert ch["test"] == rep["averages"][ch["scheme"]][ch["n"] - 1]["test"]
 
 
 def test_summarise_counts_and_stats() -> None:

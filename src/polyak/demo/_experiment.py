@@ -1,5 +1,8 @@
 """One repetition of the tutorial's experiment: train, save members, sweep, choose.
 
+The members are real files; ``polyak.sweep`` reads each once and scores every average of
+the newest n (running sums), ``polyak.select`` makes the choices on validation rows.
+
 Returns plain data (a JSON-ready dict), so repetitions can run in other processes and be
 compared number for number.
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError
-from .._schemes import scheme_weights
+from .._results import SweepResults, SweepRow
+from .._select import select
+from .._sweep import sweep
 from ._data import load_blobs
 from ._model import Evaluator
 from ._train import Recipe, train_keras, train_torch
@@ -69,8 +74,8 @@ def scheme_label(scheme: str, alpha: float | None) -> str:
     return scheme if alpha is None else f"{scheme}(alpha={alpha:g})"
 
 
-def load_states(files: Sequence[Path], framework: str) -> list[dict[str, np.ndarray]]:
-    """Read the member files into name-keyed numpy states (oldest → newest)."""
+def load_states(files: Sequence[Path]) -> list[dict[str, np.ndarray]]:
+    """Read member files into name-keyed numpy states (oldest → newest)."""
     from ..formats import open_source
 
     states = []
@@ -83,51 +88,67 @@ def load_states(files: Sequence[Path], framework: str) -> list[dict[str, np.ndar
     return states
 
 
-def sweep_states(
-    states: Sequence[Mapping[str, np.ndarray]],
-    evaluate: Callable[[Mapping[str, np.ndarray]], dict[str, float]],
-    schemes: Sequence[tuple[str, str, float | None]],
-) -> dict[str, list[dict[str, float]]]:
-    """Metrics of the average of the newest n members, n = 1..len(states), per scheme."""
-    out: dict[str, list[dict[str, float]]] = {}
-    names = list(states[0])
-    for label, scheme, alpha in schemes:
-        rows = []
-        for n in range(1, len(states) + 1):
-            w = scheme_weights(scheme, n, alpha=alpha) if alpha is not None else scheme_weights(scheme, n)
-            newest = states[len(states) - n :]
-            avg = {}
-            for k in names:
-                acc = np.zeros(newest[0][k].shape, dtype=np.float64)
-                for wi, s in zip(w, newest):
-                    acc += float(wi) * s[k]
-                avg[k] = acc.astype(np.float32)
-            rows.append(evaluate(avg))
-        out[label] = rows
+class _Nested:
+    """The demo's flat metrics as the sweep's ``{split: {metric: value}}``."""
+
+    def __init__(self, evaluate: Evaluator) -> None:
+        self.evaluate = evaluate
+
+    def __call__(self, state: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        m = self.evaluate(state)
+        return {split: {"accuracy": m[split], "loss": m[f"{split}_loss"]} for split in ("holdout", "validation", "test")}
+
+
+def _flat(row: SweepRow) -> dict[str, float]:
+    out = {}
+    for split, metrics in row.metrics.items():
+        out[split] = float(metrics["accuracy"])
+        out[f"{split}_loss"] = float(metrics["loss"])
     return out
 
 
-def _best(candidates: Sequence[tuple[Any, Mapping[str, float]]]) -> tuple[Any, Mapping[str, float]]:
-    # Highest validation accuracy; ties (common on 500 rows) go to the lower validation
-    # loss, then to the earlier candidate.
-    return min(candidates, key=lambda c: (-c[1]["validation"], c[1]["validation_loss"]))
+def sweep_members(
+    files: Sequence[Path], evaluate: Evaluator, config: DemoConfig
+) -> tuple[list[dict[str, float]], dict[str, list[dict[str, float]]], dict[str, Any]]:
+    """``polyak.sweep`` over the member files, then ``polyak.select`` on validation.
 
-
-def choose(single: Sequence[Mapping[str, float]], averages: Mapping[str, Sequence[Mapping[str, float]]], epochs: Sequence[int]) -> dict[str, Any]:
-    """Choices made on validation, each reported with its test accuracy."""
-    per_scheme = {}
-    everything = []
-    for label, rows in averages.items():
-        (n, m) = _best([(i + 1, r) for i, r in enumerate(rows)])
-        per_scheme[label] = {"n": n, "validation": m["validation"], "test": m["test"]}
-        everything += [((label, i + 1), r) for i, r in enumerate(rows)]
-    (label, n), m = _best(everything)
-    epoch, ms = _best(list(zip(epochs, single)))
-    return {
+    Returns:
+        ``(single, averages, chosen)``: each member's metrics (oldest → newest); per scheme
+        label, the metrics of the average of the newest n for n = 1..members; and the
+        choices made on validation accuracy (ties: the smallest n), each with its test
+        accuracy.
+    """
+    results = sweep(
+        [Path(f) for f in files],
+        _Nested(evaluate),
+        schemes=("equal", "linear", "exponential"),
+        alphas=config.alphas,
+        baselines=("single",),
+        order="given",
+    )
+    singles = sorted(results.select_rows(kind="single"), key=lambda r: -r.n)  # n = 1 is the newest
+    single = [_flat(r) for r in singles]
+    averages: dict[str, list[dict[str, float]]] = {}
+    per_scheme: dict[str, Any] = {}
+    for label, scheme, alpha in config.schemes():
+        rows = sorted(results.select_rows(kind="average", scheme=scheme, alpha=alpha), key=lambda r: r.n)
+        averages[label] = [_flat(r) for r in rows]
+        chosen = select(SweepResults(rows, results.members), "accuracy", on="validation", report="test")
+        per_scheme[label] = {"n": chosen.n, "validation": chosen.selected, "test": chosen.reported}
+    overall = select(results, "accuracy", on="validation", report="test")
+    by_single = select(results, "accuracy", on="validation", report="test", kinds=("single",))
+    epochs = list(range(config.recipe.first_saved, config.recipe.epochs))
+    chosen_all = {
         "per_scheme": per_scheme,
-        "overall": {"scheme": label, "n": n, "validation": m["validation"], "test": m["test"]},
-        "single": {"epoch": epoch, "validation": ms["validation"], "test": ms["test"]},
+        "overall": {
+            "scheme": scheme_label(overall.scheme or "", overall.alpha),
+            "n": overall.n,
+            "validation": overall.selected,
+            "test": overall.reported,
+        },
+        "single": {"epoch": epochs[-by_single.n], "validation": by_single.selected, "test": by_single.reported},
     }
+    return single, averages, chosen_all
 
 
 def prepare_checkpoint_dir(directory: Path) -> None:
@@ -157,11 +178,8 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
     t1 = time.perf_counter()
     if len(files) != recipe.members:
         raise ConfigError(f"expected {recipe.members} member files in {directory}, found {len(files)}: {[f.name for f in files]}")
-    states = load_states(files, config.framework)
-    evaluate = Evaluator(data, config.framework)
-    single = [evaluate(s) for s in states]
-    final = Evaluator(data, config.framework, train=True)(states[-1])
-    averages = sweep_states(states, evaluate, config.schemes())
+    single, averages, chosen = sweep_members(files, Evaluator(data, config.framework), config)
+    final = Evaluator(data, config.framework, train=True)(load_states(files[-1:])[0])
     epochs = list(range(recipe.first_saved, recipe.epochs))
     t2 = time.perf_counter()
     return {
@@ -172,6 +190,6 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
         "final": final,
         "single": single,
         "averages": averages,
-        "chosen": choose(single, averages, epochs),
+        "chosen": chosen,
         "seconds": {"train": t1 - t0, "sweep": t2 - t1},
     }

@@ -70,7 +70,7 @@ def repetition_text(rep: Rep) -> str:
     for label, c in ch["per_scheme"].items():
         lines.append(f"  {label + ', n = ' + str(c['n']):<31}  test={c['test']:.3f}   (validation {c['validation']:.3f})")
     o = ch["overall"]
-    lines.append(f"  chosen: {o['scheme']}, n = {o['n']:<13}  test={o['test']:.3f}   vs final model {rep['final']['test']:.3f}")
+    lines.append(f"  {'chosen: ' + o['scheme'] + ', n = ' + str(o['n']):<31}  test={o['test']:.3f}   vs final model {rep['final']['test']:.3f}")
     return "\n".join(lines)
 
 
