@@ -87,6 +87,14 @@ for _fmt in (
         "torch_pt",
         "PyTorch state dict (torch.save), loaded with weights_only=True",
     ),
+    Format(
+        "dcp",
+        (),
+        "dcp",
+        "torch.distributed.checkpoint folder (.metadata + *.distcp), read one tensor at a time",
+        writable=False,
+        directory=True,
+    ),
 ):
     register_format(_fmt)
 
