@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -119,7 +119,7 @@ class _Buffers:
 
 def _accumulate(
     arrays: Sequence[np.ndarray],
-    weights: Sequence[float],
+    weights: Sequence[float] | np.ndarray,
     acc: np.ndarray,
     bufs: _Buffers,
     *,

@@ -17,8 +17,8 @@ from .formats import TensorInfo, TensorSource, open_source
 from .formats._memory import MappingSource
 
 __all__ = [
-    "ORDERS",
     "KNOWN_PREFIXES",
+    "ORDERS",
     "MemberLike",
     "check_members",
     "open_members",
@@ -60,15 +60,18 @@ def order_members(members: Sequence[MemberLike], order: str = "number") -> list[
         if any(isinstance(m, (str, os.PathLike)) for m in items):
             raise ConfigError("mixing file paths and in-memory states needs order='given'")
         return items
-    paths = [Path(m) for m in items]  # type: ignore[arg-type]
+    paths: list[Path] = [Path(m) for m in items]  # type: ignore[arg-type]
+    ordered: list[Path]
     if order == "number":
-        return sorted(paths, key=_natural_key)
-    if order == "name":
-        return sorted(paths, key=lambda p: (p.name, str(p)))
-    try:
-        return sorted(paths, key=lambda p: (p.stat().st_mtime_ns, _natural_key(p)))
-    except FileNotFoundError as exc:
-        raise FormatError(f"{exc.filename}: no such file") from None
+        ordered = sorted(paths, key=_natural_key)
+    elif order == "name":
+        ordered = sorted(paths, key=lambda p: (p.name, str(p)))
+    else:
+        try:
+            ordered = sorted(paths, key=lambda p: (p.stat().st_mtime_ns, _natural_key(p)))
+        except FileNotFoundError as exc:
+            raise FormatError(f"{exc.filename}: no such file") from None
+    return list[MemberLike](ordered)
 
 
 def select_members(members: Sequence[MemberLike], *, last: int | None = None, order: str = "number") -> list[MemberLike]:

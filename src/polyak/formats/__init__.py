@@ -236,7 +236,7 @@ def open_source(
     """
     fmt = detect_format(path, format)
     opener = _entry(fmt, "open")
-    return opener(Path(path), key=key, label=label)  # type: ignore[no-any-return]
+    return opener(Path(path), key=key, label=label)  # type: ignore[no-any-return,unused-ignore]
 
 
 def open_writer(
@@ -254,7 +254,7 @@ def open_writer(
     factory = _entry(fmt, "writer")
     if template is not None and template.format_name != fmt.name:
         template = None
-    return factory(  # type: ignore[no-any-return]
+    return factory(  # type: ignore[no-any-return,unused-ignore]
         Path(path),
         infos,
         metadata=metadata or {},

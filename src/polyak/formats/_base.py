@@ -21,7 +21,13 @@ import numpy as np
 
 from .._dtypes import dtype_name
 
-__all__ = ["TensorInfo", "TensorSource", "TensorWriter", "WriteOptions"]
+__all__ = ["TensorInfo", "TensorSource", "TensorWriter", "WriteOptions", "contiguous"]
+
+
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous array, without a copy when it already is; unlike
+    ``np.ascontiguousarray`` a 0-d array stays 0-d."""
+    return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
 @dataclass(frozen=True)

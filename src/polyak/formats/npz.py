@@ -19,7 +19,7 @@ import numpy as np
 from .._atomic import AtomicFile
 from .._dtypes import dtype_from_name, dtype_name
 from .._errors import FormatError, OutputError, UnsafeFileError
-from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions, contiguous
 from ._common import reject_key
 
 META_MEMBER = "__polyak__.json"
@@ -151,8 +151,7 @@ class NpzSource(TensorSource):
         arr = np.frombuffer(data, dtype=stored)
         if stored != info.dtype:
             arr = arr.view(info.dtype)
-        order = "F" if fortran else "C"
-        return arr.reshape(info.shape, order=order)
+        return arr.reshape(info.shape, order="F" if fortran else "C")
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
@@ -177,7 +176,7 @@ class NpzWriter(TensorWriter):
 
     def write(self, name: str, array: np.ndarray) -> None:
         info = self.infos[name]
-        arr = np.ascontiguousarray(array)
+        arr = contiguous(array)
         if arr.dtype.kind == "V" or (arr.dtype.kind not in "biufc"):
             # ml_dtypes types: store the bits, record the type.
             self._dtypes[name] = dtype_name(arr.dtype)

@@ -14,6 +14,7 @@ bytes of JSON header (``{"__metadata__": {str: str}, name: {"dtype", "shape",
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import mmap
 import os
@@ -26,7 +27,7 @@ import numpy as np
 
 from .._atomic import AtomicFile, commit_many
 from .._errors import FormatError, OutputError, UnsafeFileError
-from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions, contiguous
 from ._common import reject_key
 
 __all__ = ["SafetensorsIndexSource", "SafetensorsSource", "SafetensorsWriter", "ShardedSafetensorsWriter"]
@@ -140,7 +141,7 @@ def _parse_header(path: Path, f: object, size: int, label: str) -> tuple[int, di
         infos[name] = TensorInfo(name, tuple(shape), dt)
         offsets[name] = (begin, end)
     spans = sorted(offsets.values())
-    for (b0, e0), (b1, _e1) in zip(spans, spans[1:]):
+    for (_b0, e0), (b1, _e1) in itertools.pairwise(spans):
         if b1 < e0:
             raise FormatError(f"{label}: corrupt safetensors file: tensors overlap in the data section")
     # Present tensors in file order (as safe_open's offset_keys()), which suits sequential reads.
@@ -307,8 +308,11 @@ def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str]) -> by
 def _as_bytes(array: np.ndarray, info: TensorInfo, path: Path) -> memoryview:
     if array.shape != info.shape:
         raise OutputError(f"{path}: tensor {info.name!r} has shape {array.shape}, expected {info.shape}")
-    arr = np.ascontiguousarray(array, dtype=np.dtype(info.dtype).newbyteorder("<") if np.dtype(info.dtype).kind in "fciu" else info.dtype)
-    return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+    dt = np.dtype(info.dtype)
+    if dt.kind in "fciu":
+        dt = dt.newbyteorder("<")  # safetensors data is little-endian
+    arr = contiguous(np.asarray(array, dtype=dt))
+    return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")  # type: ignore[arg-type,unused-ignore]
 
 
 class SafetensorsWriter(TensorWriter):

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._atomic import AtomicFile
 from .._errors import ConfigError, FormatError, OutputError, UnsafeFileError
-from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions, contiguous
 
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -71,7 +71,7 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
 def numpy_to_tensor(a: np.ndarray) -> Any:
     """A torch tensor (sharing memory where possible) for a numpy array, ml_dtypes included."""
     torch = _torch()
-    arr = np.ascontiguousarray(a)
+    arr = contiguous(a)
     name = arr.dtype.name
     mapping = {"bfloat16": ("int16", torch.bfloat16), "float8_e4m3fn": ("uint8", "float8_e4m3fn"), "float8_e5m2": ("uint8", "float8_e5m2")}
     if name in mapping:
@@ -98,7 +98,7 @@ def load_state(path: Path, label: str) -> Any:
     try:
         zipped = zipfile.is_zipfile(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         unsafe: list[str] = []
         getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
         if getter is not None:

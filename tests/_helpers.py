@@ -1,0 +1,46 @@
+"""Small helpers shared by tests: random states and writing members."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+import polyak
+
+
+def random_state(rng: np.random.Generator, *, dtypes: bool = True) -> dict[str, np.ndarray]:
+    state = {
+        "layer1.weight": rng.normal(size=(8, 5)).astype(np.float32),
+        "layer1.bias": rng.normal(size=(8,)).astype(np.float32),
+        "head.weight": rng.normal(size=(3, 8)).astype(np.float64),
+        "scalar": np.array(rng.normal(), dtype=np.float32),
+    }
+    if dtypes:
+        state["half"] = rng.normal(size=(4, 4)).astype(np.float16)
+        state["brain"] = rng.normal(size=(6,)).astype(ml_dtypes.bfloat16)
+        state["bn.num_batches_tracked"] = np.array(int(rng.integers(0, 100)), dtype=np.int64)
+        state["mask"] = rng.random(5) > 0.5
+    return state
+
+
+def write_members(tmp_path: Path, states: list[dict[str, np.ndarray]], suffix: str = ".safetensors", stem: str = "ckpt") -> list[Path]:
+    paths = []
+    for i, st in enumerate(states):
+        p = tmp_path / f"{stem}_{i}{suffix}"
+        polyak.save(st, p)
+        paths.append(p)
+    return paths
+
+
+def reference_average(states: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """numpy.average in float64, cast back to each tensor's dtype; ints from the newest."""
+    out = {}
+    for name, newest in states[-1].items():
+        if newest.dtype.kind in "biu":
+            out[name] = newest
+            continue
+        stack = np.stack([s[name].astype(np.float64) for s in states])
+        out[name] = np.average(stack, axis=0, weights=weights).astype(newest.dtype)
+    return out
