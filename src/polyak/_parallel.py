@@ -26,8 +26,6 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -305,26 +303,86 @@ def average_parallel(
     jobs = [j for j in _jobs(plan, parts, base) if j.shards]
     if len(jobs) == 1:
         return _commit(plan, base["metadata"], _run_job(jobs[0]))
-    import multiprocessing
+    return _commit(plan, base["metadata"], _run_local(jobs, out))
 
-    done: list[tuple[str, str]] = []
-    errors: list[BaseException] = []
-    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_job, j) for j in jobs]
-        for fut in futures:
+
+def _run_local(jobs: Sequence[_Job], out: Path) -> list[tuple[str, str]]:
+    """Run each job in its own ``python -m polyak._worker`` process; all finish or none count.
+
+    Fresh interpreters rather than ``multiprocessing``: fork is unsafe once torch (or any
+    threaded library) is loaded, and spawn re-runs the caller's ``__main__`` script, which
+    breaks a plain script that calls :func:`polyak.average` at top level.
+    """
+    import pickle
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # so that the child imports this polyak
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    procs = []
+    try:
+        for job in jobs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "polyak._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            )
+            procs.append(proc)
+            proc.stdin.write(pickle.dumps(job))  # type: ignore[union-attr]  # stdin=PIPE
+            proc.stdin.close()  # type: ignore[union-attr]
+        done: list[tuple[str, str]] = []
+        errors: list[BaseException] = []
+        for proc in procs:
+            raw = proc.stdout.read() if proc.stdout is not None else b""
+            if proc.stdout is not None:
+                proc.stdout.close()
+            code = proc.wait()
             try:
-                done.extend(fut.result())
-            except BaseException as exc:  # collect, so that every finished shard can be deleted
-                errors.append(exc)
+                status, value = pickle.loads(raw)  # our own child's answer, never a file's
+            except Exception:
+                status, value = "died", None
+            if status == "ok":
+                done.extend(value)
+            elif status == "error":
+                errors.append(value)
+            else:
+                errors.append(OutputError(
+                    f"a worker process died (exit code {code}) while writing {out} "
+                    "(killed, or out of memory?); nothing was written"
+                ))
+    except BaseException:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        raise
     if errors:
         _remove([tmp for tmp, _ in done])
-        first = errors[0]
-        if isinstance(first, BrokenProcessPool):
-            raise OutputError(
-                f"a worker process died while writing {out} (killed, or out of memory?); nothing was written"
-            ) from first
-        raise first
-    return _commit(plan, base["metadata"], done)
+        raise errors[0]
+    return done
+
+
+def worker_main() -> int:
+    """Entry point of a worker process: a pickled :class:`_Job` on stdin, the answer on stdout."""
+    import pickle
+    import sys
+
+    job = pickle.loads(sys.stdin.buffer.read())  # sent by the parent polyak process
+    try:
+        answer: tuple[str, Any] = ("ok", _run_job(job))
+    except PolyakError as exc:
+        answer = ("error", exc)
+    except Exception as exc:  # unexpected: pass the text on, the traceback is on stderr
+        import traceback
+
+        traceback.print_exc()
+        answer = ("error", OutputError(f"worker failed: {type(exc).__name__}: {exc}"))
+    try:
+        data = pickle.dumps(answer)
+    except Exception:
+        data = pickle.dumps(("error", OutputError(str(answer[1]))))
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
 
 
 def _run_distributed(plan: ShardPlan, base: dict[str, Any], ctx: DistContext) -> list[Path]:
