@@ -70,7 +70,7 @@ class AtomicFile:
         >>> d = pathlib.Path(tempfile.mkdtemp())
         >>> with AtomicFile(d / "x.bin") as f:
         ...     _ = f.file.write(b"data")
-        ...     f.commit()
+        ...     _ = f.commit()
         >>> (d / "x.bin").read_bytes()
         b'data'
     """

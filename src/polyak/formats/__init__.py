@@ -87,6 +87,14 @@ for _fmt in (
         "torch_pt",
         "PyTorch state dict (torch.save), loaded with weights_only=True",
     ),
+    Format("keras-weights", (".weights.h5",), "keras_weights", "Keras 3 weights (model.save_weights), via h5py"),
+    Format("keras", (".keras",), "keras_archive", "Keras 3 model archive (model.save), via h5py"),
+    Format(
+        "keras2-h5",
+        (".h5", ".hdf5"),
+        "keras2_h5",
+        "legacy Keras 2 HDF5, full model or weights only (layer_names layout), via h5py",
+    ),
     Format(
         "dcp",
         (),
@@ -97,6 +105,11 @@ for _fmt in (
     ),
 ):
     register_format(_fmt)
+
+
+#: A suffix shared by several layouts: the content decides between them (a Keras 3 weights
+#: file saved as ``w.h5`` is read, and written, as Keras 3 weights).
+CONTENT_DECIDES: dict[str, tuple[str, ...]] = {"keras2-h5": ("keras-weights",)}
 
 
 def _entry(fmt: Format, verb: str) -> Any:
@@ -176,6 +189,8 @@ def detect_format(path: str | os.PathLike[str], format: str | None = None) -> Fo
     sniffed = _sniff(p)
     if by_suffix is not None and by_suffix in sniffed:
         return by_suffix
+    if by_suffix is not None and len(sniffed) == 1 and sniffed[0].name in CONTENT_DECIDES.get(by_suffix.name, ()):
+        return sniffed[0]
     if by_suffix is None and p.is_dir() and len(sniffed) == 1:
         return sniffed[0]
     if by_suffix is None:
@@ -251,6 +266,8 @@ def open_writer(
 ) -> TensorWriter:
     """Create the writer for ``path`` (format from ``format`` or the suffix)."""
     fmt = output_format(path, format)
+    if template is not None and format is None and template.format_name in CONTENT_DECIDES.get(fmt.name, ()):
+        fmt = get_format(template.format_name)  # e.g. Keras 3 weights written as ``avg.h5``
     factory = _entry(fmt, "writer")
     if template is not None and template.format_name != fmt.name:
         template = None

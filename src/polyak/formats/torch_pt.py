@@ -72,14 +72,15 @@ def numpy_to_tensor(a: np.ndarray) -> Any:
     """A torch tensor (sharing memory where possible) for a numpy array, ml_dtypes included."""
     torch = _torch()
     arr = contiguous(a)
+    if not arr.flags.writeable:
+        # torch.from_numpy warns on read-only arrays (memory-mapped reads): copy first.
+        arr = arr.copy()
     name = arr.dtype.name
     mapping = {"bfloat16": ("int16", torch.bfloat16), "float8_e4m3fn": ("uint8", "float8_e4m3fn"), "float8_e5m2": ("uint8", "float8_e5m2")}
     if name in mapping:
         bits, target = mapping[name]
         target_dtype = getattr(torch, target) if isinstance(target, str) else target
         return torch.from_numpy(arr.view(bits)).view(target_dtype)
-    if not arr.flags.writeable:
-        arr = arr.copy()
     return torch.from_numpy(arr)
 
 

@@ -1,0 +1,171 @@
+"""``CheckpointCallback``: save the members of a later average during one ``fit`` call."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from ._atomic import TEMP_MARK, cleanup_stale_temps, commit_many
+from ._errors import ConfigError, OutputError
+
+__all__ = ["CheckpointCallback"]
+
+FORMATS = (".keras", ".weights.h5")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_sibling(target: Path, suffix: str) -> Path:
+    """A recognisable temporary path beside ``target`` that still ends in ``suffix``
+    (Keras picks the file type from the suffix)."""
+    stem = target.name[: -len(suffix)]
+    return target.with_name(f".{stem}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def _add_keras_metadata(src: Path, dst: Path, record: dict[str, Any]) -> None:
+    """Copy a ``.keras`` zip, adding ``record`` as ``"polyak"`` in ``metadata.json``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED, allowZip64=True) as zout:
+        for zi in zin.infolist():
+            if zi.filename == "metadata.json":
+                meta = json.loads(zin.read(zi))
+                meta["polyak"] = record
+                zout.writestr("metadata.json", json.dumps(meta, indent=2))
+            else:
+                with zin.open(zi) as fin, zout.open(zi.filename, "w", force_zip64=True) as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def save_model_atomic(model: Any, target: Path, record: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (``.keras`` or ``.weights.h5``) crash-safely, with ``record`` stored
+    as ``"polyak"`` in ``metadata.json`` (``.keras``) or as a root attribute (``.weights.h5``)."""
+    suffix = next((s for s in FORMATS if target.name.endswith(s)), None)
+    if suffix is None:
+        raise ConfigError(f"{target}: Keras checkpoints end in .keras or .weights.h5")
+    tmp = temp_sibling(target, suffix)
+    extra: Path | None = None
+    try:
+        if suffix == ".keras":
+            model.save(tmp)
+            if record is not None:
+                extra = temp_sibling(target, suffix)
+                _add_keras_metadata(tmp, extra, record)
+                tmp.unlink()
+                tmp, extra = extra, None
+        else:
+            model.save_weights(tmp)
+            if record is not None:
+                import h5py
+
+                with h5py.File(tmp, "a") as f:
+                    f.attrs["polyak"] = json.dumps(record)
+        _fsync(tmp)
+        commit_many([(tmp, target)])
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    finally:
+        for p in (tmp, extra):
+            if p is not None:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+    return target
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Save the model at the end of chosen epochs, crash-safely, as members of an average.
+
+    The tutorial's "train 500 epochs and save the models from epoch 490 on" becomes one
+    ``fit(epochs=500, callbacks=[CheckpointCallback("ckpt", start_epoch=490)])`` call.
+    Files are named ``<prefix>_<epoch><format>`` with Keras' 0-based epoch
+    (``model_490.keras`` ... ``model_499.keras``), so polyak's numeric ordering puts them
+    oldest → newest. Each file is written to a temporary name in the same folder and
+    renamed into place, so a crash never leaves a half-written member. The epoch and the
+    optimizer step are also stored inside the file: in ``metadata.json`` under
+    ``"polyak"`` for ``.keras`` archives (Keras ignores the entry), as the root attribute
+    ``polyak`` (JSON) for ``.weights.h5`` files.
+
+    Args:
+        directory: Folder for the checkpoints (created if missing).
+        start_epoch: First epoch (0-based, as Keras counts) to save.
+        every: Save every ``every`` epochs from ``start_epoch``.
+        keep_last: Keep only the newest ``keep_last`` files this callback wrote (``None``:
+            keep all). Works with early stopping: the newest files are always the last
+            epochs actually trained.
+        format: ``".keras"`` (whole model, loadable with ``keras.models.load_model``) or
+            ``".weights.h5"`` (weights only, smaller).
+        prefix: File-name prefix.
+
+    Example:
+        >>> cb = CheckpointCallback("ckpt", start_epoch=490)  # doctest: +SKIP
+        >>> model.fit(x, y, epochs=500, callbacks=[cb])  # doctest: +SKIP
+        >>> polyak.average(cb.saved, out="avg.keras")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        start_epoch: int = 0,
+        every: int = 1,
+        keep_last: int | None = None,
+        format: str = ".keras",
+        prefix: str = "model",
+    ) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
+        for label, value, low in (("start_epoch", start_epoch, 0), ("every", every, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{label} must be a whole number ≥ {low}, got {value!r}")
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise ConfigError(f"keep_last must be None or a whole number ≥ 1, got {keep_last!r}")
+        if not prefix or "/" in prefix or os.sep in prefix:
+            raise ConfigError(f"prefix must be a plain file-name prefix, got {prefix!r}")
+        self.directory = Path(directory)
+        self.start_epoch = start_epoch
+        self.every = every
+        self.keep_last = keep_last
+        self.format = format
+        self.prefix = prefix
+        #: Paths written by this callback and still on disk, oldest → newest.
+        self.saved: list[Path] = []
+
+    def path_for(self, epoch: int) -> Path:
+        """The file the checkpoint of ``epoch`` (0-based) is written to."""
+        return self.directory / f"{self.prefix}_{epoch}{self.format}"
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cleanup_stale_temps(self.directory)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if epoch < self.start_epoch or (epoch - self.start_epoch) % self.every:
+            return
+        step = None
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None:
+            with contextlib.suppress(Exception):
+                step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        target = self.path_for(epoch)
+        save_model_atomic(self.model, target, {"epoch": epoch, "step": step})
+        if target in self.saved:
+            self.saved.remove(target)
+        self.saved.append(target)
+        if self.keep_last is not None:
+            while len(self.saved) > self.keep_last:
+                old = self.saved.pop(0)
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()

@@ -1,0 +1,250 @@
+"""Capture checkpoints during training (:class:`CheckpointSaver`) and load averages back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._atomic import AtomicFile, cleanup_stale_temps
+from ._errors import ConfigError, MismatchError, OutputError
+from ._torch_common import WRAPPER_PREFIXES, canonical_name, is_writer_rank
+from .formats import open_writer
+from .formats._base import TensorInfo
+from .formats.torch_pt import numpy_to_tensor, tensor_to_numpy
+
+__all__ = ["CheckpointSaver", "LoadReport", "load_average"]
+
+_FORMATS = (".safetensors", ".pt")
+_UNITS = ("epoch", "step")
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with canonical names, detached."""
+    state: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict().items():
+        key = canonical_name(name)
+        if key in state:
+            raise MismatchError(f"two state_dict entries are named {key!r} once {list(WRAPPER_PREFIXES)} are removed")
+        state[key] = t.detach()
+    return state
+
+
+class CheckpointSaver:
+    """Save a module's ``state_dict`` every k epochs or steps, keeping the newest K files.
+
+    Files are named ``<prefix>_<unit>_<n><format>`` (``ckpt_epoch_490.safetensors``): the
+    number is not zero-padded, and ``polyak average`` orders members by the numbers in
+    their names. Every file is written atomically (temporary file, fsync, rename) with the
+    step, epoch and wall time in its metadata (safetensors ``__metadata__``; for ``.pt`` the
+    file holds ``{"state_dict": ..., "polyak": {...}}``). With ``keep_last`` the oldest
+    files are deleted only after the new one is safely on disk, so early stopping needs no
+    epoch count known in advance. Only rank 0 writes when ``torch.distributed`` runs.
+
+    Args:
+        directory: Folder for the checkpoints (created if missing).
+        every: Save every ``every`` epochs (or steps).
+        unit: ``"epoch"`` or ``"step"``: which counter decides and names the file.
+        start: First epoch (step) to save; saves at ``start``, ``start + every``, ...
+        keep_last: Keep only the newest this many files of this saver (None: keep all).
+        format: ``".safetensors"`` (default) or ``".pt"``.
+        prefix: File name prefix.
+
+    Example:
+        >>> import torch, tempfile
+        >>> from polyak.torch import CheckpointSaver
+        >>> saver = CheckpointSaver(tempfile.mkdtemp(), start=2, keep_last=2)
+        >>> m = torch.nn.Linear(2, 2)
+        >>> [saver.maybe_save(m, epoch=e) is not None for e in range(5)]
+        [False, False, True, True, True]
+        >>> [p.name for p in saver.files()]
+        ['ckpt_epoch_3.safetensors', 'ckpt_epoch_4.safetensors']
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        every: int = 1,
+        unit: str = "epoch",
+        start: int = 0,
+        keep_last: int | None = None,
+        format: str = ".safetensors",
+        prefix: str = "ckpt",
+    ) -> None:
+        if unit not in _UNITS:
+            raise ConfigError(f"unit must be one of {list(_UNITS)}, got {unit!r}")
+        fmt = format if format.startswith(".") else "." + format
+        if fmt not in _FORMATS:
+            raise ConfigError(f"format must be one of {list(_FORMATS)}, got {format!r}")
+        for what, value, low in (("every", every, 1), ("start", start, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{what} must be a whole number ≥ {low}, got {value!r}")
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise ConfigError(f"keep_last must be None or a whole number ≥ 1, got {keep_last!r}")
+        if not prefix or "/" in prefix or os.sep in prefix:
+            raise ConfigError(f"prefix must be a plain file-name prefix, got {prefix!r}")
+        self.directory = Path(directory)
+        self.every, self.unit, self.start, self.keep_last = every, unit, start, keep_last
+        self.format, self.prefix = fmt, prefix
+        self._pattern = re.compile(rf"^{re.escape(prefix)}_{unit}_(\d+){re.escape(fmt)}$")
+        if is_writer_rank():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            cleanup_stale_temps(self.directory)
+
+    def path_for(self, number: int) -> Path:
+        """The file name used for epoch (step) ``number``."""
+        return self.directory / f"{self.prefix}_{self.unit}_{int(number)}{self.format}"
+
+    def _number(self, step: int | None, epoch: int | None) -> int:
+        value = epoch if self.unit == "epoch" else step
+        if value is None:
+            raise ConfigError(f"this saver counts {self.unit}s: pass {self.unit}=")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{self.unit} must be a whole number ≥ 0, got {value!r}")
+        return value
+
+    def due(self, *, step: int | None = None, epoch: int | None = None) -> bool:
+        """Whether :meth:`maybe_save` would save at this step/epoch."""
+        n = self._number(step, epoch)
+        return n >= self.start and (n - self.start) % self.every == 0
+
+    def maybe_save(self, module: torch.nn.Module, *, step: int | None = None, epoch: int | None = None) -> Path | None:
+        """Save if this epoch (step) is due; returns the path written, else ``None``."""
+        if not self.due(step=step, epoch=epoch):
+            return None
+        return self.save(module, step=step, epoch=epoch)
+
+    def save(self, module: torch.nn.Module, *, step: int | None = None, epoch: int | None = None) -> Path | None:
+        """Save now (replacing a file of the same number); ``None`` on ranks other than 0."""
+        target = self.path_for(self._number(step, epoch))
+        if not is_writer_rank():
+            return None
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "wall_time": time.time(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        state = _cpu_state(module)
+        if self.format == ".pt":
+            self._write_pt(target, state, record)
+        else:
+            meta = {k: json.dumps(v) for k, v in record.items() if k != "created"}
+            meta.update(created=record["created"], format="pt")
+            arrays = {k: tensor_to_numpy(t) for k, t in state.items()}
+            infos = [TensorInfo(k, tuple(a.shape), a.dtype) for k, a in arrays.items()]
+            writer = open_writer(target, infos, format="safetensors", metadata=meta)
+            with writer:
+                for name in writer.order:
+                    writer.write(name, arrays[name])
+                writer.commit()
+        self._prune()
+        return target
+
+    @staticmethod
+    def _write_pt(target: Path, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        cpu = {}
+        for k, t in state.items():
+            t = t.cpu()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view would drag its whole storage into the file
+            cpu[k] = t
+        f = AtomicFile(target)
+        try:
+            torch.save({"state_dict": cpu, "polyak": record}, f.file)
+        except (OSError, RuntimeError) as exc:
+            f.abort()
+            raise OutputError(f"cannot write {target}: {exc}") from exc
+        f.commit()
+
+    def files(self) -> list[Path]:
+        """This saver's checkpoints on disk, oldest (smallest number) first."""
+        found = []
+        with contextlib.suppress(OSError):
+            for entry in self.directory.iterdir():
+                m = self._pattern.match(entry.name)
+                if m:
+                    found.append((int(m.group(1)), entry))
+        return [p for _, p in sorted(found)]
+
+    def _prune(self) -> None:
+        if self.keep_last is None:
+            return
+        for old in self.files()[: -self.keep_last]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_average` loaded: tensor names loaded, missing and unexpected."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+@torch.no_grad()
+def load_average(
+    module: torch.nn.Module,
+    checkpoints: Sequence[Any],
+    *,
+    scheme: str = "equal",
+    strict: bool = True,
+    **kwargs: Any,
+) -> LoadReport:
+    """Fill ``module`` with the average of saved checkpoints (through :func:`polyak.average`).
+
+    Args:
+        module: The model to fill; its tensors keep their dtype and device.
+        checkpoints: Paths (any format polyak reads) or state dicts, oldest → newest
+            (paths are ordered by the numbers in their names unless ``order="given"``).
+        scheme: ``"equal"``, ``"linear"``, ``"exponential"`` or ``"custom"`` (``weights=``).
+        strict: Require the averaged names to equal the module's (prefixes ``module.`` and
+            ``_orig_mod.`` ignored). With ``strict=False`` the common tensors are loaded
+            and the report lists the missing and unexpected ones.
+        **kwargs: Passed to :func:`polyak.average` (``alpha``, ``weights``, ``last``,
+            ``order``, ``key``, ...).
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Raises:
+        MismatchError: Names differ (strict) or shapes differ (always); all listed at once.
+    """
+    from ._average import average
+
+    if "out" in kwargs:
+        raise ConfigError("load_average fills a module; use polyak.average(out=...) to write a file")
+    kwargs.setdefault("strip_prefix", WRAPPER_PREFIXES)
+    averaged = average(list(checkpoints), scheme=scheme, **kwargs)
+    averaged = {canonical_name(k): v for k, v in averaged.items()}
+    live = {canonical_name(k): t for k, t in module.state_dict(keep_vars=True).items()}
+    missing = [k for k in live if k not in averaged]
+    unexpected = [k for k in averaged if k not in live]
+    if strict and (missing or unexpected):
+        raise MismatchError(
+            f"the averaged checkpoints and the module differ: missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'}; pass strict=False to load the common tensors"
+        )
+    shapes = [f"{k!r}: checkpoint {tuple(averaged[k].shape)}, module {tuple(t.shape)}"
+              for k, t in live.items() if k in averaged and tuple(averaged[k].shape) != tuple(t.shape)]
+    if shapes:
+        raise MismatchError(f"shape differences between the averaged checkpoints and the module: {'; '.join(shapes)}")
+    loaded = []
+    for k, t in live.items():
+        if k in averaged:
+            t.copy_(numpy_to_tensor(np.asarray(averaged[k])))
+            loaded.append(k)
+    return LoadReport(loaded, missing, unexpected)

@@ -1,0 +1,133 @@
+"""Shared PyTorch helpers: canonical tensor names, the live tensors of a module, ranks.
+
+Every part of :mod:`polyak.torch` lists a module's tensors through :func:`named_tensors`,
+the single place that decides which (name, tensor) pairs exist; a sharded (DTensor) module
+only needs a different implementation here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ._errors import MismatchError
+
+__all__ = [
+    "WRAPPER_PREFIXES",
+    "canonical_name",
+    "is_averaged",
+    "is_writer_rank",
+    "match_names",
+    "move_batch",
+    "named_tensors",
+]
+
+#: Prefixes added by wrappers: ``module.`` (DataParallel / DistributedDataParallel) and
+#: ``_orig_mod.`` (``torch.compile``). Names are compared without them.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without leading wrapper prefixes (``module._orig_mod.fc.weight`` → ``fc.weight``)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                changed = True
+    return name
+
+
+def is_averaged(t: torch.Tensor) -> bool:
+    """Whether a tensor is averaged (floating or complex) rather than copied (int, bool)."""
+    return t.is_floating_point() or t.is_complex()
+
+
+def named_tensors(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """The module's state as ``(canonical name, tensor, is_parameter)``.
+
+    Parameters come first (shared/tied parameters once, under their first name), then the
+    persistent buffers (those in ``state_dict``). Non-persistent buffers are not state: they
+    are rebuilt by the module and are skipped.
+    """
+    seen: set[str] = set()
+    for name, p in module.named_parameters():
+        key = canonical_name(name)
+        if key in seen:
+            raise MismatchError(f"two parameters are named {key!r} once wrapper prefixes are removed")
+        seen.add(key)
+        yield key, p, True
+    if not buffers:
+        return
+    for mod_name, mod in module.named_modules():
+        skip = mod._non_persistent_buffers_set
+        for b_name, buf in mod._buffers.items():
+            if buf is None or b_name in skip:
+                continue
+            key = canonical_name(f"{mod_name}.{b_name}" if mod_name else b_name)
+            if key in seen:  # a buffer shared by two modules
+                continue
+            seen.add(key)
+            yield key, buf, False
+
+
+def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical name → live tensor (parameters and persistent buffers)."""
+    return {name: t for name, t, _ in named_tensors(module)}
+
+
+def match_names(
+    expected: Iterable[str], found: Iterable[str], *, what: str, where: str, fix: str
+) -> None:
+    """Raise one :class:`MismatchError` listing every missing and unexpected name."""
+    exp, got = list(expected), set(found)
+    missing = [n for n in exp if n not in got]
+    extra = sorted(got - set(exp))
+    if not missing and not extra:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing from {where}: {_quoted(missing)}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected in {where}: {_quoted(extra)}")
+    raise MismatchError(f"{what} do not match by name ({'; '.join(parts)}); {fix}")
+
+
+def _quoted(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def is_writer_rank() -> bool:
+    """True unless ``torch.distributed`` is initialised and this process is not rank 0."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    return bool(dist.get_rank() == 0)
+
+
+def move_batch(batch: Any, device: torch.device | str | None) -> Any:
+    """Move every tensor in a (nested) batch to ``device``; other values are kept."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_batch(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_batch(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def feed(model: Any, batch: Any) -> Any:
+    """The default way to run a batch: ``model(x)`` for ``(x, ...)``, ``model(**d)`` for a dict."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(batch[0])
+    return model(batch)

@@ -1,0 +1,109 @@
+"""The update kernel of the online averagers: multi-tensor lerp grouped by device and dtype.
+
+An averaged tensor is updated as ``avg ← lerp(avg, current, weight)``. Tensors are grouped
+by (source device, source dtype, average device, average dtype) and each group is updated
+with one ``torch._foreach_lerp_`` call. When the average is kept in another dtype (a bf16
+model with a float32 average) or on another device (a CPU copy of a GPU model), the
+current values are first copied into a *preallocated* staging buffer of the average's
+dtype and device (``torch._foreach_copy_``), chunk by chunk, so no full-size temporary is
+allocated per step and the staged chunk is still in cache when the lerp reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["UpdatePlan", "build_plan", "signature"]
+
+#: Elements per staging chunk (at least the largest tensor of a group). Small on CPU so
+#: that a chunk stays in cache between the copy and the lerp; large on accelerators, where
+#: fewer kernel launches matter more.
+STAGE_ELEMENTS_CPU = 1 << 19
+STAGE_ELEMENTS_ACCEL = 1 << 26
+
+Signature = tuple[tuple[torch.dtype, torch.device], ...]
+
+
+def signature(tensors: Sequence[torch.Tensor]) -> Signature:
+    """What a plan depends on: each live tensor's dtype and device."""
+    return tuple((t.dtype, t.device) for t in tensors)
+
+
+@dataclass
+class _Group:
+    index: list[int]  # positions in the live-tensor list
+    avg: list[torch.Tensor]
+    # (lo, hi, staging views) covering avg[lo:hi]; empty when no conversion is needed.
+    chunks: list[tuple[int, int, list[torch.Tensor]]] = field(default_factory=list)
+
+
+@dataclass
+class UpdatePlan:
+    """Grouped foreach updates for one live-tensor signature (rebuilt when it changes)."""
+
+    signature: Signature
+    groups: list[_Group]
+    copies: list[tuple[int, torch.Tensor]]  # (position, stored tensor): copied, not averaged
+
+    @torch.no_grad()
+    def apply(self, current: Sequence[torch.Tensor], weight: float) -> None:
+        """``avg ← lerp(avg, current, weight)`` for averaged tensors; copy the others.
+
+        ``weight == 1`` copies exactly (the first update).
+        """
+        for g in self.groups:
+            src = [current[i] for i in g.index]
+            if weight == 1.0:
+                torch._foreach_copy_(g.avg, src)
+            elif not g.chunks:
+                torch._foreach_lerp_(g.avg, src, weight)
+            else:
+                for lo, hi, stage in g.chunks:
+                    torch._foreach_copy_(stage, src[lo:hi])
+                    torch._foreach_lerp_(g.avg[lo:hi], stage, weight)
+        for i, dst in self.copies:
+            dst.copy_(current[i])
+
+
+def build_plan(
+    current: Sequence[torch.Tensor], stored: Sequence[torch.Tensor], averaged: Sequence[bool]
+) -> UpdatePlan:
+    """Group ``(current[i], stored[i])`` pairs; allocate staging buffers once."""
+    keyed: dict[tuple[torch.dtype, torch.device, torch.dtype, torch.device], list[int]] = {}
+    copies: list[tuple[int, torch.Tensor]] = []
+    for i, (cur, kept, is_avg) in enumerate(zip(current, stored, averaged, strict=True)):
+        if not is_avg:
+            copies.append((i, kept))
+            continue
+        keyed.setdefault((cur.dtype, cur.device, kept.dtype, kept.device), []).append(i)
+    groups = []
+    for (src_dtype, src_dev, dst_dtype, dst_dev), index in keyed.items():
+        avg = [stored[i] for i in index]
+        group = _Group(index, avg)
+        if (src_dtype, src_dev) != (dst_dtype, dst_dev):
+            group.chunks = _chunks(avg, dst_dtype, dst_dev)
+        groups.append(group)
+    return UpdatePlan(signature(current), groups, copies)
+
+
+def _chunks(
+    avg: list[torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> list[tuple[int, int, list[torch.Tensor]]]:
+    limit = STAGE_ELEMENTS_CPU if device.type == "cpu" else STAGE_ELEMENTS_ACCEL
+    size = max([limit, *(t.numel() for t in avg)])
+    buffer = torch.empty(size, dtype=dtype, device=device)
+    chunks = []
+    lo = 0
+    while lo < len(avg):
+        hi, used, views = lo, 0, []
+        while hi < len(avg) and (hi == lo or used + avg[hi].numel() <= size):
+            n = avg[hi].numel()
+            views.append(buffer[used:used + n].view(avg[hi].shape))
+            used += n
+            hi += 1
+        chunks.append((lo, hi, views))
+        lo = hi
+    return chunks

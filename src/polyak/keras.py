@@ -1,0 +1,312 @@
+"""polyak for Keras 3: capture members, average models, EMA during ``fit``, BatchNorm repair.
+
+Importing this module imports Keras (any backend). The file formats themselves
+(``.keras``, ``.weights.h5``, legacy ``.h5``) are read and written by ``polyak.average``
+without Keras.
+
+Example:
+    >>> import polyak.keras as pk  # doctest: +SKIP
+    >>> cb = pk.CheckpointCallback("ckpt", start_epoch=490)  # doctest: +SKIP
+    >>> model.fit(x, y, epochs=500, callbacks=[cb])  # doctest: +SKIP
+    >>> avg = pk.average_models(pk.load_models("ckpt"), scheme="linear")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from ._average import average as _average
+from ._errors import ConfigError, MismatchError, PolyakError
+from ._keras_checkpoint import CheckpointCallback
+from ._keras_ema import EMACallback
+from ._keras_names import variable_names
+from ._members import order_members
+
+__all__ = [
+    "CheckpointCallback",
+    "EMACallback",
+    "average_models",
+    "evaluator",
+    "load_models",
+    "update_bn",
+    "variable_names",
+]
+
+_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+_NUMBER = re.compile(r"(\d+)")
+
+
+def _require_built(model: Any, what: str) -> None:
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"{what} is a {type(model).__name__}, not a keras.Model")
+    if not model.weights:
+        raise PolyakError(
+            f"{what} ({model.name}) has no weights yet: build it first with "
+            "model.build(input_shape) or by calling it on a batch, e.g. model(x[:1])"
+        )
+
+
+
+def average_models(
+    models: Sequence[Any],
+    *,
+    scheme: str = "equal",
+    alpha: float = 2.0,
+    weights: Sequence[float] | None = None,
+    template: Any | None = None,
+    build_fn: Callable[[], Any] | None = None,
+) -> Any:
+    """A new model whose weights are the weighted average of ``models``' weights.
+
+    This is the tutorial's ``model_weight_ensemble``. Models are given oldest → newest; the
+    weights come from :func:`polyak.scheme_weights` (equal, linear ``n − j`` or exponential
+    ``exp(−(j+1)/alpha)`` for the ``j``-th newest), or ``weights`` (oldest → newest).
+    Floating weights are summed in float32 (float64 for float64) and stored in their own
+    dtype; integer variables are copied from the newest model.
+
+    Sequential and Functional models are cloned from the newest with
+    ``keras.models.clone_model`` (and compiled like it, if it was compiled); for subclassed
+    models pass ``template`` (a built model of the same architecture that receives the
+    average and is returned) or ``build_fn`` (returns a new built model).
+
+    Args:
+        models: Built Keras models of one architecture, oldest → newest.
+        scheme: ``"equal"``, ``"linear"``, ``"exponential"`` or ``"custom"``.
+        alpha: Decay rate of ``"exponential"``.
+        weights: Custom weights, oldest → newest (implies ``scheme="custom"``).
+        template: Model that receives the averaged weights.
+        build_fn: Zero-argument function returning a built model to receive them.
+
+    Returns:
+        The model holding the average.
+
+    Raises:
+        PolyakError: A model has no weights yet (build it or call it on a batch first), or
+            a subclassed model cannot be cloned (pass ``template`` or ``build_fn``).
+        MismatchError: The models' weights differ in number or shape (all listed).
+    """
+    models = list(models)
+    if not models:
+        raise ConfigError("no models given")
+    for i, m in enumerate(models):
+        _require_built(m, f"model {i}")
+    lists = [m.get_weights() for m in models]
+    ref = lists[-1]
+    problems = []
+    for i, ws in enumerate(lists[:-1]):
+        if len(ws) != len(ref):
+            problems.append(f"model {i} has {len(ws)} weights, the newest has {len(ref)}")
+            continue
+        for k, (a, b) in enumerate(zip(ws, ref, strict=True)):
+            if a.shape != b.shape:
+                problems.append(f"model {i}, weight {k}: shape {a.shape}, newest {b.shape}")
+    if problems:
+        raise MismatchError("the models do not share one architecture:\n  " + "\n  ".join(problems))
+    members = [{f"{k:06d}": w for k, w in enumerate(ws)} for ws in lists]
+    avg = _average(members, scheme=scheme, alpha=alpha, weights=weights, order="given")
+    averaged = [avg[f"{k:06d}"] for k in range(len(ref))]
+    newest = models[-1]
+    if template is not None:
+        target = template
+    elif build_fn is not None:
+        target = build_fn()
+    else:
+        try:
+            target = keras.models.clone_model(newest)
+        except NotImplementedError as exc:
+            raise PolyakError(
+                f"cannot clone the subclassed model {newest.name} ({exc}); pass template=<a "
+                "built model of the same class> or build_fn=<function returning one>"
+            ) from None
+    if not target.weights and not target.built:
+        raise PolyakError(
+            f"the model to receive the average ({target.name}) has no weights yet: pass a "
+            "template or build_fn that returns a built model (call it on a batch first)"
+        )
+    try:
+        target.set_weights(averaged)
+    except ValueError as exc:
+        raise MismatchError(f"the averaged weights do not fit {target.name}: {exc}") from None
+    if target is not template and getattr(newest, "compiled", False) and not getattr(target, "compiled", False):
+        try:
+            config = newest.get_compile_config()
+            if config:
+                target.compile_from_config(config)
+        except Exception:  # a custom loss/metric that does not serialise: leave uncompiled
+            pass
+    return target
+
+
+def _epoch_of(path: Path) -> int | None:
+    numbers = _NUMBER.findall(path.name)
+    return int(numbers[-1]) if numbers else None
+
+
+def load_models(
+    pattern_or_dir: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    compile: bool = True,
+) -> list[Any]:
+    """Load saved models (``.keras`` or legacy ``.h5``) oldest → newest by epoch number.
+
+    The tutorial's ``load_all_models(n_start, n_end)``: ``start``/``end`` select epochs
+    like ``range(start, end)`` (the last number in each file name is its epoch).
+
+    Args:
+        pattern_or_dir: A folder (every ``.keras``/``.h5`` file in it), a glob pattern
+            (``"ckpt/model_*.keras"``) or a list of paths.
+        start: First epoch to load (inclusive).
+        end: Epoch to stop before (exclusive).
+        compile: Passed to ``keras.models.load_model``.
+
+    Raises:
+        ConfigError: Nothing matched.
+    """
+    if isinstance(pattern_or_dir, (str, os.PathLike)):
+        p = Path(pattern_or_dir)
+        if p.is_dir():
+            paths = [q for q in p.iterdir() if q.is_file() and q.name.endswith(_MODEL_SUFFIXES)
+                     and not q.name.startswith(".")]
+        else:
+            paths = [Path(q) for q in glob.glob(str(pattern_or_dir))]
+        where = str(pattern_or_dir)
+    else:
+        paths = [Path(q) for q in pattern_or_dir]
+        where = "the given paths"
+    chosen = []
+    for q in paths:
+        epoch = _epoch_of(q)
+        if (start is not None or end is not None) and epoch is None:
+            continue
+        if start is not None and epoch is not None and epoch < start:
+            continue
+        if end is not None and epoch is not None and epoch >= end:
+            continue
+        chosen.append(q)
+    if not chosen:
+        raise ConfigError(f"no Keras model files (.keras, .h5) found in {where} for epochs [{start}, {end})")
+    ordered = order_members(chosen, "number")
+    return [keras.models.load_model(q, compile=compile) for q in ordered]  # type: ignore[arg-type]
+
+
+def evaluator(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    batch_size: int | None = None,
+    metrics: Sequence[str] | None = None,
+) -> Callable[[Mapping[str, np.ndarray]], dict[str, float]]:
+    """A function that evaluates a name-keyed state on ``(x, y)`` with ``model``.
+
+    The returned function assigns the state (tensor names as in ``.keras`` /
+    ``.weights.h5`` files: ``layers/dense/vars/0``) into the compiled ``model``, runs
+    ``model.evaluate``, restores the model's own weights and returns
+    ``{metric: value}`` (all of ``evaluate``'s metrics, or those named in ``metrics``).
+    Variables absent from the state keep their value.
+
+    Raises:
+        PolyakError: The model is not built or not compiled.
+        MismatchError: (when called) a state name the model does not have, or a shape
+            conflict.
+    """
+    _require_built(model, "the model")
+    if not getattr(model, "compiled", False):
+        raise PolyakError(f"{model.name} is not compiled; call model.compile(loss=..., metrics=[...]) first")
+    variables = list(model.weights)
+    names = variable_names(model, variables)
+    by_name = dict(zip(names, variables, strict=True))
+
+    def evaluate(state: Mapping[str, np.ndarray]) -> dict[str, float]:
+        unknown = [k for k in state if k not in by_name]
+        bad = [f"{k}: state {np.shape(v)}, model {tuple(by_name[k].shape)}" for k, v in state.items()
+               if k in by_name and tuple(np.shape(v)) != tuple(by_name[k].shape)]
+        if unknown or bad:
+            raise MismatchError(
+                f"the state does not fit {model.name}: unknown names {unknown[:10]}, shape conflicts {bad[:10]}; "
+                f"the model's names look like {names[:3]}"
+            )
+        saved = {k: keras.ops.convert_to_numpy(by_name[k]) for k in state}
+        try:
+            for k, v in state.items():
+                by_name[k].assign(np.asarray(v))
+            result = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+        finally:
+            for k, v in saved.items():
+                by_name[k].assign(v)
+        out = {k: float(v) for k, v in result.items()}
+        if metrics is not None:
+            missing = [m for m in metrics if m not in out]
+            if missing:
+                raise ConfigError(f"metrics {missing} not reported by evaluate; it reports {sorted(out)}")
+            out = {m: out[m] for m in metrics}
+        return out
+
+    return evaluate
+
+
+def _batches(data: Any, batch_size: int) -> Iterable[Any]:
+    if isinstance(data, np.ndarray) or (hasattr(data, "shape") and hasattr(data, "dtype")):
+        n = int(data.shape[0])
+        for i in range(0, n, batch_size):
+            yield data[i : i + batch_size]
+        return
+    for batch in data:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def update_bn(model: Any, data: Any, *, steps: int | None = None, batch_size: int = 32) -> Any:
+    """Recompute BatchNormalization moving statistics by one pass over training data.
+
+    Averaged weights need statistics computed with those weights. Like
+    ``torch.optim.swa_utils.update_bn``, the moving mean and variance become the
+    cumulative mean of the per-batch statistics (each BatchNormalization's ``momentum`` is
+    set to ``k/(k+1)`` for the ``k``-th batch, then restored), with Keras' own batch
+    statistics (biased variance). Nothing else changes; layers made non-trainable are
+    updated too (and left non-trainable).
+
+    Args:
+        model: A built Keras model.
+        data: A numpy array of inputs (split into ``batch_size`` batches), or an iterable of
+            batches (``x`` or ``(x, y[, w])``), e.g. a ``keras.utils.PyDataset``.
+        steps: Use at most this many batches.
+        batch_size: Batch size for array input.
+
+    Returns:
+        ``model`` (updated in place).
+    """
+    _require_built(model, "the model")
+    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    if not bns:
+        return model
+    saved = [(bn, bn.momentum, bn.trainable) for bn in bns]
+    try:
+        for bn in bns:
+            bn.trainable = True
+        k = 0
+        for batch in _batches(data, batch_size):
+            if steps is not None and k >= steps:
+                break
+            for bn in bns:
+                bn.momentum = k / (k + 1.0)
+            model(batch, training=True)
+            k += 1
+        if k == 0:
+            raise ConfigError("update_bn: the data gave no batches")
+    finally:
+        for bn, momentum, trainable in saved:
+            bn.momentum = momentum
+            bn.trainable = trainable
+    return model
+
+

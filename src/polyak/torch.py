@@ -1,0 +1,57 @@
+"""polyak for PyTorch: capture checkpoints, online EMA/SWA, averaged modules, BatchNorm repair.
+
+Importing this module imports torch (the core ``polyak`` package never does).
+
+* :class:`CheckpointSaver`: save ``state_dict`` every k epochs/steps from a start point,
+  keep the newest K files, atomic writes, step/epoch/time in the metadata.
+* :class:`EMA`, :class:`SWA`: online averagers with one interface: ``update()``,
+  ``copy_to(model)``, ``average_parameters(model)`` (swap in, restore on exit),
+  ``state_dict()``/``load_state_dict()`` (exact resume), ``save(path)``/``load(path, model)``.
+* :func:`load_average`: fill a module with the average of saved checkpoints.
+* :func:`update_bn`: recompute BatchNorm statistics after averaging.
+* :func:`evaluator`: an ``evaluate(state) -> metrics`` function for :func:`polyak.sweep`.
+
+Example:
+    >>> import torch
+    >>> from polyak.torch import EMA
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> ema = EMA(model, decay=0.99)
+    >>> for _ in range(3):
+    ...     opt.zero_grad(); model(torch.ones(1, 3)).sum().backward(); opt.step()
+    ...     ema.update()
+    >>> with ema.average_parameters(model):
+    ...     _ = model(torch.ones(1, 3))
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  - the user opted in to torch by importing polyak.torch
+
+from ._torch_averagers import EMA as EMA
+from ._torch_averagers import SWA as SWA
+from ._torch_averagers import AveragerState as AveragerState
+from ._torch_checkpoints import CheckpointSaver as CheckpointSaver
+from ._torch_checkpoints import LoadReport as LoadReport
+from ._torch_checkpoints import load_average as load_average
+from ._torch_common import WRAPPER_PREFIXES as WRAPPER_PREFIXES
+from ._torch_common import canonical_name as canonical_name
+from ._torch_eval import Evaluate as Evaluate
+from ._torch_eval import default_metric as default_metric
+from ._torch_eval import evaluator as evaluator
+from ._torch_eval import update_bn as update_bn
+
+__all__ = [
+    "EMA",
+    "SWA",
+    "WRAPPER_PREFIXES",
+    "AveragerState",
+    "CheckpointSaver",
+    "Evaluate",
+    "LoadReport",
+    "canonical_name",
+    "default_metric",
+    "evaluator",
+    "load_average",
+    "update_bn",
+]

@@ -1,0 +1,23 @@
+"""The Examples in the core modules' docstrings run as written."""
+
+import doctest
+import importlib
+
+import pytest
+
+CORE = [
+    "polyak",
+    "polyak._schemes",
+    "polyak._schedules",
+    "polyak._average",
+    "polyak._atomic",
+    "polyak._inspect",
+    "polyak._progress",
+]
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
