@@ -7,6 +7,7 @@ only needs a different implementation here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "canonical_name",
     "is_averaged",
     "is_writer_rank",
+    "local_tensor",
     "match_names",
     "move_batch",
     "named_tensors",
@@ -59,7 +61,7 @@ def named_tensors(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[
         if key in seen:
             raise MismatchError(f"two parameters are named {key!r} once wrapper prefixes are removed")
         seen.add(key)
-        yield key, p, True
+        yield key, local_tensor(p), True
     if not buffers:
         return
     for mod_name, mod in module.named_modules():
@@ -71,7 +73,19 @@ def named_tensors(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[
             if key in seen:  # a buffer shared by two modules
                 continue
             seen.add(key)
-            yield key, buf, False
+            yield key, local_tensor(buf), False
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), sharing its storage; any other tensor as is.
+
+    Averagers keep and update only this shard: EMA is elementwise, so no communication is
+    needed (see :mod:`polyak._torch_dist` for saving and exporting sharded averages).
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.to_local()
+    return t
 
 
 def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
