@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from polyak import ConfigError
 from polyak.torch import EMA, export, load_sharded, save_sharded
 
 STEPS, DECAY, LR = 5, 0.8, 0.1
@@ -67,6 +68,10 @@ def main(out: Path) -> None:
         report["swapped"] = all(
             torch.equal(local_tensor(p), ema.state.tensors[n]) for n, p in model.named_parameters()
         )
+    try:  # a file of rank 0's shards would be silently wrong: refused
+        ema.save(out / "wrong.safetensors")
+    except ConfigError:
+        report["save_refused"] = True
     export(ema, out / "fsdp_ema.safetensors")
     save_sharded(ema, out / "fsdp_state")
     # Resume on the same world size from the sharded save.

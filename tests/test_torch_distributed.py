@@ -68,6 +68,7 @@ def test_fsdp2_keeps_shards_swaps_and_exports_the_one_process_ema(launched, sing
     reports = [json.loads((launched / f"report{r}.json").read_text()) for r in (0, 1)]
     assert reports[0]["local_shapes"]["0.weight"] == [4, 5] and reports[1]["local_shapes"]["0.weight"] == [3, 5]
     assert reports[0]["swapped"] and reports[1]["swapped"]
+    assert reports[0]["save_refused"] and not (launched / "wrong.safetensors").exists()
     exported = polyak.average([launched / "fsdp_ema.safetensors"])
     _close(exported, single, atol=1e-5)
 

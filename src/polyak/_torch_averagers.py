@@ -244,6 +244,13 @@ class _Averager:
         out = Path(path)
         if out.suffix != ".safetensors":
             raise ConfigError(f"averagers are saved as .safetensors files, got {out}; for torch.save use state_dict()")
+        from ._torch_dist import is_sharded
+
+        if is_sharded(self.module):  # rank 0 holds only its shards: the file would be wrong
+            raise ConfigError(
+                "this averager follows a sharded (FSDP2/DTensor) module and holds only this rank's shards; "
+                "use polyak.torch.export(averager, path) for the full model or save_sharded(averager, folder)"
+            )
         if not is_writer_rank():
             return None
         record = {"kind": self.kind, "step": self.state.step, "count": self.state.count, "config": self._config()}
