@@ -6,6 +6,7 @@ then under FSDP2, and writes what is compared here with the same training in thi
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,6 @@ def launched(tmp_path_factory):
     # One retry: a rendezvous can fail on a loaded machine; a real bug fails twice.
     for p in list(out.iterdir()):
         if p.is_dir():
-            import shutil
-
             shutil.rmtree(p)
         else:
             p.unlink()
