@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import torch  # noqa: F401  - the user opted in to torch by importing polyak.torch
 
-from ._torch_averagers import EMA as EMA
-from ._torch_averagers import SWA as SWA
 from ._torch_averagers import AveragerState as AveragerState
 from ._torch_checkpoints import CheckpointSaver as CheckpointSaver
 from ._torch_checkpoints import LoadReport as LoadReport
@@ -39,6 +37,8 @@ from ._torch_common import canonical_name as canonical_name
 from ._torch_dist import export as export
 from ._torch_dist import load_sharded as load_sharded
 from ._torch_dist import save_sharded as save_sharded
+from ._torch_ema import EMA as EMA
+from ._torch_ema import SWA as SWA
 from ._torch_eval import Evaluate as Evaluate
 from ._torch_eval import default_metric as default_metric
 from ._torch_eval import evaluator as evaluator
