@@ -23,6 +23,7 @@ from ._torch_common import (
     Slot,
     is_averaged,
     is_writer_rank,
+    local_tensor,
     match_names,
     named_slots,
     named_tensors,
@@ -121,7 +122,7 @@ class _Averager:
         cached = self._slots
         if cached is not None and cached[0]() is target:
             try:
-                current = [container[key] for container, key in cached[1]]
+                current = [local_tensor(container[key]) for container, key in cached[1]]
             except KeyError:
                 current = []
             if len(current) == len(cached[1]) and all(t is not None for t in current):
@@ -134,7 +135,7 @@ class _Averager:
                         fix="average the same architecture (wrapper prefixes module./_orig_mod. are ignored)")
         slots = [found[n] for n in names]
         self._slots = (weakref.ref(target), slots)
-        return [container[key] for container, key in slots]
+        return [local_tensor(container[key]) for container, key in slots]
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module | None = None, *, step: int | None = None) -> None:
@@ -266,6 +267,13 @@ class _Averager:
         out = Path(path)
         if out.suffix != ".safetensors":
             raise ConfigError(f"averagers are saved as .safetensors files, got {out}; for torch.save use state_dict()")
+        from ._torch_dist import is_sharded
+
+        if is_sharded(self.module):  # rank 0 holds only its shards: the file would be wrong
+            raise ConfigError(
+                "this averager follows a sharded (FSDP2/DTensor) module and holds only this rank's shards; "
+                "use polyak.torch.export(averager, path) for the full model or save_sharded(averager, folder)"
+            )
         if not is_writer_rank():
             return None
         record = {"kind": self.kind, "step": self.state.step, "count": self.state.count, "config": self._config()}

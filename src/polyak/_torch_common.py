@@ -7,6 +7,7 @@ only needs a different implementation here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "canonical_name",
     "is_averaged",
     "is_writer_rank",
+    "local_tensor",
     "match_names",
     "move_batch",
     "named_slots",
@@ -91,7 +93,19 @@ def named_slots(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[tu
 def named_tensors(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """The module's state as ``(canonical name, tensor, is_parameter)`` (see :func:`named_slots`)."""
     for name, (container, key), is_param in named_slots(module, buffers=buffers):
-        yield name, container[key], is_param
+        yield name, local_tensor(container[key]), is_param
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), sharing its storage; any other tensor as is.
+
+    Averagers keep and update only this shard: EMA is elementwise, so no communication is
+    needed (see :mod:`polyak._torch_dist` for saving and exporting sharded averages).
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.to_local()
+    return t
 
 
 def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:

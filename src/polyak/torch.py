@@ -34,6 +34,9 @@ from ._torch_checkpoints import LoadReport as LoadReport
 from ._torch_checkpoints import load_average as load_average
 from ._torch_common import WRAPPER_PREFIXES as WRAPPER_PREFIXES
 from ._torch_common import canonical_name as canonical_name
+from ._torch_dist import export as export
+from ._torch_dist import load_sharded as load_sharded
+from ._torch_dist import save_sharded as save_sharded
 from ._torch_ema import EMA as EMA
 from ._torch_ema import SWA as SWA
 from ._torch_eval import Evaluate as Evaluate
@@ -52,6 +55,9 @@ __all__ = [
     "canonical_name",
     "default_metric",
     "evaluator",
+    "export",
     "load_average",
+    "load_sharded",
+    "save_sharded",
     "update_bn",
 ]
