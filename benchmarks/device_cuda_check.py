@@ -84,13 +84,13 @@ def correctness() -> None:
     for _ in range(1000):
         ema32.update()
         ema16.update()
-    with ema32.average_parameters(holder):
-        v32 = holder.p.detach().float().mean().item()
     expected = 1.0 + 0.0078125 * (1 - 0.9999**1000)
-    st16 = ema16.state_dict()
-    avg16 = next(v for k, v in _tensors(st16)).float().mean().item()
-    check("bf16_model_fp32_average_moves", abs(v32 - expected) < 0.0079 and avg16 == 1.0,
-          f"fp32 average {v32:.6f} (rounded to bf16 for the swap; exact {expected:.6f}); bf16 average stays {avg16}")
+    kept32 = next(v for _, v in _tensors(ema32.state_dict()) if v.numel() == 1024)
+    kept16 = next(v for _, v in _tensors(ema16.state_dict()) if v.numel() == 1024)
+    v32, avg16 = kept32.float().mean().item(), kept16.float().mean().item()
+    check("bf16_model_fp32_average_moves",
+          kept32.dtype == torch.float32 and abs(v32 - expected) < 5e-5 and avg16 == 1.0,  # float32 rounding of 1e-4-sized steps
+          f"float32 average {v32:.6f} (closed form {expected:.6f}); a bf16 average stays {avg16}")
 
     m = mlp()
     swa = SWA(m)

@@ -70,7 +70,7 @@ def _expected(weights: list[list[np.ndarray]], w: np.ndarray) -> list[np.ndarray
 
 
 def test_keras_archive_cli_average_loads_and_predicts(tmp_path: Path) -> None:
-    paths, model, weights = _members(tmp_path, ".keras")
+    paths, _, weights = _members(tmp_path, ".keras")
     out = tmp_path / "avg.keras"
     r = _cli("average", *map(str, paths), "-o", str(out), "--scheme", "linear")
     assert r.returncode == 0, r.stderr

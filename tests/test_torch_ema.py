@@ -254,3 +254,17 @@ def test_staged_chunks_match_direct_lerp(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(staged._plan.groups[0].chunks) >= 3  # type: ignore[union-attr]
     for k, v in reference.items():
         torch.testing.assert_close(staged.state.tensors[k], v, rtol=0, atol=0)
+
+
+def test_plan_follows_module_to() -> None:
+    m = make_model(7)
+    ema = EMA(m, decay=0.5)
+    ema.update()
+    m.double()  # same Parameter objects, new dtype; buffers replaced
+    set_all(m, 1.0)
+    with torch.no_grad():
+        m[1].running_mean.fill_(2.0)
+    ema.update()
+    assert ema.state.tensors["0.weight"].dtype == torch.float32
+    torch.testing.assert_close(ema.state.tensors["1.running_mean"], torch.full((8,), 1.0))  # (0 + 2) / 2
+    assert int(ema.state.tensors["1.num_batches_tracked"]) == 0

@@ -14,42 +14,72 @@ Example:
 from ._average import AverageResult as AverageResult
 from ._average import average as average
 from ._average import parse_size as parse_size
+from ._diagnose import AveragingWarning as AveragingWarning
+from ._diagnose import Diagnosis as Diagnosis
+from ._diagnose import check_results as check_results
+from ._diagnose import diagnose as diagnose
 from ._errors import ConfigError as ConfigError
 from ._errors import FormatError as FormatError
 from ._errors import MismatchError as MismatchError
 from ._errors import NonFiniteError as NonFiniteError
 from ._errors import OutputError as OutputError
 from ._errors import PolyakError as PolyakError
+from ._errors import PolyakWarning as PolyakWarning
 from ._errors import SchemeError as SchemeError
 from ._errors import UnsafeFileError as UnsafeFileError
 from ._inspect import Inspection as Inspection
 from ._inspect import inspect as inspect
 from ._inspect import save as save
 from ._members import order_members as order_members
+from ._results import SweepResults as SweepResults
+from ._results import SweepRow as SweepRow
 from ._schedules import DecaySchedule as DecaySchedule
 from ._schedules import make_schedule as make_schedule
 from ._schemes import get_scheme as get_scheme
 from ._schemes import scheme_names as scheme_names
 from ._schemes import scheme_weights as scheme_weights
+from ._select import Selection as Selection
+from ._select import SelectionBiasWarning as SelectionBiasWarning
+from ._select import SoupResult as SoupResult
+from ._select import greedy_soup as greedy_soup
+from ._select import select as select
+from ._sweep import Evaluate as Evaluate
+from ._sweep import Predict as Predict
+from ._sweep import Score as Score
+from ._sweep import sweep as sweep
 from .formats import open_source as open_source
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AverageResult",
+    "AveragingWarning",
     "ConfigError",
     "DecaySchedule",
+    "Diagnosis",
+    "Evaluate",
     "FormatError",
     "Inspection",
     "MismatchError",
     "NonFiniteError",
     "OutputError",
     "PolyakError",
+    "PolyakWarning",
+    "Predict",
     "SchemeError",
+    "Score",
+    "Selection",
+    "SelectionBiasWarning",
+    "SoupResult",
+    "SweepResults",
+    "SweepRow",
     "UnsafeFileError",
     "__version__",
     "average",
+    "check_results",
+    "diagnose",
     "get_scheme",
+    "greedy_soup",
     "inspect",
     "make_schedule",
     "open_source",
@@ -58,4 +88,6 @@ __all__ = [
     "save",
     "scheme_names",
     "scheme_weights",
+    "select",
+    "sweep",
 ]

@@ -283,6 +283,8 @@ def average(
     keep_optimizer: bool = False,
     force: bool = False,
     progress: bool = False,
+    workers: int = 1,
+    distributed: bool = False,
 ) -> Any:
     """Average checkpoints (or in-memory states) with equal, linear, exponential or custom weights.
 
@@ -315,6 +317,13 @@ def average(
         keep_optimizer: Keras archives: copy the newest member's optimizer variables.
         force: Replace an existing output.
         progress: Show a progress bar on stderr (only on a terminal).
+        workers: Split the tensors across this many local processes (needs ``out`` and
+            files as members). Above 1 the output is always sharded safetensors:
+            ``<stem>.safetensors.index.json`` plus ``<stem>-0000i-of-0000n.safetensors``
+            beside ``out``; the tensors are bit-identical to ``workers=1``.
+        distributed: This process is one rank of a ``torchrun`` job: each rank averages a
+            disjoint share of the tensors from shared storage and writes its shards; rank 0
+            writes the index after all are done (same output layout as ``workers``).
 
     Returns:
         Without ``out``: a dict of numpy arrays, in the newest member's tensor order. With
@@ -342,11 +351,21 @@ def average(
     chosen = select_members(members, last=last, order=order)
     w = scheme_weights(scheme, len(chosen), alpha=alpha, weights=weights)
     shard_bytes = None if shard_size is None else parse_size(shard_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a whole number ≥ 1, got {workers!r}")
+    split = workers > 1 or distributed
+    if split and out is None:
+        raise ConfigError("workers/distributed averaging writes files: pass an output path (-o/out=)")
+    dist = None
+    if distributed:
+        from ._parallel import init_distributed
+
+        dist = init_distributed()
     out_path: Path | None = None
     if out is not None:
         fmt = _output_format(out, out_format)
-        if shard_bytes is not None and fmt.name not in ("safetensors", "safetensors-index"):
-            raise ConfigError("--shard-size applies to safetensors outputs only")
+        if (shard_bytes is not None or split) and fmt.name not in ("safetensors", "safetensors-index"):
+            raise ConfigError("--shard-size, --workers and --distributed write safetensors outputs only")
         inputs = [m for m in chosen if isinstance(m, (str, os.PathLike))]
         out_path = check_output_path(out, force=force, inputs=inputs)
         if fmt.name in ("safetensors", "safetensors-index") and (
@@ -354,7 +373,8 @@ def average(
         ):
             # A sharded output is judged by its index (the shards are renamed before it).
             check_output_path(shard_paths(out_path, 1)[0], force=force, inputs=inputs)
-        cleanup_stale_temps(out_path.parent)
+        if dist is None or dist.rank == 0:  # other ranks' live temporaries may be on shared storage
+            cleanup_stale_temps(out_path.parent)
     with open_members(chosen, format=format, key=key, strip_prefix=strip_prefix) as sources:
         labels = [s.label for s in sources]
         infos = check_members(sources, int_policy=int_policy)
@@ -380,6 +400,18 @@ def average(
         }
         metadata = dict(sources[-1].metadata())
         metadata["polyak"] = json.dumps(record, ensure_ascii=False)
+        if split:
+            from ._parallel import average_parallel, close_distributed
+
+            try:
+                files = average_parallel(
+                    chosen, w, out_infos, out_path, metadata, workers=workers, dist=dist, format=format,  # type: ignore[arg-type]
+                    key=key, strip_prefix=strip_prefix, dtype=dtype, int_policy=int_policy, shard_size=shard_bytes,
+                )
+            finally:
+                if dist is not None:
+                    close_distributed(dist)
+            return _result(out_path, files, labels, w, scheme, infos, out_infos, t0, record)
         writer = open_writer(
             out_path,
             out_infos,
@@ -395,6 +427,13 @@ def average(
             refuse_overlap(writer.targets, [f for src in sources for f in src.files()])
             average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress)
             files = writer.commit()
+    return _result(out_path, files, labels, w, scheme, infos, out_infos, t0, record)
+
+
+def _result(
+    out_path: Path, files: list[Path], labels: list[str], w: np.ndarray, scheme: str,
+    infos: list[TensorInfo], out_infos: list[TensorInfo], t0: float, record: dict[str, Any],
+) -> AverageResult:
     n_float = sum(1 for i in infos if is_float(i.dtype))
     return AverageResult(
         out=out_path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -31,6 +32,13 @@ examples:
   polyak average epoch_*.pt -o avg.pt --scheme linear --key model
   polyak average a.pt b.pt c.pt -o avg.safetensors --weights 1,2,4 --strip-prefix module.
   polyak average big/model.safetensors.index.json big2/model.safetensors.index.json -o out/model.safetensors --shard-size 5GB
+  polyak average step_1000/ step_2000/ step_3000/ -o avg.safetensors --key model     (torch.distributed.checkpoint folders)
+  polyak average ckpt_*.safetensors -o avg.safetensors --workers 4
+  torchrun --nnodes 2 --nproc_per_node 8 ... -m polyak average /shared/ckpt_* -o /shared/avg.safetensors --distributed
+
+With --workers N (N > 1) or --distributed the output is always sharded safetensors:
+avg.safetensors.index.json plus avg-00001-of-0000n.safetensors, ... beside the -o path
+(one shard per worker unless --shard-size is given); tensors are bit-identical to --workers 1.
 
 Members are ordered oldest → newest by the numbers in their names (model_9 before model_10);
 with j = 0 for the newest of the n members, the weights are equal: 1, linear: n - j,
@@ -63,6 +71,8 @@ def register(sub: Any) -> None:
     p.add_argument("--shard-size", help="split a safetensors output into shards of at most this size, e.g. 5GB")
     p.add_argument("--keep-optimizer", action="store_true", help="Keras archives: copy the newest member's optimizer state instead of dropping it")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="split the tensors across N local processes; the output becomes <stem>.safetensors.index.json + shards (default: 1)")
+    p.add_argument("--distributed", action="store_true", help="run as one rank of a torchrun job: each rank averages a share of the tensors from shared storage, rank 0 writes the index")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=run_average)
 
@@ -103,8 +113,12 @@ def run_average(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         keep_optimizer=args.keep_optimizer,
         force=args.force,
-        progress=not args.quiet,
+        progress=not args.quiet and not args.distributed,
+        workers=args.workers,
+        distributed=args.distributed,
     )
+    if args.distributed and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one summary per job, from rank 0
     if not args.quiet:
         ws = ", ".join(f"{w:.4g}" for w in result.weights)
         print(f"averaged {len(result.members)} checkpoints ({result.scheme}; weights oldest → newest: {ws})")

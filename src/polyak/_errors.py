@@ -41,6 +41,10 @@ class OutputError(PolyakError, OSError):
     """The output cannot be written (exists, read-only folder, equal to an input, disk full)."""
 
 
+class PolyakWarning(UserWarning):
+    """Base class of every warning polyak gives (averaging that looks unsafe, biased selection)."""
+
+
 __all__ = [
     "ConfigError",
     "FormatError",
@@ -48,6 +52,7 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "PolyakError",
+    "PolyakWarning",
     "SchemeError",
     "UnsafeFileError",
 ]

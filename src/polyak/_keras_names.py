@@ -22,7 +22,7 @@ def _record(model: Any) -> dict[int, str]:
 
     paths: dict[int, str] = {}
 
-    class _Entry(dict):  # type: ignore[type-arg]
+    class _Entry(dict):  # type: ignore[type-arg,unused-ignore]
         def __init__(self, prefix: str) -> None:
             super().__init__()
             self.prefix = prefix
@@ -30,7 +30,7 @@ def _record(model: Any) -> dict[int, str]:
         def __setitem__(self, key: str, value: Any) -> None:
             paths.setdefault(id(value), f"{self.prefix}vars/{key}")
 
-    class _Recorder(saving_lib.H5IOStore):  # type: ignore[misc,name-defined]
+    class _Recorder(saving_lib.H5IOStore):  # type: ignore[misc,unused-ignore]
         def __init__(self) -> None:  # no file: only make() is used
             self.mode = "w"
 

@@ -1,7 +1,8 @@
-"""Online weight averagers for PyTorch: :class:`EMA` and :class:`SWA` (one interface).
+"""The machinery shared by the online averagers (:class:`~polyak.torch.EMA`, ``SWA``).
 
 State is plain data (:class:`AveragerState`: step, count, averaged tensors); the averager
-objects hold it together with their settings and the module they follow.
+objects hold it together with their settings and the module they follow. Subclasses only
+say how much weight an update gets (``_weight``) and which settings they save.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +19,18 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ._errors import ConfigError, FormatError, MismatchError
-from ._schedules import DecaySchedule, make_schedule
-from ._torch_common import is_averaged, is_writer_rank, match_names, named_tensors
-from ._torch_plan import UpdatePlan, build_plan, signature
+from ._torch_common import (
+    Slot,
+    is_averaged,
+    is_writer_rank,
+    local_tensor,
+    match_names,
+    named_slots,
+    named_tensors,
+)
+from ._torch_plan import UpdatePlan, build_plan
 
-__all__ = ["EMA", "SWA", "AveragerState"]
+__all__ = ["AveragerState", "read_averager_file"]
 
 #: Key of the averager record in a saved file's safetensors metadata.
 META_KEY = "polyak_averager"
@@ -87,6 +96,7 @@ class _Averager:
                 tensors[name] = t.detach().to(device=dev, dtype=target, copy=True)
         self.state = AveragerState(tensors=tensors)
         self._plan: UpdatePlan | None = None
+        self._slots: tuple[weakref.ref[torch.nn.Module], list[Slot]] | None = None
 
     # -- what is averaged --------------------------------------------------------------
     def _averages(self, name: str, t: torch.Tensor) -> bool:
@@ -107,12 +117,25 @@ class _Averager:
 
     # -- updating ------------------------------------------------------------------------
     def _current(self, module: torch.nn.Module | None) -> list[torch.Tensor]:
-        live = {name: t for name, t, _ in named_tensors(module if module is not None else self.module)}
+        """The live tensors of ``module``, in the order of ``state.tensors``."""
+        target = module if module is not None else self.module
+        cached = self._slots
+        if cached is not None and cached[0]() is target:
+            try:
+                current = [local_tensor(container[key]) for container, key in cached[1]]
+            except KeyError:
+                current = []
+            if len(current) == len(cached[1]) and all(t is not None for t in current):
+                return current
+        # Walk the module once; later steps re-read the same slots (a few µs per tensor).
+        found = {name: slot for name, slot, _ in named_slots(target)}
         names = self.state.tensors
-        if len(live) != len(names) or any(n not in live for n in names):
-            match_names(names, live, what="the module's tensors and the averaged ones", where="the module",
+        if len(found) != len(names) or any(n not in found for n in names):
+            match_names(names, found, what="the module's tensors and the averaged ones", where="the module",
                         fix="average the same architecture (wrapper prefixes module./_orig_mod. are ignored)")
-        return [live[n] for n in names]
+        slots = [found[n] for n in names]
+        self._slots = (weakref.ref(target), slots)
+        return [local_tensor(container[key]) for container, key in slots]
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module | None = None, *, step: int | None = None) -> None:
@@ -135,11 +158,11 @@ class _Averager:
         weight = self._weight(st.count) if averaging else 1.0
         current = self._current(module)
         plan = self._plan
-        if plan is None or plan.signature != signature(current):
+        if plan is None or not plan.fits(current):
             stored = list(st.tensors.values())
             flags = [self._averages(n, t) for n, t in st.tensors.items()]
             plan = self._plan = build_plan(current, stored, flags)
-        plan.apply(current, weight)
+        plan.apply(weight)
         st.step = now
         st.count += averaging
 
@@ -244,6 +267,13 @@ class _Averager:
         out = Path(path)
         if out.suffix != ".safetensors":
             raise ConfigError(f"averagers are saved as .safetensors files, got {out}; for torch.save use state_dict()")
+        from ._torch_dist import is_sharded
+
+        if is_sharded(self.module):  # rank 0 holds only its shards: the file would be wrong
+            raise ConfigError(
+                "this averager follows a sharded (FSDP2/DTensor) module and holds only this rank's shards; "
+                "use polyak.torch.export(averager, path) for the full model or save_sharded(averager, folder)"
+            )
         if not is_writer_rank():
             return None
         record = {"kind": self.kind, "step": self.state.step, "count": self.state.count, "config": self._config()}
@@ -287,184 +317,3 @@ def read_averager_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     finally:
         src.close()
     return dict(record)
-
-
-class EMA(_Averager):
-    """Exponential moving average of a module's weights, updated after optimizer steps.
-
-    ``avg ← d·avg + (1 − d)·current`` with the decay ``d`` of a schedule (constant,
-    timm-style warmup, TF warmup or a half-life); the first averaged update copies. With
-    ``decay=`` alone it matches ``AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(d),
-    use_buffers=True)`` step for step. Floating buffers (BatchNorm statistics) are averaged
-    unless ``include_buffers=False`` (then copied); integer buffers are copied.
-
-    Args:
-        module: The model to follow (a DDP/compiled wrapper works too).
-        decay: The decay once warm, in ``[0, 1)``. Give this or ``half_life``.
-        half_life: Steps after which an update's weight has halved.
-        warmup: ``None``, ``"timm"`` (``1 − (1 + n/γ)^(−p)`` clamped to
-            ``[min_decay, decay]``) or ``"tf"`` (``min(decay, (1 + n)/(10 + n))``), where
-            ``n`` counts earlier averaging updates.
-        min_decay: Lower clamp of the timm warmup.
-        warmup_gamma: ``γ`` of the timm warmup.
-        warmup_power: ``p`` of the timm warmup.
-        every: Average every ``every``-th step (default 1).
-        start: First averaged step; before it the average copies the weights.
-        include_buffers: Average floating buffers (True) or copy them (False).
-        dtype: Accumulator dtype for floating tensors. Default: float32 for bfloat16 and
-            float16 tensors (a bf16 average with decay 0.9999 would never move), else the
-            tensor's own dtype.
-        device: Keep the average on this device (e.g. ``"cpu"`` for a large GPU model).
-        schedule: A ready :class:`polyak.DecaySchedule` instead of the decay options.
-
-    Example:
-        >>> import torch
-        >>> from polyak.torch import EMA
-        >>> model = torch.nn.Linear(4, 2)
-        >>> ema = EMA(model, decay=0.999)
-        >>> ema.update()  # after optimizer.step()
-        >>> round(ema.half_life)
-        693
-    """
-
-    kind = "ema"
-
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        *,
-        decay: float | None = None,
-        half_life: float | None = None,
-        warmup: str | None = None,
-        min_decay: float = 0.0,
-        warmup_gamma: float = 1.0,
-        warmup_power: float = 2.0 / 3.0,
-        every: int | None = None,
-        start: int = 0,
-        include_buffers: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        schedule: DecaySchedule | None = None,
-    ) -> None:
-        if schedule is not None:
-            if decay is not None or half_life is not None or warmup is not None:
-                raise ConfigError("give either schedule= or decay=/half_life=/warmup=, not both")
-            if every is not None and every != schedule.every:
-                raise ConfigError(f"every={every} differs from the schedule's every={schedule.every}")
-            self.schedule = schedule
-        else:
-            self.schedule = make_schedule(decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
-                                          warmup_gamma=warmup_gamma, warmup_power=warmup_power,
-                                          every=1 if every is None else every)
-        super().__init__(module, start=start, every=self.schedule.every, include_buffers=include_buffers,
-                         dtype=dtype, device=device)
-
-    def _weight(self, count: int) -> float:
-        return 1.0 - self.schedule(count)
-
-    @property
-    def decay(self) -> float:
-        """The decay the next averaging update will use."""
-        return self.schedule(self.state.count)
-
-    @property
-    def half_life(self) -> float:
-        """Training steps after which an update's weight has halved, once warm."""
-        return self.schedule.half_life
-
-    @property
-    def window(self) -> float:
-        """Effective averaging window in training steps, ``every / (1 − decay)``."""
-        return self.schedule.window
-
-    def describe(self) -> str:
-        """One line for logs: schedule, decay, half-life, window and progress."""
-        return f"{self.schedule.describe()}; {self.state.count} updates, step {self.state.step}"
-
-    def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "schedule": self.schedule.to_dict()}
-
-    def _load_config(self, config: Mapping[str, Any]) -> None:
-        super()._load_config(config)
-        if "schedule" in config:
-            self.schedule = DecaySchedule.from_dict(config["schedule"])
-            self.every = self.schedule.every
-
-    @classmethod
-    def _from_config(cls, module: torch.nn.Module, config: Mapping[str, Any], *,
-                     device: torch.device | str | None) -> EMA:
-        if "schedule" not in config:
-            raise FormatError("the saved EMA record has no schedule")
-        return cls(module, schedule=DecaySchedule.from_dict(config["schedule"]), start=int(config.get("start", 0)),
-                   include_buffers=bool(config.get("include_buffers", True)), device=device)
-
-
-_WEIGHTINGS = ("equal", "linear")
-
-
-class SWA(_Averager):
-    """Cumulative (Polyak–Ruppert / SWA) average of every update from ``start`` on.
-
-    ``weighting="equal"`` gives every averaged step the same weight (as
-    ``AveragedModel``'s default); ``"linear"`` gives the k-th averaged step weight ``k``
-    (newest heaviest, as the offline ``scheme="linear"``). Both are kept online in one
-    buffer: the n-th update is ``avg ← lerp(avg, x_n, w_n / Σ_{k≤n} w_k)``, i.e. weight
-    ``1/n`` (equal) or ``2/(n + 1)`` (linear), which is exactly ``Σ w_k·x_k / Σ w_k``.
-
-    Args:
-        module: The model to follow.
-        start: First averaged step; before it the average copies the weights.
-        every: Average every ``every``-th step.
-        weighting: ``"equal"`` or ``"linear"``.
-        include_buffers: Average floating buffers (True) or copy them (False).
-        dtype: Accumulator dtype (default: float32 for bf16/fp16, else the tensor's).
-        device: Keep the average on this device.
-
-    References:
-        Polyak & Juditsky (1992), Acceleration of stochastic approximation by averaging.
-        Izmailov et al. (2018), Averaging weights leads to wider optima and better
-        generalization (SWA).
-    """
-
-    kind = "swa"
-
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        *,
-        start: int = 0,
-        every: int = 1,
-        weighting: str = "equal",
-        include_buffers: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        if weighting not in _WEIGHTINGS:
-            raise ConfigError(f"weighting must be one of {list(_WEIGHTINGS)}, got {weighting!r}")
-        self.weighting = weighting
-        super().__init__(module, start=start, every=every, include_buffers=include_buffers, dtype=dtype, device=device)
-
-    def _weight(self, count: int) -> float:
-        n = count + 1
-        return 1.0 / n if self.weighting == "equal" else 2.0 / (n + 1)
-
-    def describe(self) -> str:
-        """One line for logs."""
-        return f"{self.weighting} SWA from step {self.start} every {self.every}; {self.state.count} updates"
-
-    def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "weighting": self.weighting}
-
-    def _load_config(self, config: Mapping[str, Any]) -> None:
-        super()._load_config(config)
-        weighting = config.get("weighting", self.weighting)
-        if weighting not in _WEIGHTINGS:
-            raise ConfigError(f"saved SWA weighting {weighting!r} is not one of {list(_WEIGHTINGS)}")
-        self.weighting = weighting
-
-    @classmethod
-    def _from_config(cls, module: torch.nn.Module, config: Mapping[str, Any], *,
-                     device: torch.device | str | None) -> SWA:
-        return cls(module, start=int(config.get("start", 0)), every=int(config.get("every", 1)),
-                   weighting=str(config.get("weighting", "equal")),
-                   include_buffers=bool(config.get("include_buffers", True)), device=device)

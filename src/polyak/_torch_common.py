@@ -7,6 +7,7 @@ only needs a different implementation here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -16,11 +17,14 @@ from ._errors import MismatchError
 
 __all__ = [
     "WRAPPER_PREFIXES",
+    "Slot",
     "canonical_name",
     "is_averaged",
     "is_writer_rank",
+    "local_tensor",
     "match_names",
     "move_batch",
+    "named_slots",
     "named_tensors",
 ]
 
@@ -46,32 +50,62 @@ def is_averaged(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def named_tensors(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
-    """The module's state as ``(canonical name, tensor, is_parameter)``.
+Slot = tuple[dict[str, Any], str]
 
-    Parameters come first (shared/tied parameters once, under their first name), then the
-    persistent buffers (those in ``state_dict``). Non-persistent buffers are not state: they
-    are rebuilt by the module and are skipped.
+
+def named_slots(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[tuple[str, Slot, bool]]:
+    """Where each piece of the module's state lives: ``(canonical name, (container, key), is_parameter)``.
+
+    ``container[key]`` is the live tensor (a submodule's ``_parameters`` or ``_buffers``
+    dict), so a caller can re-read it cheaply every step, also after ``module.to()``
+    replaced the buffers. Parameters come first (tied parameters once, under their first
+    name), then the persistent buffers (those in ``state_dict``); non-persistent buffers
+    are rebuilt by the module and are not state.
     """
     seen: set[str] = set()
-    for name, p in module.named_parameters():
-        key = canonical_name(name)
-        if key in seen:
-            raise MismatchError(f"two parameters are named {key!r} once wrapper prefixes are removed")
-        seen.add(key)
-        yield key, p, True
+    tensors: set[int] = set()
+    modules = list(module.named_modules())
+    for mod_name, mod in modules:
+        for p_name, p in mod._parameters.items():
+            if p is None or id(p) in tensors:
+                continue
+            tensors.add(id(p))
+            key = canonical_name(f"{mod_name}.{p_name}" if mod_name else p_name)
+            if key in seen:
+                raise MismatchError(f"two parameters are named {key!r} once wrapper prefixes are removed")
+            seen.add(key)
+            yield key, (mod._parameters, p_name), True
     if not buffers:
         return
-    for mod_name, mod in module.named_modules():
+    for mod_name, mod in modules:
         skip = mod._non_persistent_buffers_set
         for b_name, buf in mod._buffers.items():
-            if buf is None or b_name in skip:
+            if buf is None or b_name in skip or id(buf) in tensors:
                 continue
+            tensors.add(id(buf))
             key = canonical_name(f"{mod_name}.{b_name}" if mod_name else b_name)
-            if key in seen:  # a buffer shared by two modules
-                continue
+            if key in seen:
+                raise MismatchError(f"two buffers are named {key!r} once wrapper prefixes are removed")
             seen.add(key)
-            yield key, buf, False
+            yield key, (mod._buffers, b_name), False
+
+
+def named_tensors(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """The module's state as ``(canonical name, tensor, is_parameter)`` (see :func:`named_slots`)."""
+    for name, (container, key), is_param in named_slots(module, buffers=buffers):
+        yield name, local_tensor(container[key]), is_param
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), sharing its storage; any other tensor as is.
+
+    Averagers keep and update only this shard: EMA is elementwise, so no communication is
+    needed (see :mod:`polyak._torch_dist` for saving and exporting sharded averages).
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.to_local()
+    return t
 
 
 def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:

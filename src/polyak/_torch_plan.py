@@ -11,6 +11,7 @@ allocated per step and the staged chunk is still in cache when the lerp reads it
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ def signature(tensors: Sequence[torch.Tensor]) -> Signature:
 class _Group:
     index: list[int]  # positions in the live-tensor list
     avg: list[torch.Tensor]
+    src: list[torch.Tensor]  # the live tensors at those positions (refreshed by UpdatePlan.fits)
     # (lo, hi, staging views) covering avg[lo:hi]; empty when no conversion is needed.
     chunks: list[tuple[int, int, list[torch.Tensor]]] = field(default_factory=list)
 
@@ -47,25 +49,45 @@ class UpdatePlan:
     signature: Signature
     groups: list[_Group]
     copies: list[tuple[int, torch.Tensor]]  # (position, stored tensor): copied, not averaged
+    sources: list[torch.Tensor] = field(default_factory=list)  # the live tensors it was built for
+
+    def fits(self, current: Sequence[torch.Tensor]) -> bool:
+        """Whether this plan applies to ``current``; if so it reads from them from now on.
+
+        Cheap when the live tensors are the same objects as last time (the usual case).
+        """
+        if len(current) == len(self.sources) and all(map(operator.is_, current, self.sources)):
+            # Same objects; their dtype/device change only if someone reassigned ``.data``
+            # (``module.to()``), which changes every tensor of a group: check one per group.
+            return all(
+                (current[g.index[0]].dtype, current[g.index[0]].device) == self.signature[g.index[0]]
+                for g in self.groups
+            )
+        if signature(current) != self.signature:
+            return False
+        self.sources = list(current)
+        for g in self.groups:
+            g.src = [current[i] for i in g.index]
+        return True
 
     @torch.no_grad()
-    def apply(self, current: Sequence[torch.Tensor], weight: float) -> None:
+    def apply(self, weight: float) -> None:
         """``avg ← lerp(avg, current, weight)`` for averaged tensors; copy the others.
 
+        Reads the live tensors last passed to :meth:`fits` (or :func:`build_plan`);
         ``weight == 1`` copies exactly (the first update).
         """
         for g in self.groups:
-            src = [current[i] for i in g.index]
             if weight == 1.0:
-                torch._foreach_copy_(g.avg, src)
+                torch._foreach_copy_(g.avg, g.src)
             elif not g.chunks:
-                torch._foreach_lerp_(g.avg, src, weight)
+                torch._foreach_lerp_(g.avg, g.src, weight)
             else:
                 for lo, hi, stage in g.chunks:
-                    torch._foreach_copy_(stage, src[lo:hi])
+                    torch._foreach_copy_(stage, g.src[lo:hi])
                     torch._foreach_lerp_(g.avg[lo:hi], stage, weight)
         for i, dst in self.copies:
-            dst.copy_(current[i])
+            dst.copy_(self.sources[i])
 
 
 def build_plan(
@@ -82,11 +104,11 @@ def build_plan(
     groups = []
     for (src_dtype, src_dev, dst_dtype, dst_dev), index in keyed.items():
         avg = [stored[i] for i in index]
-        group = _Group(index, avg)
+        group = _Group(index, avg, [current[i] for i in index])
         if (src_dtype, src_dev) != (dst_dtype, dst_dev):
             group.chunks = _chunks(avg, dst_dtype, dst_dev)
         groups.append(group)
-    return UpdatePlan(signature(current), groups, copies)
+    return UpdatePlan(signature(current), groups, copies, list(current))
 
 
 def _chunks(

@@ -121,7 +121,7 @@ def average_models(
     else:
         try:
             target = keras.models.clone_model(newest)
-        except NotImplementedError as exc:
+        except (NotImplementedError, TypeError, ValueError) as exc:
             raise PolyakError(
                 f"cannot clone the subclassed model {newest.name} ({exc}); pass template=<a "
                 "built model of the same class> or build_fn=<function returning one>"
@@ -196,7 +196,7 @@ def load_models(
     if not chosen:
         raise ConfigError(f"no Keras model files (.keras, .h5) found in {where} for epochs [{start}, {end})")
     ordered = order_members(chosen, "number")
-    return [keras.models.load_model(q, compile=compile) for q in ordered]  # type: ignore[arg-type]
+    return [keras.models.load_model(q, compile=compile) for q in ordered]
 
 
 def evaluator(

@@ -95,6 +95,14 @@ for _fmt in (
         "keras2_h5",
         "legacy Keras 2 HDF5, full model or weights only (layer_names layout), via h5py",
     ),
+    Format(
+        "dcp",
+        (),
+        "dcp",
+        "torch.distributed.checkpoint folder (.metadata + *.distcp), read one tensor at a time",
+        writable=False,
+        directory=True,
+    ),
 ):
     register_format(_fmt)
 

@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class _StoredMember(io.RawIOBase):
     """A read-only, seekable view of an uncompressed zip member, read in place."""
 
     def __init__(self, path: Path, offset: int, size: int) -> None:
-        self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._f: io.BufferedReader = open(path, "rb")  # noqa: SIM115 - closed in close()
         self._offset, self._size, self._pos = offset, size, 0
 
     def readable(self) -> bool:

@@ -1,0 +1,433 @@
+"""Averaging split across local processes (``workers=N``) or torch.distributed ranks.
+
+Every output tensor depends on the same tensor of each member only, so the work splits by
+tensor name with no communication: each worker (or rank) opens the members itself, averages
+its share of the tensors with the ordinary engine (:func:`polyak._average.average_sources`)
+and writes its own safetensors shards. The numbers are therefore bit-identical to a single
+process: the same code computes every tensor from the same bytes.
+
+The output is always sharded: ``<stem>.safetensors.index.json`` plus
+``<stem>-0000i-of-0000n.safetensors``. Shards stay under temporary names until *every*
+worker has finished; then they are renamed into place and the index is written last, so an
+index never points at a missing or partial shard, and a failed run leaves nothing behind
+(a worker that was killed leaves a temporary file that the next run removes).
+
+Split: with ``shard_size`` the shards are exactly those a single process would write
+(:func:`polyak.formats.safetensors.plan_shards`) and whole shards are handed to workers,
+largest first, each to the least loaded one. Without it the tensors themselves are dealt
+out that way (one shard per worker, split further at 5 GB).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from ._atomic import AtomicFile, commit_many
+from ._dtypes import dtype_from_name, is_float
+from ._errors import ConfigError, OutputError, PolyakError
+from .formats import TensorInfo
+from .formats.safetensors import SafetensorsWriter, plan_shards, shard_paths
+
+__all__ = ["DistContext", "ShardPlan", "average_parallel", "init_distributed", "plan_parallel"]
+
+#: Largest shard when the user gives no ``shard_size`` (the Hugging Face default).
+DEFAULT_SHARD_SIZE = 5 * 10**9
+#: A rank may wait this long for the slowest rank before giving up.
+DIST_TIMEOUT = timedelta(hours=4)
+_DIST_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which shard holds which tensors, and which worker writes it.
+
+    Attributes:
+        index_path: ``<stem>.safetensors.index.json``.
+        shard_paths: One path per shard.
+        groups: The output tensors of each shard, in file order.
+        owners: The worker (rank) that writes each shard.
+    """
+
+    index_path: Path
+    shard_paths: list[Path]
+    groups: list[list[TensorInfo]]
+    owners: list[int]
+
+    def fingerprint(self) -> str:
+        """A digest of the plan, to check that every rank planned the same split."""
+        text = json.dumps(
+            [[p.name, o, [(i.name, list(i.shape), str(i.dtype)) for i in g]] for p, o, g in zip(self.shard_paths, self.owners, self.groups, strict=True)]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _deal(sizes: Sequence[int], parts: int) -> list[int]:
+    """Longest-processing-time-first: each item, largest first, to the least loaded part."""
+    load = [0] * parts
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        k = min(range(parts), key=lambda k: (load[k], k))
+        owner[i] = k
+        load[k] += sizes[i]
+    return owner
+
+
+def plan_parallel(
+    infos: Sequence[TensorInfo], out: Path, *, parts: int, shard_size: int | None = None
+) -> ShardPlan:
+    """Split the output tensors into shards and deal the shards to ``parts`` workers.
+
+    Args:
+        infos: The output tensors (name, shape, output dtype).
+        out: The output path given by the user (``x.safetensors`` or
+            ``x.safetensors.index.json``); the index and shards are named after it.
+        parts: Number of workers (ranks).
+        shard_size: Largest shard in bytes; ``None`` for one shard per worker (at most 5 GB
+            each).
+
+    Example:
+        >>> import numpy as np
+        >>> from pathlib import Path
+        >>> infos = [TensorInfo(n, (4,), np.dtype("float32")) for n in "abcd"]
+        >>> plan = plan_parallel(infos, Path("avg.safetensors"), parts=2)
+        >>> [p.name for p in plan.shard_paths], plan.owners
+        (['avg-00001-of-00002.safetensors', 'avg-00002-of-00002.safetensors'], [0, 1])
+    """
+    if parts < 1:
+        raise ConfigError(f"workers must be at least 1, got {parts}")
+    groups: list[list[TensorInfo]] = []
+    owners: list[int] = []
+    if shard_size is not None:
+        groups = [g for g in plan_shards(infos, shard_size) if g]
+        owners = _deal([sum(i.nbytes for i in g) for g in groups], parts)
+    else:
+        items = list(infos)
+        dealt = _deal([i.nbytes for i in items], parts)
+        for k in range(parts):
+            mine = [info for info, o in zip(items, dealt, strict=True) if o == k]
+            for g in plan_shards(mine, DEFAULT_SHARD_SIZE) if mine else []:
+                groups.append(g)
+                owners.append(k)
+    index, paths = shard_paths(out, len(groups))
+    return ShardPlan(index, paths, groups, owners)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one worker needs; plain data, so that it pickles for a spawned process."""
+
+    members: list[str]
+    weights: list[float]
+    format: str | None
+    key: str | None
+    strip_prefix: list[str]
+    dtype: str | None
+    int_policy: str
+    metadata: dict[str, str]
+    shards: list[tuple[str, list[str]]]
+
+
+def _run_job(job: _Job) -> list[tuple[str, str]]:
+    """Average this worker's shards into finished temporary files; returns (tmp, target) pairs.
+
+    On any error the temporaries this worker wrote are deleted before the error propagates.
+    """
+    from ._average import average_sources
+    from ._members import open_members
+
+    out_dt = None if job.dtype is None else dtype_from_name(job.dtype)
+    done: list[tuple[str, str]] = []
+    try:
+        with open_members(job.members, format=job.format, key=job.key, strip_prefix=job.strip_prefix) as sources:
+            ref = sources[-1].infos()
+            for target, names in job.shards:
+                in_infos = [ref[n] for n in names]
+                out_infos = [
+                    TensorInfo(i.name, i.shape, out_dt if (out_dt is not None and is_float(i.dtype)) else i.dtype)
+                    for i in in_infos
+                ]
+                writer = SafetensorsWriter(Path(target), out_infos, metadata=job.metadata)
+                with writer:
+                    average_sources(
+                        sources, job.weights, infos=in_infos, dtype=job.dtype, int_policy=job.int_policy, writer=writer
+                    )
+                    done.append((str(writer.finish()), target))
+    except BaseException:
+        _remove([tmp for tmp, _ in done])
+        raise
+    return done
+
+
+def _remove(paths: Sequence[str | Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+
+
+def _index_bytes(plan: ShardPlan, metadata: Mapping[str, str]) -> bytes:
+    # The same index a single process writes (ShardedSafetensorsWriter.commit).
+    where = {i.name: p.name for p, g in zip(plan.shard_paths, plan.groups, strict=True) for i in g}
+    index = {
+        "metadata": {**metadata, "total_size": sum(i.nbytes for g in plan.groups for i in g)},
+        "weight_map": {name: where[name] for name in sorted(where)},
+    }
+    return json.dumps(index, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+def _commit(plan: ShardPlan, metadata: Mapping[str, str], done: Sequence[tuple[str, str]]) -> list[Path]:
+    """Rename every finished shard into place, then write the index last."""
+    idx = AtomicFile(plan.index_path)
+    try:
+        idx.write(_index_bytes(plan, metadata))
+        idx.finish()
+    except BaseException:
+        idx.abort()
+        _remove([tmp for tmp, _ in done])
+        raise
+    commit_many([(Path(t), Path(p)) for t, p in done] + [(idx.tmp, plan.index_path)])
+    return [*plan.shard_paths, plan.index_path]
+
+
+def _jobs(plan: ShardPlan, parts: int, base: dict[str, Any]) -> list[_Job]:
+    jobs = []
+    for k in range(parts):
+        shards = [(str(p), [i.name for i in g]) for p, g, o in zip(plan.shard_paths, plan.groups, plan.owners, strict=True) if o == k]
+        jobs.append(_Job(shards=shards, **base))
+    return jobs
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a torch.distributed job.
+
+    Attributes:
+        rank: This process's rank.
+        world_size: Number of ranks.
+        owns_group: polyak created the process group (and destroys it when done).
+    """
+
+    rank: int
+    world_size: int
+    owns_group: bool
+
+
+def init_distributed() -> DistContext:
+    """Join the torch.distributed job this process was started in (by ``torchrun``).
+
+    Uses the existing default process group if there is one, else creates a gloo group from
+    the ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` environment (gloo: the work
+    is file I/O and CPU arithmetic; only small Python objects are exchanged).
+
+    Raises:
+        ConfigError: torch is missing, or the process was not started by torchrun.
+    """
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        raise ConfigError("--distributed needs torch: pip install 'polyak[torch]'") from None
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), owns_group=False)
+    missing = [v for v in _DIST_ENV if not os.environ.get(v)]
+    if missing or not dist.is_available():
+        raise ConfigError(
+            f"--distributed needs a torch.distributed launch, but {', '.join(missing) or 'torch.distributed'} "
+            "is not set; start it with e.g. torchrun --nproc_per_node 2 -m polyak average --distributed ... "
+            "(or use --workers N for processes on this machine)"
+        )
+    dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), owns_group=True)
+    atexit.register(close_distributed, ctx)  # also when averaging fails before the end
+    return ctx
+
+
+def close_distributed(ctx: DistContext) -> None:
+    """Destroy the process group if polyak created it."""
+    import torch.distributed as dist
+
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_parallel(
+    members: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float],
+    out_infos: Sequence[TensorInfo],
+    out: Path,
+    metadata: Mapping[str, str],
+    *,
+    workers: int = 1,
+    dist: DistContext | None = None,
+    format: str | None = None,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    dtype: str | None = None,
+    int_policy: str = "newest",
+    shard_size: int | None = None,
+) -> list[Path]:
+    """Average already-checked members into a sharded safetensors output, split across workers.
+
+    With ``dist`` every rank of the torch.distributed job calls this with the same arguments
+    and writes the shards it owns; rank 0 renames them all into place and writes the index
+    after every rank has finished. Otherwise ``workers`` local processes (spawned, so that
+    no state of the caller is shared) do the same and this process commits.
+
+    Returns:
+        The shard paths and the index path (last).
+
+    Raises:
+        ConfigError: A member is not a file path.
+        OutputError: A worker failed or died; no output was written.
+    """
+    paths = []
+    for m in members:
+        if not isinstance(m, (str, os.PathLike)):
+            raise ConfigError("workers/distributed averaging needs checkpoint files, not in-memory states")
+        paths.append(os.fspath(m))
+    parts = dist.world_size if dist is not None else workers
+    plan = plan_parallel(out_infos, out, parts=parts, shard_size=shard_size)
+    base: dict[str, Any] = {
+        "members": paths, "weights": [float(x) for x in weights], "format": format, "key": key,
+        "strip_prefix": list(strip_prefix), "dtype": dtype, "int_policy": int_policy, "metadata": dict(metadata),
+    }
+    if dist is not None:
+        return _run_distributed(plan, base, dist)
+    jobs = [j for j in _jobs(plan, parts, base) if j.shards]
+    if len(jobs) == 1:
+        return _commit(plan, base["metadata"], _run_job(jobs[0]))
+    return _commit(plan, base["metadata"], _run_local(jobs, out))
+
+
+def _run_local(jobs: Sequence[_Job], out: Path) -> list[tuple[str, str]]:
+    """Run ``jobs[0]`` here and each other job in a ``python -m polyak._worker`` process.
+
+    All finish or none count. Fresh interpreters rather than ``multiprocessing``: fork is
+    unsafe once torch (or any threaded library) is loaded, and spawn re-runs the caller's
+    ``__main__`` script, which breaks a plain script that calls :func:`polyak.average` at
+    top level. This process does the first share itself, so that its work overlaps the
+    children's start-up (a fresh interpreter takes a few tenths of a second).
+    """
+    import pickle
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # so that the child imports this polyak
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    procs = []
+    try:
+        for job in jobs[1:]:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "polyak._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            )
+            procs.append(proc)
+            proc.stdin.write(pickle.dumps(job))  # type: ignore[union-attr]  # stdin=PIPE
+            proc.stdin.close()  # type: ignore[union-attr]
+        done: list[tuple[str, str]] = []
+        errors: list[BaseException] = []
+        try:
+            done.extend(_run_job(jobs[0]))
+        except PolyakError as exc:  # still collect the children, to delete what they wrote
+            errors.append(exc)
+        for proc in procs:
+            raw = proc.stdout.read() if proc.stdout is not None else b""
+            if proc.stdout is not None:
+                proc.stdout.close()
+            code = proc.wait()
+            try:
+                status, value = pickle.loads(raw)  # our own child's answer, never a file's
+            except Exception:
+                status, value = "died", None
+            if status == "ok":
+                done.extend(value)
+            elif status == "error":
+                errors.append(value)
+            else:
+                errors.append(OutputError(
+                    f"a worker process died (exit code {code}) while writing {out} "
+                    "(killed, or out of memory?); nothing was written"
+                ))
+    except BaseException:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        raise
+    if errors:
+        _remove([tmp for tmp, _ in done])
+        raise errors[0]
+    return done
+
+
+def worker_main() -> int:
+    """Entry point of a worker process: a pickled :class:`_Job` on stdin, the answer on stdout."""
+    import pickle
+    import sys
+
+    job = pickle.loads(sys.stdin.buffer.read())  # sent by the parent polyak process
+    try:
+        answer: tuple[str, Any] = ("ok", _run_job(job))
+    except PolyakError as exc:
+        answer = ("error", exc)
+    except Exception as exc:  # unexpected: pass the text on, the traceback is on stderr
+        import traceback
+
+        traceback.print_exc()
+        answer = ("error", OutputError(f"worker failed: {type(exc).__name__}: {exc}"))
+    try:
+        data = pickle.dumps(answer)
+    except Exception:
+        data = pickle.dumps(("error", OutputError(str(answer[1]))))
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
+
+
+def _run_distributed(plan: ShardPlan, base: dict[str, Any], ctx: DistContext) -> list[Path]:
+    import torch.distributed as dist
+
+    # This first collective is also the barrier that keeps every rank from writing before
+    # rank 0 has removed stale temporaries (average() cleans the folder on rank 0 only).
+    prints: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(prints, plan.fingerprint())
+    if len(set(prints)) != 1:
+        raise ConfigError(
+            "the ranks disagree on the tensors to average (different files or options per rank?); "
+            "every rank must see the same checkpoints on shared storage"
+        )
+    # One metadata record for every shard (rank 0's, whose clock stamps the output).
+    meta = [base["metadata"]]
+    dist.broadcast_object_list(meta, src=0)
+    base = {**base, "metadata": meta[0]}
+    job = _jobs(plan, ctx.world_size, base)[ctx.rank]
+    error: str | None = None
+    done: list[tuple[str, str]] = []
+    try:
+        done = _run_job(job)
+    except PolyakError as exc:
+        error = f"rank {ctx.rank}: {exc}"
+    results: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(results, (done, error))
+    errors = [e for _, e in results if e is not None]
+    if errors:
+        _remove([tmp for tmp, _ in done])
+        raise OutputError("distributed averaging failed, nothing was written:\n  " + "\n  ".join(errors))
+    files = [*plan.shard_paths, plan.index_path]
+    if ctx.rank == 0:
+        try:
+            files = _commit(plan, base["metadata"], [pair for d, _ in results for pair in d])
+        finally:
+            dist.barrier()
+    else:
+        dist.barrier()
+        if not plan.index_path.exists():
+            raise OutputError(f"rank 0 could not write {plan.index_path}; see its error")
+    return files

@@ -1,0 +1,194 @@
+"""Reports of a sweep: a terminal table, JSON and CSV files, PNG figures.
+
+matplotlib is imported inside the figure functions only (``pip install polyak[plot]``),
+through its object API (``matplotlib.figure.Figure`` with the Agg canvas), so no global
+pyplot state or GUI backend is touched. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._atomic import atomic_write_bytes
+from ._errors import ConfigError
+from ._results import SweepResults, SweepRow, _sign
+
+__all__ = ["format_table", "plot_alphas", "plot_sweep", "write_csv", "write_json"]
+
+_BOLD, _RESET = "\033[1m", "\033[0m"
+
+
+def _columns(results: SweepResults) -> list[tuple[str, list[SweepRow]]]:
+    cols: list[tuple[str, list[SweepRow]]] = []
+    singles = results.select_rows(kind="single")
+    if singles:
+        cols.append(("single", singles))
+    for scheme, alpha in results.curves():
+        rows = [r for r in results.select_rows(kind="average", scheme=scheme) if r.alpha == alpha]
+        cols.append((rows[0].name, rows))
+    ens = results.select_rows(kind="prediction_ensemble")
+    if ens:
+        cols.append(("prediction_ensemble", ens))
+    return cols
+
+
+def format_table(
+    results: SweepResults,
+    metric: str,
+    split: str | None = None,
+    *,
+    mode: str = "max",
+    color: bool | None = None,
+) -> str:
+    """A table of ``metric`` on ``split``: one row per n, one column per scheme.
+
+    The ``single`` column holds the n-th newest member alone; the best value of each
+    column is marked with ``*`` (and bold on a terminal).
+
+    Args:
+        results: Sweep results.
+        metric: The metric shown.
+        split: The split shown (default: the first).
+        mode: ``"max"`` or ``"min"``: which value is best.
+        color: Bold the best values; default: when stdout is a terminal.
+    """
+    sign = _sign(mode)
+    split = split or results.splits[0]
+    results.check_metric(metric, split)
+    if color is None:
+        color = bool(getattr(sys.stdout, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
+    cols = _columns(results)
+    ns = sorted({r.n for _, rows in cols for r in rows})
+    cells: dict[tuple[str, int], str] = {}
+    for name, rows in cols:
+        vals = [r.value(metric, split) for r in rows]
+        finite = [v for v in vals if not math.isnan(v)]
+        best = max(finite, key=lambda v: sign * v) if finite else math.nan
+        for r, v in zip(rows, vals, strict=True):
+            text = f"{v:.4f}" + ("*" if v == best else " ")
+            cells[(name, r.n)] = f"{_BOLD}{text}{_RESET}" if (color and v == best) else text
+    widths = [max(len(name), 8) for name, _ in cols]
+    head = f"{'n':>4}  " + "  ".join(f"{name:>{w}}" for (name, _), w in zip(cols, widths, strict=True))
+    lines = [f"{split} {metric} ({'higher' if sign > 0 else 'lower'} is better; * best per column)", head]
+    for n in ns:
+        parts = []
+        for (name, _), w in zip(cols, widths, strict=True):
+            cell = cells.get((name, n), "-")
+            pad = w + (len(cell) - len(cell.replace(_BOLD, "").replace(_RESET, "")))
+            parts.append(f"{cell:>{pad}}")
+        lines.append(f"{n:>4}  " + "  ".join(parts))
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(results: SweepResults, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the results (and ``extra`` entries, e.g. a selection) as JSON; NaN becomes null."""
+    data = results.to_dict()
+    data.update(extra or {})
+    text = json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_bytes(path, text.encode())
+
+
+def write_csv(results: SweepResults, path: str | os.PathLike[str]) -> Path:
+    """Write one line per row: kind, scheme, alpha, n, member, seconds, then ``split/metric`` columns."""
+    keys = [(s, m) for s in results.splits for m in results.metric_names(s)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["kind", "scheme", "alpha", "n", "member", "seconds", *(f"{s}/{m}" for s, m in keys)])
+    for r in results.rows:
+        vals = [r.value(m, s) for s, m in keys]
+        w.writerow([r.kind, r.scheme or "", "" if r.alpha is None else f"{r.alpha:g}", r.n, r.member or "",
+                    f"{r.seconds:.6f}", *("" if math.isnan(v) else repr(v) for v in vals)])
+    return atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _figure(ncols: int) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("figures need matplotlib: pip install 'polyak[plot]'") from None
+    fig = Figure(figsize=(4.2 * ncols, 3.6), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False, sharey=True)[0]
+    return fig, axes
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _singles(ax: Any, results: SweepResults, metric: str, split: str) -> None:
+    rows = results.select_rows(kind="single")
+    if rows:
+        ax.plot([r.n for r in rows], [r.value(metric, split) for r in rows], "o", color="tab:blue",
+                label="n-th newest member alone")
+
+
+def plot_sweep(results: SweepResults, path: str | os.PathLike[str], metric: str, split: str | None = None) -> Path:
+    """The tutorial's figure, one panel per scheme: blue dots, each member alone (at its
+    position from the newest); orange line, the average of the newest n members (one line
+    per alpha for several decay rates); green dashes, the prediction ensemble."""
+    split = split or results.splits[0]
+    results.check_metric(metric, split)
+    schemes = list(dict.fromkeys(s for s, _ in results.curves()))
+    if not schemes:
+        raise ConfigError("the results hold no averages to plot")
+    fig, axes = _figure(len(schemes))
+    ens = results.select_rows(kind="prediction_ensemble")
+    for ax, scheme in zip(axes, schemes, strict=False):
+        _singles(ax, results, metric, split)
+        alphas = [a for s, a in results.curves() if s == scheme]
+        for k, alpha in enumerate(alphas):
+            rows = [r for r in results.select_rows(kind="average", scheme=scheme) if r.alpha == alpha]
+            color = "tab:orange" if k == 0 else f"C{(k + 2) % 10}"
+            label = "average of the newest n" + ("" if alpha is None else f", alpha = {alpha:g}")
+            ax.plot([r.n for r in rows], [r.value(metric, split) for r in rows], "-", color=color, label=label)
+        if ens:
+            ax.plot([r.n for r in ens], [r.value(metric, split) for r in ens], "--", color="tab:green",
+                    label="prediction ensemble")
+        ax.set_title(scheme)
+        ax.set_xlabel("n (newest members)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    axes[0].set_ylabel(f"{split} {metric}")
+    return _save(fig, path)
+
+
+def plot_alphas(results: SweepResults, path: str | os.PathLike[str], metric: str, split: str | None = None) -> Path:
+    """Exponential averages: x = n, one line per decay rate alpha; blue dots, members alone."""
+    split = split or results.splits[0]
+    results.check_metric(metric, split)
+    alphas = [a for s, a in results.curves() if s == "exponential" and a is not None]
+    if not alphas:
+        raise ConfigError("the results hold no exponential averages; sweep scheme 'exponential'")
+    fig, axes = _figure(1)
+    ax = axes[0]
+    _singles(ax, results, metric, split)
+    for k, alpha in enumerate(alphas):
+        rows = results.select_rows(kind="average", scheme="exponential", alpha=alpha)
+        ax.plot([r.n for r in rows], [r.value(metric, split) for r in rows], "-", color=f"C{(k + 1) % 10}",
+                label=f"alpha = {alpha:g}")
+    ax.set_title("exponential weights: decay rate alpha")
+    ax.set_xlabel("n (newest members)")
+    ax.set_ylabel(f"{split} {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    return _save(fig, path)

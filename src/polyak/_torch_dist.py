@@ -1,0 +1,254 @@
+"""Online averagers under torch.distributed: DDP replicas and FSDP2 (DTensor) shards.
+
+DDP: every rank holds the same weights after each optimizer step, so every rank's
+averager computes the same average with no communication; names are compared without the
+``module.`` prefix; files are written by rank 0 only.
+
+FSDP2 (``fully_shard``): the parameters are DTensors sharded on dim 0. The averagers see
+each parameter's *local shard* (:func:`local_tensor`), keep a float32 copy of it and update
+it with the same multi-tensor ``_foreach_lerp_`` as a single process, with no
+communication, so per-rank memory is the shard, not the model. What needs the global view
+lives here:
+
+* :func:`save_sharded` / :func:`load_sharded`: the averager state through
+  ``torch.distributed.checkpoint`` (DCP), each rank writing its shards; DCP reshards on
+  load, so a state saved on N ranks resumes on M ranks or in one process.
+* :func:`export`: the full averaged model as one safetensors file written by rank 0,
+  gathering one tensor at a time (``DTensor.full_tensor()``), so rank 0 holds at most one
+  full tensor beyond its shards.
+
+References:
+    pytorch/pytorch#144289 ("ema should store dtensor"): EMA on FSDP2 shards;
+    ``torch.distributed.fsdp.fully_shard`` and ``torch.distributed.checkpoint`` docs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._atomic import TEMP_MARK, fsync_dir, temp_path_for
+from ._errors import ConfigError, FormatError, OutputError
+from ._torch_common import canonical_name, local_tensor
+
+__all__ = ["export", "is_sharded", "load_sharded", "local_tensor", "save_sharded"]
+
+#: Key of the averager record (JSON bytes kept as a uint8 tensor, so that loading it never
+#: unpickles anything) in a sharded save.
+RECORD_KEY = "polyak_averager_record"
+TENSORS_KEY = "averaged"
+
+
+def _dtensor_type() -> Any:
+    # DTensors exist only if torch.distributed.tensor was imported (by fully_shard).
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _global_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical name → the module's own (possibly DTensor) parameter or buffer."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.named_parameters():
+        out.setdefault(canonical_name(name), t)
+    for name, buf in module.named_buffers():
+        out.setdefault(canonical_name(name), buf)
+    return out
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a DTensor (FSDP2, tensor parallel)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
+
+
+def _dist() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _as_global(averager: Any) -> dict[str, torch.Tensor]:
+    """The averaged tensors as DTensors laid out like the live parameters (no copy)."""
+    live = _global_tensors(averager.module)
+    dtensor = _dtensor_type()
+    out: dict[str, torch.Tensor] = {}
+    for name, avg in averager.state.tensors.items():
+        ref = live.get(name)
+        if dtensor is not None and isinstance(ref, dtensor):
+            # shape= and stride= from the live parameter: FSDP2 pads uneven dim-0 shards and
+            # from_local would otherwise guess the global shape as local × world size.
+            out[name] = dtensor.from_local(
+                avg, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=ref.stride()
+            )
+        else:
+            out[name] = avg
+    return out
+
+
+def _record(averager: Any) -> dict[str, Any]:
+    return {k: v for k, v in averager.state_dict().items() if k != "tensors"}
+
+
+def _record_tensor(record: dict[str, Any]) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(record).encode("utf-8")), dtype=torch.uint8)
+
+
+@contextlib.contextmanager
+def _quiet_no_dist() -> Any:
+    with warnings.catch_warnings():
+        # Without a process group DCP runs in one process, as intended, and warns about it.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_sharded(averager: Any, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Save an averager's state as a DCP folder; every rank writes its own shards.
+
+    Call on every rank (it is collective when torch.distributed runs). The folder is written
+    under a temporary name and renamed into place by rank 0 once every rank has finished.
+
+    Args:
+        averager: A :class:`polyak.torch.EMA` or :class:`polyak.torch.SWA`.
+        path: The checkpoint folder to create.
+        force: Replace an existing folder.
+
+    Returns:
+        ``path`` (on every rank).
+
+    Raises:
+        OutputError: ``path`` exists and ``force`` is false.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    target = Path(path)
+    rank, world = _dist()
+    if target.exists() and not force:
+        raise OutputError(f"the output {target} already exists; pass force=True to replace it")
+    names = [str(temp_path_for(target))]
+    if world > 1:
+        torch.distributed.broadcast_object_list(names, src=0)  # one temporary folder for all
+    tmp = Path(names[0])
+    state: dict[str, Any] = {TENSORS_KEY: _as_global(averager), RECORD_KEY: _record_tensor(_record(averager))}
+    with _quiet_no_dist():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=world == 1)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}-old")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
+    return target
+
+
+@torch.no_grad()
+def load_sharded(averager: Any, path: str | os.PathLike[str]) -> None:
+    """Restore a state written by :func:`save_sharded`, on any number of ranks.
+
+    Every rank reads only the pieces of its own shards (DCP reshards: a state saved on 2
+    ranks loads on 4, or in one process without torch.distributed).
+
+    Raises:
+        FormatError: The folder is not an averager state from :func:`save_sharded`.
+        MismatchError: It was saved for a model with other tensor names or shapes.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(path)
+    _, world = _dist()
+    try:
+        meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise FormatError(f"{folder}: not a readable torch.distributed.checkpoint folder ({exc})") from None
+    entry = meta.get(RECORD_KEY)
+    if entry is None or not hasattr(entry, "size"):
+        raise FormatError(f"{folder}: no averager record; it was not written by polyak.torch save_sharded()")
+    saved = {k[len(TENSORS_KEY) + 1:] for k in meta if k.startswith(TENSORS_KEY + ".")}
+    from ._torch_common import match_names
+
+    match_names(averager.state.tensors, saved, what="the saved averaged tensors and this averager's",
+                where=str(folder), fix="load the state of an averager of the same model")
+    targets = _as_global(averager)
+    record = torch.zeros(tuple(entry.size), dtype=torch.uint8)
+    state: dict[str, Any] = {TENSORS_KEY: targets, RECORD_KEY: record}
+    with _quiet_no_dist():
+        dcp.load(state, checkpoint_id=str(folder), no_dist=world == 1)
+    loaded = state[TENSORS_KEY]
+    for name, mine in averager.state.tensors.items():
+        got = local_tensor(loaded[name])
+        if got.data_ptr() != mine.data_ptr():
+            mine.copy_(got)
+    rec = json.loads(bytes(state[RECORD_KEY].tolist()).decode("utf-8"))
+    averager.load_state_dict({**rec, "tensors": averager.state.tensors})
+
+
+@torch.no_grad()
+def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path | None:
+    """Write the full averaged model as one safetensors file, from rank 0.
+
+    Call on every rank: each sharded tensor is gathered (``full_tensor()``, a collective) one
+    at a time, in the same order on every rank, and written by rank 0 as it arrives, so
+    rank 0 needs one full tensor of memory beyond its shards. The file holds the averager
+    record too, so ``EMA.load(path, model)`` resumes from it in a single process.
+
+    Args:
+        averager: A :class:`polyak.torch.EMA` or :class:`polyak.torch.SWA`.
+        path: A ``.safetensors`` file.
+        dtype: Cast floating tensors to this dtype (default: as averaged, e.g. float32).
+
+    Returns:
+        ``path`` on rank 0, ``None`` on other ranks.
+    """
+    from .formats import TensorInfo
+    from .formats.safetensors import SafetensorsWriter
+    from .formats.torch_pt import _numpy_dtype, tensor_to_numpy
+
+    out = Path(path)
+    if not out.name.endswith(".safetensors"):
+        raise ConfigError(f"export writes a .safetensors file, got {out}")
+    rank, _ = _dist()
+    tensors = _as_global(averager)
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    infos = [TensorInfo(name, tuple(t.shape), _numpy_dtype(torch.empty(0, dtype=out_dtype(t)))) for name, t in tensors.items()]
+    meta = {"polyak_averager": json.dumps(_record(averager)), "format": "pt"}
+    writer = SafetensorsWriter(out, infos, metadata=meta) if rank == 0 else None
+    order = writer.order if writer is not None else _order(infos)
+    dtensor = _dtensor_type()
+    try:
+        for name in order:
+            t = tensors[name]
+            full = t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+            if writer is not None:
+                writer.write(name, tensor_to_numpy(full.to(device="cpu", dtype=out_dtype(full))))
+            del full
+        if writer is not None:
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return out if rank == 0 else None
+
+
+def _order(infos: list[Any]) -> list[str]:
+    from .formats.safetensors import _sorted_for_file
+
+    return [i.name for i in _sorted_for_file(infos)]

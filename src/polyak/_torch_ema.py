@@ -1,0 +1,195 @@
+"""Online weight averagers for PyTorch: :class:`EMA` and :class:`SWA` (one interface)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ._errors import ConfigError, FormatError
+from ._schedules import DecaySchedule, make_schedule
+from ._torch_averagers import _Averager
+
+__all__ = ["EMA", "SWA"]
+
+
+class EMA(_Averager):
+    """Exponential moving average of a module's weights, updated after optimizer steps.
+
+    ``avg ← d·avg + (1 − d)·current`` with the decay ``d`` of a schedule (constant,
+    timm-style warmup, TF warmup or a half-life); the first averaged update copies. With
+    ``decay=`` alone it matches ``AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(d),
+    use_buffers=True)`` step for step. Floating buffers (BatchNorm statistics) are averaged
+    unless ``include_buffers=False`` (then copied); integer buffers are copied.
+
+    Args:
+        module: The model to follow (a DDP/compiled wrapper works too).
+        decay: The decay once warm, in ``[0, 1)``. Give this or ``half_life``.
+        half_life: Steps after which an update's weight has halved.
+        warmup: ``None``, ``"timm"`` (``1 − (1 + n/γ)^(−p)`` clamped to
+            ``[min_decay, decay]``) or ``"tf"`` (``min(decay, (1 + n)/(10 + n))``), where
+            ``n`` counts earlier averaging updates.
+        min_decay: Lower clamp of the timm warmup.
+        warmup_gamma: ``γ`` of the timm warmup.
+        warmup_power: ``p`` of the timm warmup.
+        every: Average every ``every``-th step (default 1).
+        start: First averaged step; before it the average copies the weights.
+        include_buffers: Average floating buffers (True) or copy them (False).
+        dtype: Accumulator dtype for floating tensors. Default: float32 for bfloat16 and
+            float16 tensors (a bf16 average with decay 0.9999 would never move), else the
+            tensor's own dtype.
+        device: Keep the average on this device (e.g. ``"cpu"`` for a large GPU model).
+        schedule: A ready :class:`polyak.DecaySchedule` instead of the decay options.
+
+    Example:
+        >>> import torch
+        >>> from polyak.torch import EMA
+        >>> model = torch.nn.Linear(4, 2)
+        >>> ema = EMA(model, decay=0.999)
+        >>> ema.update()  # after optimizer.step()
+        >>> round(ema.half_life)
+        693
+    """
+
+    kind = "ema"
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        decay: float | None = None,
+        half_life: float | None = None,
+        warmup: str | None = None,
+        min_decay: float = 0.0,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2.0 / 3.0,
+        every: int | None = None,
+        start: int = 0,
+        include_buffers: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        schedule: DecaySchedule | None = None,
+    ) -> None:
+        if schedule is not None:
+            if decay is not None or half_life is not None or warmup is not None:
+                raise ConfigError("give either schedule= or decay=/half_life=/warmup=, not both")
+            if every is not None and every != schedule.every:
+                raise ConfigError(f"every={every} differs from the schedule's every={schedule.every}")
+            self.schedule = schedule
+        else:
+            self.schedule = make_schedule(decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
+                                          warmup_gamma=warmup_gamma, warmup_power=warmup_power,
+                                          every=1 if every is None else every)
+        super().__init__(module, start=start, every=self.schedule.every, include_buffers=include_buffers,
+                         dtype=dtype, device=device)
+
+    def _weight(self, count: int) -> float:
+        return 1.0 - self.schedule(count)
+
+    @property
+    def decay(self) -> float:
+        """The decay the next averaging update will use."""
+        return self.schedule(self.state.count)
+
+    @property
+    def half_life(self) -> float:
+        """Training steps after which an update's weight has halved, once warm."""
+        return self.schedule.half_life
+
+    @property
+    def window(self) -> float:
+        """Effective averaging window in training steps, ``every / (1 − decay)``."""
+        return self.schedule.window
+
+    def describe(self) -> str:
+        """One line for logs: schedule, decay, half-life, window and progress."""
+        return f"{self.schedule.describe()}; {self.state.count} updates, step {self.state.step}"
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "schedule": self.schedule.to_dict()}
+
+    def _load_config(self, config: Mapping[str, Any]) -> None:
+        super()._load_config(config)
+        if "schedule" in config:
+            self.schedule = DecaySchedule.from_dict(config["schedule"])
+            self.every = self.schedule.every
+
+    @classmethod
+    def _from_config(cls, module: torch.nn.Module, config: Mapping[str, Any], *,
+                     device: torch.device | str | None) -> EMA:
+        if "schedule" not in config:
+            raise FormatError("the saved EMA record has no schedule")
+        return cls(module, schedule=DecaySchedule.from_dict(config["schedule"]), start=int(config.get("start", 0)),
+                   include_buffers=bool(config.get("include_buffers", True)), device=device)
+
+
+_WEIGHTINGS = ("equal", "linear")
+
+
+class SWA(_Averager):
+    """Cumulative (Polyak–Ruppert / SWA) average of every update from ``start`` on.
+
+    ``weighting="equal"`` gives every averaged step the same weight (as
+    ``AveragedModel``'s default); ``"linear"`` gives the k-th averaged step weight ``k``
+    (newest heaviest, as the offline ``scheme="linear"``). Both are kept online in one
+    buffer: the n-th update is ``avg ← lerp(avg, x_n, w_n / Σ_{k≤n} w_k)``, i.e. weight
+    ``1/n`` (equal) or ``2/(n + 1)`` (linear), which is exactly ``Σ w_k·x_k / Σ w_k``.
+
+    Args:
+        module: The model to follow.
+        start: First averaged step; before it the average copies the weights.
+        every: Average every ``every``-th step.
+        weighting: ``"equal"`` or ``"linear"``.
+        include_buffers: Average floating buffers (True) or copy them (False).
+        dtype: Accumulator dtype (default: float32 for bf16/fp16, else the tensor's).
+        device: Keep the average on this device.
+
+    References:
+        Polyak & Juditsky (1992), Acceleration of stochastic approximation by averaging.
+        Izmailov et al. (2018), Averaging weights leads to wider optima and better
+        generalization (SWA).
+    """
+
+    kind = "swa"
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        start: int = 0,
+        every: int = 1,
+        weighting: str = "equal",
+        include_buffers: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if weighting not in _WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {list(_WEIGHTINGS)}, got {weighting!r}")
+        self.weighting = weighting
+        super().__init__(module, start=start, every=every, include_buffers=include_buffers, dtype=dtype, device=device)
+
+    def _weight(self, count: int) -> float:
+        n = count + 1
+        return 1.0 / n if self.weighting == "equal" else 2.0 / (n + 1)
+
+    def describe(self) -> str:
+        """One line for logs."""
+        return f"{self.weighting} SWA from step {self.start} every {self.every}; {self.state.count} updates"
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "weighting": self.weighting}
+
+    def _load_config(self, config: Mapping[str, Any]) -> None:
+        super()._load_config(config)
+        weighting = config.get("weighting", self.weighting)
+        if weighting not in _WEIGHTINGS:
+            raise ConfigError(f"saved SWA weighting {weighting!r} is not one of {list(_WEIGHTINGS)}")
+        self.weighting = weighting
+
+    @classmethod
+    def _from_config(cls, module: torch.nn.Module, config: Mapping[str, Any], *,
+                     device: torch.device | str | None) -> SWA:
+        return cls(module, start=int(config.get("start", 0)), every=int(config.get("every", 1)),
+                   weighting=str(config.get("weighting", "equal")),
+                   include_buffers=bool(config.get("include_buffers", True)), device=device)

@@ -1,0 +1,180 @@
+"""What ``polyak demo`` prints and draws: the tutorial's lines, tables, PNG figures, JSON.
+
+matplotlib is imported only here and only when a figure is drawn (Agg canvas, no pyplot
+global state). Every file goes through polyak's atomic writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .._atomic import atomic_write_bytes
+
+__all__ = ["figure_repeats", "figure_scheme", "repetition_text", "summary_text", "write_json"]
+
+Rep = dict[str, Any]
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    return atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode())
+
+
+def file_stem(label: str) -> str:
+    """``"exponential(alpha=2)"`` → ``"exponential_alpha_2"``."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_").replace(".", "p")
+
+
+def tutorial_lines(rep: Rep, label: str) -> list[str]:
+    """The tutorial's printout: ``> n: single=<n-th newest member>, average=<newest n>``."""
+    single = rep["single"][::-1]
+    return [f"> {n}: single={single[n - 1]['holdout']:.3f}, average={row['holdout']:.3f}" for n, row in enumerate(rep["averages"][label], 1)]
+
+
+def repetition_text(rep: Rep) -> str:
+    """The report of one repetition."""
+    cfg = rep["config"]
+    epochs = rep["epochs"]
+    m = len(epochs)
+    labels = list(rep["averages"])
+    lines = [
+        f"{cfg['framework']}, seed {rep['seed']}: {cfg['recipe']['epochs']} epochs, members = the models after "
+        f"epochs {epochs[0]}..{epochs[-1]} (zero-based, as the tutorial)",
+        f"final model (epoch {epochs[-1]}): train={rep['final']['train']:.3f}, held-out={rep['final']['holdout']:.3f}"
+        "   (tutorial: ~0.86 and ~0.81)",
+    ]
+    for label in labels:
+        lines += ["", f"{label}: single member n vs average of the newest n (accuracy, 1000 held-out rows)"]
+        lines += tutorial_lines(rep, label)
+    lines += ["", "held-out accuracy; row n: the n-th newest member and the average of the newest n"]
+    head = f"{'n':>3} {'epoch':>5} {'single':>7} " + " ".join(f"{lab:>{max(len(lab), 7)}}" for lab in labels)
+    lines.append(head)
+    single = rep["single"][::-1]
+    for n in range(1, m + 1):
+        cells = " ".join(f"{rep['averages'][lab][n - 1]['holdout']:>{max(len(lab), 7)}.3f}" for lab in labels)
+        lines.append(f"{n:>3} {epochs[-n]:>5} {single[n - 1]['holdout']:>7.3f} {cells}")
+    spread = rep_spread(rep)
+    lines.append(f"{'std':>9} {spread['single']:>7.4f} " + " ".join(f"{spread[lab]:>{max(len(lab), 7)}.4f}" for lab in labels))
+    ch = rep["chosen"]
+    lines += [
+        "",
+        "selection done right: choose on validation (held-out rows 0..499), score on test (rows 500..999)",
+        f"  final model                      test={rep['final']['test']:.3f}",
+        f"  single member chosen: epoch {ch['single']['epoch']:<4}  test={ch['single']['test']:.3f}   (validation {ch['single']['validation']:.3f})",
+    ]
+    for label, c in ch["per_scheme"].items():
+        lines.append(f"  {label + ', n = ' + str(c['n']):<31}  test={c['test']:.3f}   (validation {c['validation']:.3f})")
+    o = ch["overall"]
+    lines.append(f"  {'chosen: ' + o['scheme'] + ', n = ' + str(o['n']):<31}  test={o['test']:.3f}   vs final model {rep['final']['test']:.3f}")
+    return "\n".join(lines)
+
+
+def rep_spread(rep: Rep) -> dict[str, float]:
+    """Std of held-out accuracy across the single members and across n for each scheme."""
+    import numpy as np
+
+    out = {"single": float(np.std([s["holdout"] for s in rep["single"]]))}
+    for lab, rows in rep["averages"].items():
+        out[lab] = float(np.std([r["holdout"] for r in rows]))
+    return out
+
+
+def _pm(stats: dict[str, float] | None) -> str:
+    return "      —      " if stats is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def summary_text(summary: dict[str, Any], *, framework: str) -> str:
+    """The report of ``--repeats``."""
+    seeds = summary["seeds"]
+    width = max(len(r["label"]) for r in summary["rows"])
+    lines = [
+        f"{framework}, {summary['runs']} runs (seeds {seeds[0]}..{seeds[-1]}): accuracy, mean ± std over runs",
+        f"{'':<{width}}  held-out (1000)  test (500)",
+    ]
+    for r in summary["rows"]:
+        lines.append(f"{r['label']:<{width}}  {_pm(r['holdout'])}  {_pm(r['test'])}")
+    m = summary["members"]
+    lines += ["", f"versus the final model (better / tie / worse, in {summary['runs']} runs):"]
+    for label, v in summary["versus_final"].items():
+        parts = []
+        if "fixed_n_holdout" in v:
+            c = v["fixed_n_holdout"]
+            parts.append(f"n = {m} on held-out {c['better']:>2} / {c['tie']:>2} / {c['worse']:>2}")
+        c = v["chosen_n_test"]
+        parts.append(f"n chosen on validation, on test {c['better']:>2} / {c['tie']:>2} / {c['worse']:>2}")
+        lines.append(f"  {label:<22} " + ";  ".join(parts))
+    sp = summary["spread"]
+    lines += [
+        "",
+        f"within-run spread (std of held-out accuracy across the {m} members / across n = 1..{m}, mean over runs):",
+        "  " + ",  ".join(f"{k} {v:.4f}" for k, v in sp.items()),
+    ]
+    return "\n".join(lines)
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def figure_scheme(rep: Rep, labels: Sequence[str], path: Path, *, title: str) -> Path:
+    """The tutorial's figure: blue dots single members, orange line(s) the average of the newest n."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    single = [s["holdout"] for s in rep["single"][::-1]]
+    ns = list(range(1, len(single) + 1))
+    ax.plot(ns, single, marker="o", linestyle="None", color="tab:blue", label="single member (n-th newest)")
+    colours = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    for i, label in enumerate(labels):
+        ax.plot(ns, [r["holdout"] for r in rep["averages"][label]], color=colours[i % len(colours)], label=f"average of newest n: {label}")
+    ax.set_xlabel("n")
+    ax.set_ylabel("accuracy on the 1000 held-out rows")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return _save_png(fig, path)
+
+
+def figure_repeats(reps: Sequence[Rep], summary: dict[str, Any], path: Path) -> Path:
+    """Distributions over runs: held-out accuracies (left), choices scored on test (right)."""
+    import numpy as np
+
+    from ._summary import rows
+
+    fig = _figure(8.0, 8.0)
+    left, right = fig.subplots(2, 1, sharex=True)
+    table = rows(reps)
+    for ax, which, title in ((left, 1, "held-out rows (1000), tutorial-comparable"), (right, 2, "test rows (500); choices made on validation")):
+        data, names = [], []
+        for row in table:
+            getter = row[which]
+            if getter is None or (which == 2 and row[1] is not None and "final" not in row[0]):
+                continue
+            data.append([getter(r) for r in reps])  # type: ignore[operator]
+            names.append(row[0])
+        rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
+        for i, values in enumerate(data):
+            ax.scatter(values, i + rng.uniform(-0.2, 0.2, len(values)), s=10, alpha=0.6, color="tab:blue")
+            mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            ax.errorbar([mean], [i], xerr=[std], fmt="|", color="black", markersize=14, capsize=4)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize="medium")
+        ax.tick_params(axis="y", labelsize="small")
+    right.set_xlabel("accuracy (dots: runs; bars: mean ± std)")
+    fig.suptitle(f"{summary['runs']} runs, {reps[0]['config']['framework']}")
+    return _save_png(fig, path)

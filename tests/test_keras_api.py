@@ -1,0 +1,221 @@
+"""polyak.keras: capture callback, averaged models, evaluator, EMA callback, update_bn."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("h5py")
+
+import polyak  # noqa: E402
+import polyak.keras as pk  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(48, 4)).astype("float32")
+Y = keras.utils.to_categorical(RNG.integers(0, 3, size=48), 3).astype("float32")
+
+
+def _model(*, bn: bool = True, compiled: bool = True, **opt: object) -> keras.Model:
+    keras.utils.set_random_seed(3)
+    layers = [keras.Input((4,)), keras.layers.Dense(8, activation="relu")]
+    if bn:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(3, activation="softmax"))
+    m = keras.Sequential(layers)
+    if not compiled:
+        return m
+    m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, **opt), loss="categorical_crossentropy",
+              metrics=["accuracy"])
+    return m
+
+
+def test_checkpoint_callback_names_epochs_keep_last(tmp_path: Path) -> None:
+    cb = pk.CheckpointCallback(tmp_path, start_epoch=2, every=2, keep_last=2)
+    _model().fit(X, Y, epochs=8, batch_size=16, verbose=0, callbacks=[cb])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_4.keras", "model_6.keras"]
+    assert cb.saved == [tmp_path / "model_4.keras", tmp_path / "model_6.keras"]
+    with zipfile.ZipFile(tmp_path / "model_6.keras") as zf:
+        assert json.loads(zf.read("metadata.json"))["polyak"] == {"epoch": 6, "step": 21}
+    cbw = pk.CheckpointCallback(tmp_path / "w", format=".weights.h5", prefix="net")
+    _model().fit(X, Y, epochs=2, batch_size=16, verbose=0, callbacks=[cbw])
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["net_0.weights.h5", "net_1.weights.h5"]
+    import h5py
+
+    with h5py.File(tmp_path / "w" / "net_1.weights.h5") as f:
+        assert json.loads(f.attrs["polyak"])["epoch"] == 1
+
+
+def test_tutorial_flow_load_average_evaluate(tmp_path: Path) -> None:
+    cb = pk.CheckpointCallback(tmp_path, start_epoch=3)
+    _model().fit(X, Y, epochs=6, batch_size=16, verbose=0, callbacks=[cb])
+    models = pk.load_models(tmp_path, start=3, end=6)
+    assert len(models) == 3
+    assert len(pk.load_models(str(tmp_path / "model_*.keras"), start=4)) == 2
+    for scheme in ("equal", "linear", "exponential"):
+        avg = pk.average_models(models, scheme=scheme, alpha=2.0)
+        w = polyak.scheme_weights(scheme, 3, alpha=2.0)
+        expected = [np.average(np.stack(t), axis=0, weights=w) for t in zip(*[m.get_weights() for m in models], strict=True)]
+        for got, exp in zip(avg.get_weights(), expected, strict=True):
+            np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-7)
+        assert avg.compiled
+        assert set(avg.evaluate(X, Y, verbose=0, return_dict=True)) >= {"loss", "accuracy"}
+    # the evaluator evaluates a name-keyed state and restores the model
+    target = models[-1]
+    before = target.get_weights()
+    fn = pk.evaluator(target, X, Y, metrics=["accuracy"])
+    state = polyak.average(sorted(tmp_path.glob("*.keras")), scheme="linear")
+    got = fn(state)
+    ref = pk.average_models(models, scheme="linear").evaluate(X, Y, verbose=0, return_dict=True)
+    assert got == pytest.approx({"accuracy": ref["accuracy"]}, abs=1e-6)
+    for a, b in zip(target.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(polyak.MismatchError, match="unknown names"):
+        fn({"nope": np.zeros(1)})
+
+
+def test_average_models_unbuilt_and_subclassed() -> None:
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(polyak.PolyakError, match="build it first"):
+        pk.average_models([unbuilt, unbuilt])
+
+    class Net(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = keras.layers.Dense(5)
+            self.b = keras.layers.Dense(2)
+
+        def call(self, x):  # type: ignore[no-untyped-def]
+            return self.b(self.a(x))
+
+    nets = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        n = Net()
+        n(X[:1])
+        nets.append(n)
+    with pytest.raises(polyak.PolyakError, match="template"):
+        pk.average_models(nets)
+
+    def build() -> Net:
+        n = Net()
+        n(X[:1])
+        return n
+
+    avg = pk.average_models(nets, build_fn=build)
+    np.testing.assert_allclose(avg.get_weights()[0], (nets[0].get_weights()[0] + nets[1].get_weights()[0]) / 2, rtol=1e-6)
+
+
+class _Probe(keras.callbacks.Callback):
+    """Records the weights the model holds at each hook (placed after the EMA callback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[list[np.ndarray]] = []
+        self.at_test: list[list[np.ndarray]] = []
+        self.at_epoch_end: list[list[np.ndarray]] = []
+
+    def on_train_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
+        self.steps.append([keras.ops.convert_to_numpy(v) for v in self.model.weights])
+
+    def on_test_begin(self, logs=None):  # type: ignore[no-untyped-def]
+        self.at_test.append([keras.ops.convert_to_numpy(v) for v in self.model.weights])
+
+    def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+        self.at_epoch_end.append([keras.ops.convert_to_numpy(v) for v in self.model.weights])
+
+
+def _closed_form(steps: list[list[np.ndarray]], schedule: polyak.DecaySchedule) -> list[np.ndarray]:
+    avg = [s.astype(np.float64) for s in steps[0]]
+    for n, cur in enumerate(steps[1:], start=1):
+        d = schedule(n)
+        avg = [d * a + (1 - d) * c for a, c in zip(avg, cur, strict=True)]
+    return avg
+
+
+def test_ema_matches_keras_use_ema() -> None:
+    model = _model(bn=True, use_ema=True, ema_momentum=0.9)
+    ema = pk.EMACallback(0.9)
+    model.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[ema])
+    # after fit, Keras has overwritten the trainable weights with its own EMA
+    ours = ema.average_weights()
+    trainable = {id(v) for v in model.trainable_weights}
+    checked = 0
+    for v, mine in zip(model.weights, ours, strict=True):
+        if id(v) in trainable:
+            np.testing.assert_allclose(mine, keras.ops.convert_to_numpy(v), rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked == 6
+    assert set(ema.average_state()) == {
+        "layers/dense/vars/0", "layers/dense/vars/1", "layers/batch_normalization/vars/0",
+        "layers/batch_normalization/vars/1", "layers/dense_1/vars/0", "layers/dense_1/vars/1",
+    }
+
+
+def test_ema_closed_form_swap_and_raw_weights_kept(tmp_path: Path) -> None:
+    model = _model()
+    ema = pk.EMACallback(0.8, warmup="timm", include_non_trainable=True, save_path=tmp_path / "ema.weights.h5")
+    probe = _Probe()
+    hist = model.fit(X, Y, epochs=2, batch_size=16, verbose=0, validation_data=(X, Y), callbacks=[ema, probe])
+    expected = _closed_form(probe.steps, ema.schedule)
+    for got, exp in zip(ema.average_weights(), expected, strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+    # validation ran on the average; training went on (and ended) with the raw weights
+    for got, exp in zip(probe.at_test[-1], expected, strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+    for got, raw in zip(probe.at_epoch_end[-1], probe.steps[-1], strict=True):
+        np.testing.assert_array_equal(got, raw)
+    for got, raw in zip(model.get_weights(), probe.steps[-1], strict=True):
+        np.testing.assert_array_equal(got, raw)
+    avg_model = _model()
+    avg_model.set_weights(ema.average_weights())
+    val = avg_model.evaluate(X, Y, verbose=0, return_dict=True)
+    assert hist.history["val_loss"][-1] == pytest.approx(val["loss"], rel=1e-5)
+    # evaluate / predict with the callback: the average, then the raw weights are back
+    assert model.evaluate(X, Y, verbose=0, callbacks=[ema], return_dict=True)["loss"] == pytest.approx(val["loss"], rel=1e-5)
+    np.testing.assert_allclose(model.predict(X, verbose=0, callbacks=[ema]), avg_model.predict(X, verbose=0), rtol=1e-5, atol=1e-6)
+    for got, raw in zip(model.get_weights(), probe.steps[-1], strict=True):
+        np.testing.assert_array_equal(got, raw)
+    # the saved file holds the average
+    loaded = _model(compiled=False)  # Keras refuses optimizer state into a fresh optimizer
+    loaded.load_weights(tmp_path / "ema.weights.h5")
+    for got, exp in zip(loaded.get_weights(), expected, strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_apply_at_end_every_and_resume() -> None:
+    model = _model()
+    ema = pk.EMACallback(half_life=4, every=2, start_epoch=1, apply_at_end=True)
+    model.fit(X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[ema])
+    assert ema.count == 3  # steps 4..9 of epochs 1-2, every 2 steps: 4, 6, 8
+    for got, exp in zip(model.get_weights(), ema.average_weights(), strict=True):
+        np.testing.assert_array_equal(got, exp)
+    state = ema.get_state()
+    json.dumps({k: v for k, v in state.items() if k != "averages"})
+    resumed = pk.EMACallback(0.5)
+    resumed.set_state(state)
+    model.fit(X, Y, epochs=2, batch_size=16, verbose=0, callbacks=[ema, resumed])
+    assert resumed.count == ema.count
+    for a, b in zip(resumed.average_weights(), ema.average_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_update_bn_cumulative_batch_statistics() -> None:
+    model = _model()
+    model.fit(X, Y, epochs=1, batch_size=16, verbose=0)
+    bn = model.layers[1]
+    momentum = bn.momentum
+    bn.moving_mean.assign(np.full(8, 5.0, "float32"))
+    pk.update_bn(model, X, batch_size=16)
+    h = keras.ops.convert_to_numpy(model.layers[0](X)).reshape(3, 16, 8)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), h.mean(axis=1).mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), h.var(axis=1).mean(axis=0), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == momentum
