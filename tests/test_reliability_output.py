@@ -255,3 +255,17 @@ def test_save_and_average_round_trip_every_writable_format(tmp_path: Path, name:
     for k in expected:
         np.testing.assert_array_equal(got[k], expected[k])
     assert leftovers(tmp_path) == []
+
+
+def test_parallel_sharded_replace_and_overlap(tmp_path: Path) -> None:
+    """The --workers path commits like the single-process writer (no mixed shards)."""
+    members = _members(tmp_path / "in", size=2000)
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    polyak.average(members, out=out, shard_size="10KB", workers=2)
+    second = polyak.average(members[1:], out=out, shard_size="30KB", workers=2, force=True)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(p.name for p in second.files)
+    index = out.parent / "model.safetensors.index.json"
+    with pytest.raises(polyak.OutputError, match="is also one of the inputs"):
+        polyak.average([index, members[0]], out=index, workers=2, force=True, order="given")
+    assert leftovers(tmp_path) == []

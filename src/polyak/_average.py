@@ -403,6 +403,9 @@ def average(
         if split:
             from ._parallel import average_parallel, close_distributed
 
+            index_path = shard_paths(out_path, 1)[0]
+            refuse_overlap([out_path, index_path], [f for src in sources for f in src.files()])
+
             try:
                 files = average_parallel(
                     chosen, w, out_infos, out_path, metadata, workers=workers, dist=dist, format=format,  # type: ignore[arg-type]

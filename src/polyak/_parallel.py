@@ -35,7 +35,13 @@ from ._atomic import AtomicFile, commit_many
 from ._dtypes import dtype_from_name, is_float
 from ._errors import ConfigError, OutputError, PolyakError
 from .formats import TensorInfo
-from .formats.safetensors import SafetensorsWriter, plan_shards, shard_paths
+from .formats.safetensors import (
+    SafetensorsWriter,
+    plan_shards,
+    remove_unused_shards,
+    retire_old_index,
+    shard_paths,
+)
 
 __all__ = ["DistContext", "ShardPlan", "average_parallel", "init_distributed", "plan_parallel"]
 
@@ -193,7 +199,16 @@ def _commit(plan: ShardPlan, metadata: Mapping[str, str], done: Sequence[tuple[s
         idx.abort()
         _remove([tmp for tmp, _ in done])
         raise
-    commit_many([(Path(t), Path(p)) for t, p in done] + [(idx.tmp, plan.index_path)])
+    try:
+        # Never an index over a mix of old and new shards (see retire_old_index).
+        old_shards = retire_old_index(plan.index_path, plan.shard_paths)
+        commit_many([(Path(t), Path(p)) for t, p in done])
+        commit_many([(idx.tmp, plan.index_path)])
+    except BaseException:
+        idx.abort()
+        _remove([tmp for tmp, _ in done])
+        raise
+    remove_unused_shards(old_shards, plan.shard_paths)
     return [*plan.shard_paths, plan.index_path]
 
 

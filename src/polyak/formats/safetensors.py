@@ -400,6 +400,37 @@ def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[Tenso
     return shards
 
 
+def retire_old_index(index_path: Path, new_shards: Sequence[Path]) -> set[Path]:
+    """Make an existing sharded output (``--force``) stop pointing at shards about to be replaced.
+
+    Several files cannot be renamed at once. If a new shard would replace a shard of the
+    old output, the old index is deleted first, so a crash in between leaves no index
+    (no output) rather than an index over a mix of old and new shards. When no names
+    collide, the old index stays valid until the new one replaces it atomically.
+    Returns the old output's shard paths (see :func:`remove_unused_shards`).
+    """
+    if not index_path.exists():
+        return set()
+    old: set[Path] = set()
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        wmap = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
+        old = {index_path.with_name(n) for n in set(wmap.values()) if isinstance(n, str) and Path(n).name == n}
+    if any(p.exists() for p in new_shards):
+        try:
+            index_path.unlink()
+        except OSError as exc:
+            raise OutputError(f"cannot replace {index_path}: {exc.strerror or exc}") from exc
+        fsync_dir(index_path.parent)
+    return old
+
+
+def remove_unused_shards(old_shards: set[Path], new_shards: Sequence[Path]) -> None:
+    """After the new index is in place: delete the replaced output's shards it does not use."""
+    for old in old_shards - set(new_shards):
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
 class ShardedSafetensorsWriter(TensorWriter):
     """Writes ``<stem>-0000i-of-0000n.safetensors`` shards and ``<stem>.safetensors.index.json``.
 
@@ -447,41 +478,15 @@ class ShardedSafetensorsWriter(TensorWriter):
         try:
             idx.write(json.dumps(index, indent=2, ensure_ascii=False).encode("utf-8"))
             idx.finish()
-            old_shards = self._retire_old_index()
+            old_shards = retire_old_index(self.index_path, self.shard_paths)
             commit_many([(w._file.tmp, p) for w, p in zip(self._writers, self.shard_paths, strict=True)])
             commit_many([(idx.tmp, self.index_path)])
         except BaseException:
             idx.abort()
             self.abort()
             raise
-        # Shards of a replaced output that the new index no longer uses.
-        for old in old_shards - set(self.shard_paths):
-            with contextlib.suppress(OSError):
-                old.unlink()
+        remove_unused_shards(old_shards, self.shard_paths)
         return [*self.shard_paths, self.index_path]
-
-    def _retire_old_index(self) -> set[Path]:
-        """Make an existing output (``--force``) stop pointing at shards about to be replaced.
-
-        Several files cannot be renamed at once. If a new shard would replace a shard of the
-        old output, the old index is deleted first, so a crash in between leaves no index
-        (no output) rather than an index over a mix of old and new shards. When no names
-        collide, the old index stays valid until the new one replaces it atomically.
-        Returns the old output's shard paths (deleted after the new index is in place).
-        """
-        if not self.index_path.exists():
-            return set()
-        old: set[Path] = set()
-        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-            wmap = json.loads(self.index_path.read_text(encoding="utf-8")).get("weight_map", {})
-            old = {self.index_path.with_name(n) for n in set(wmap.values()) if isinstance(n, str) and Path(n).name == n}
-        if any(p.exists() for p in self.shard_paths):
-            try:
-                self.index_path.unlink()
-            except OSError as exc:
-                raise OutputError(f"cannot replace {self.index_path}: {exc.strerror or exc}") from exc
-            fsync_dir(self.index_path.parent)
-        return old
 
     @property
     def targets(self) -> list[Path]:
