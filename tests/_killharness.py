@@ -288,9 +288,10 @@ for step in range(10_000):
 """,
     # All three in one process (one torch start per kill): the default test campaign.
     "torch-all": """
-import sys, torch
+import os, sys, torch
 from polyak.torch import EMA, CheckpointSaver
 root = sys.argv[1]
+os.makedirs(root + "/ema", exist_ok=True)
 savers = [CheckpointSaver(root + "/st", format=".safetensors"), CheckpointSaver(root + "/pt", format=".pt")]
 m = torch.nn.Linear(300, 300)
 ema = EMA(m, decay=0.5)

@@ -96,6 +96,8 @@ def fuzz(log: Path) -> str:
     out = []
     if done:
         out.append(f"atheris: {done[-1][0]} executions in {done[-1][1]} s")
+    elif progress := re.findall(r"^#(\d+)\s", text, flags=re.M):
+        out.append(f"atheris: stopped after about {progress[-1]} executions")
     if cov:
         out.append(f"final coverage: {cov[-1][0]} edges, {cov[-1][1]} features")
     if stats:
