@@ -304,6 +304,19 @@ for epoch in range(10_000):
     ema.update()
     ema.save(root + "/ema/ema.safetensors")
 """,
+    # Keras: CheckpointCallback (.keras and .weights.h5) saving at every epoch of a fit().
+    "keras-all": """
+import os, sys
+os.environ.setdefault("KERAS_BACKEND", "torch")
+import numpy as np, keras
+from polyak.keras import CheckpointCallback
+root = sys.argv[1]
+m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(64), keras.layers.Dense(4)])
+m.compile(optimizer="sgd", loss="mse")
+x, y = np.ones((8, 8), "float32"), np.zeros((8, 4), "float32")
+cbs = [CheckpointCallback(root + "/keras", format=".keras"), CheckpointCallback(root + "/weights", format=".weights.h5")]
+m.fit(x, y, epochs=100_000, verbose=0, callbacks=cbs)
+""",
 }
 
 
@@ -312,7 +325,8 @@ def _all_temps(folder: Path) -> set[str]:
 
 
 def _check_saver_file(path: Path) -> str | None:
-    """A checkpoint left after a kill must be complete: every tensor filled with one number."""
+    """A checkpoint left after a kill must be complete: it reads, and (torch scripts) every
+    tensor is filled with the checkpoint's number."""
     import re as _re
 
     try:
@@ -321,6 +335,8 @@ def _check_saver_file(path: Path) -> str | None:
             complete = all(np.all(np.asarray(src.read(n)) == np.asarray(src.read(n)).reshape(-1)[0]) for n in src.infos())
     except polyak.PolyakError as exc:
         return f"{path.name}: unreadable after a kill: {exc}"
+    if path.name.endswith((".keras", ".weights.h5")):
+        return None  # a Keras checkpoint: complete if every tensor reads (values change in fit)
     m = _re.search(r"_(\d+)\.", path.name)
     if m and values != {float(m.group(1))}:
         return f"{path.name}: holds {sorted(values)[:3]}, expected {m.group(1)}"
@@ -382,7 +398,8 @@ def run_saver_campaign(kind: str, folder: Path, *, kills: int, budget_s: float, 
         if sub.name in ("st", "pt") or kind in ("torch-safetensors", "torch-pt"):
             CheckpointSaver(sub)
         else:
-            cleanup_stale_temps(sub)  # what EMA.save -> polyak.save runs first
+            # What EMA.save -> polyak.save and CheckpointCallback.on_train_begin run first.
+            cleanup_stale_temps(sub)
     after = _all_temps(out)
     stats.temps_cleaned += len(before - after)
     if after:

@@ -6,7 +6,8 @@ Usage::
         [--fuzz-log FILE]
 
 * kills: the SIGKILL campaigns of tests/test_reliability_kill.py, ``--kills`` per campaign
-  (4 campaigns), each bounded to 30 s;
+  (4 campaigns, each bounded to 30 s), plus ``--kills // 3`` kills of a process saving
+  torch checkpoints and EMA state and of a Keras fit() with CheckpointCallback;
 * mutations: runs tests/test_hostile_mutations.py with ``POLYAK_MUTATIONS`` examples per
   sample format and reports how many mutated files were tried, read and refused;
 * fuzz: the totals of an atheris run (``make fuzz 2>&1 | tee FILE``), read from its log.
@@ -59,6 +60,22 @@ def kills(per_campaign: int) -> str:
         problems += len(s.problems)
         rows.append(
             f"| CheckpointSaver .safetensors + .pt, EMA.save (one process) | {s.kills} | "
+            f"{s.outputs_complete} checkpoints left, all complete | {s.temps_seen} / {s.temps_cleaned} | {len(s.problems)} |"
+        )
+        for p in s.problems:
+            print("PROBLEM:", p, file=sys.stderr)
+    except ImportError:
+        pass
+    try:
+        import keras  # noqa: F401
+
+        from _killharness import run_saver_campaign
+
+        s = run_saver_campaign("keras-all", folder / "keras", kills=max(per_campaign // 3, 1), budget_s=180, seed=11)
+        total += s.kills
+        problems += len(s.problems)
+        rows.append(
+            f"| Keras CheckpointCallback .keras + .weights.h5 (one fit) | {s.kills} | "
             f"{s.outputs_complete} checkpoints left, all complete | {s.temps_seen} / {s.temps_cleaned} | {len(s.problems)} |"
         )
         for p in s.problems:
