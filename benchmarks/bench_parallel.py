@@ -1,4 +1,4 @@
-"""Offline averaging split across local processes: ``workers=1`` vs ``workers=2`` in one run.
+"""Offline averaging split across worker threads: ``workers=1`` vs ``workers=2`` in one run.
 
 Writes ``--members`` float32 safetensors checkpoints of ``--member-mb`` MB each (default
 8 x 512 MB = 4 GB) into a temporary folder, averages them with ``polyak.average(...,
@@ -17,7 +17,6 @@ Run: ``.venv/bin/python benchmarks/bench_parallel.py`` (``--quick``: 8 x 16 MB).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -52,18 +51,6 @@ def bandwidth(procs: int, nbytes: int, reps: int) -> float:
     run = [subprocess.Popen([sys.executable, "-c", _KERNEL, str(nbytes), str(reps)], stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     rates = [float(p.communicate()[0]) for p in run]
     return sum(rates)
-
-
-def startup_seconds(procs: int) -> float:
-    """Wall time for ``procs`` fresh interpreters to import polyak's worker at once (best of 3)."""
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        run = [subprocess.Popen([sys.executable, "-c", "import polyak._parallel, polyak._average"], env={**os.environ, "PYTHONPATH": str(ROOT / "src")}) for _ in range(procs)]
-        for p in run:
-            p.wait()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def make_members(folder: Path, count: int, member_bytes: int) -> list[Path]:
@@ -123,12 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for w, s in best.items():
             print(f"workers={w}: {s:.2f} s  ({total / s / 1e9:.2f} GB/s of input)")
         speedup = best[1] / best[2]
-        start = startup_seconds(2)
-        print(f"speed-up workers=2 over workers=1: {speedup:.2f}x")
-        print(
-            f"of which starting 2 worker interpreters (python + import polyak) takes {start:.2f} s; "
-            f"without it: {best[1] / max(best[2] - start, 1e-9):.2f}x"
-        )
+        print(f"speed-up workers=2 over workers=1: {speedup:.2f}x  (target >= 1.3x)")
         probe = min(256 * 10**6, member_bytes * 2)
         reps = 2 if args.quick else 6
         one, two = bandwidth(1, probe, reps), bandwidth(2, probe, reps)

@@ -317,7 +317,7 @@ def average(
         keep_optimizer: Keras archives: copy the newest member's optimizer variables.
         force: Replace an existing output.
         progress: Show a progress bar on stderr (only on a terminal).
-        workers: Split the tensors across this many local processes (needs ``out`` and
+        workers: Split the tensors across this many worker threads (needs ``out`` and
             files as members). Above 1 the output is always sharded safetensors:
             ``<stem>.safetensors.index.json`` plus ``<stem>-0000i-of-0000n.safetensors``
             beside ``out``; the tensors are bit-identical to ``workers=1``.

@@ -71,7 +71,7 @@ def register(sub: Any) -> None:
     p.add_argument("--shard-size", help="split a safetensors output into shards of at most this size, e.g. 5GB")
     p.add_argument("--keep-optimizer", action="store_true", help="Keras archives: copy the newest member's optimizer state instead of dropping it")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="split the tensors across N local processes; the output becomes <stem>.safetensors.index.json + shards (default: 1)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="split the tensors across N worker threads; the output becomes <stem>.safetensors.index.json + shards (default: 1)")
     p.add_argument("--distributed", action="store_true", help="run as one rank of a torchrun job: each rank averages a share of the tensors from shared storage, rank 0 writes the index")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=run_average)

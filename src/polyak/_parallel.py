@@ -1,4 +1,4 @@
-"""Averaging split across local processes (``workers=N``) or torch.distributed ranks.
+"""Averaging split across local worker threads (``workers=N``) or torch.distributed ranks.
 
 Every output tensor depends on the same tensor of each member only, so the work splits by
 tensor name with no communication: each worker (or rank) opens the members itself, averages
@@ -129,7 +129,7 @@ def plan_parallel(
 
 @dataclass(frozen=True)
 class _Job:
-    """What one worker needs; plain data, so that it pickles for a spawned process."""
+    """What one worker needs; plain data (it also describes one rank's share of a distributed job)."""
 
     members: list[str]
     weights: list[float]
@@ -292,8 +292,8 @@ def average_parallel(
 
     With ``dist`` every rank of the torch.distributed job calls this with the same arguments
     and writes the shards it owns; rank 0 renames them all into place and writes the index
-    after every rank has finished. Otherwise ``workers`` local processes (spawned, so that
-    no state of the caller is shared) do the same and this process commits.
+    after every rank has finished. Otherwise ``workers`` threads of this process do the same
+    (see :func:`_run_local`) and this process commits.
 
     Returns:
         The shard paths and the index path (last).
@@ -322,88 +322,32 @@ def average_parallel(
 
 
 def _run_local(jobs: Sequence[_Job], out: Path) -> list[tuple[str, str]]:
-    """Run ``jobs[0]`` here and each other job in a ``python -m polyak._worker`` process.
+    """Run every job in a thread of this process; all finish or none count.
 
-    All finish or none count. Fresh interpreters rather than ``multiprocessing``: fork is
-    unsafe once torch (or any threaded library) is loaded, and spawn re-runs the caller's
-    ``__main__`` script, which breaks a plain script that calls :func:`polyak.average` at
-    top level. This process does the first share itself, so that its work overlaps the
-    children's start-up (a fresh interpreter takes a few tenths of a second).
+    Threads, not processes: the engine's inner loop is numpy ufuncs on chunks of 64K
+    elements, which release the GIL, so two threads keep two cores busy with no interpreter
+    start-up (a fresh process costs a few tenths of a second, as long as a whole 4 GB job
+    from the page cache) and no pickling. Each job opens the members itself (its own memory
+    maps) and writes its own shards, so the threads share nothing but the output folder.
+    When a job fails, the others still finish (a thread cannot be stopped) and everything
+    they wrote is deleted.
     """
-    import pickle
-    import subprocess
-    import sys
+    from concurrent.futures import ThreadPoolExecutor
 
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # so that the child imports this polyak
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    procs = []
-    try:
-        for job in jobs[1:]:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "polyak._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-            )
-            procs.append(proc)
-            proc.stdin.write(pickle.dumps(job))  # type: ignore[union-attr]  # stdin=PIPE
-            proc.stdin.close()  # type: ignore[union-attr]
-        done: list[tuple[str, str]] = []
-        errors: list[BaseException] = []
-        try:
-            done.extend(_run_job(jobs[0]))
-        except PolyakError as exc:  # still collect the children, to delete what they wrote
-            errors.append(exc)
-        for proc in procs:
-            raw = proc.stdout.read() if proc.stdout is not None else b""
-            if proc.stdout is not None:
-                proc.stdout.close()
-            code = proc.wait()
+    del out  # every job knows its own targets
+    done: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="polyak-worker") as pool:
+        futures = [pool.submit(_run_job, job) for job in jobs]
+        for future in futures:
             try:
-                status, value = pickle.loads(raw)  # our own child's answer, never a file's
-            except Exception:
-                status, value = "died", None
-            if status == "ok":
-                done.extend(value)
-            elif status == "error":
-                errors.append(value)
-            else:
-                errors.append(OutputError(
-                    f"a worker process died (exit code {code}) while writing {out} "
-                    "(killed, or out of memory?); nothing was written"
-                ))
-    except BaseException:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        raise
+                done.extend(future.result())
+            except BaseException as exc:  # collect every job before cleaning up
+                errors.append(exc)
     if errors:
         _remove([tmp for tmp, _ in done])
         raise errors[0]
     return done
-
-
-def worker_main() -> int:
-    """Entry point of a worker process: a pickled :class:`_Job` on stdin, the answer on stdout."""
-    import pickle
-    import sys
-
-    job = pickle.loads(sys.stdin.buffer.read())  # sent by the parent polyak process
-    try:
-        answer: tuple[str, Any] = ("ok", _run_job(job))
-    except PolyakError as exc:
-        answer = ("error", exc)
-    except Exception as exc:  # unexpected: pass the text on, the traceback is on stderr
-        import traceback
-
-        traceback.print_exc()
-        answer = ("error", OutputError(f"worker failed: {type(exc).__name__}: {exc}"))
-    try:
-        data = pickle.dumps(answer)
-    except Exception:
-        data = pickle.dumps(("error", OutputError(str(answer[1]))))
-    sys.stdout.buffer.write(data)
-    sys.stdout.flush()
-    return 0
 
 
 def _run_distributed(plan: ShardPlan, base: dict[str, Any], ctx: DistContext) -> list[Path]:
