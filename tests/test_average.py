@@ -182,3 +182,21 @@ def test_refuses_existing_output_and_input_as_output(tmp_path):
     polyak.average(paths, out=out, force=True)
     with pytest.raises(OutputError, match="also one of the inputs"):
         polyak.average(paths, out=paths[0], force=True)
+
+
+def test_large_tensors_split_across_threads_match_numpy(tmp_path):
+    # above polyak._average.PARALLEL_MIN elements the sum runs in parallel parts
+    from polyak._average import PARALLEL_MIN
+
+    rng = np.random.default_rng(11)
+    n = PARALLEL_MIN * 3 + 12345
+    states = [{"big": rng.normal(size=n).astype(np.float32), "half": rng.normal(size=n).astype(np.float16)} for _ in range(4)]
+    paths = write_members(tmp_path, states)
+    out = tmp_path / "avg.safetensors"
+    polyak.average(paths, scheme="linear", out=out)
+    assert_close_state(polyak.average([out]), reference_average(states, polyak.scheme_weights("linear", 4)))
+    states[2]["big"][n - 5] = np.inf  # in the last part
+    bad = write_members(tmp_path, states, stem="bad")
+    with pytest.raises(NonFiniteError, match="bad_2.safetensors"):
+        polyak.average(bad, out=tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -10,6 +10,7 @@ when one is found are the members searched for the culprit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -125,18 +126,27 @@ def _accumulate(
     bufs: _Buffers,
     *,
     first: bool,
-) -> None:
+    part: int = 0,
+) -> float:
     """``acc ← Σ w_i · x_i`` (or ``acc += ...`` when not ``first``), chunk by chunk.
 
     Members are the inner loop, so a chunk of the accumulator stays in the CPU cache while
     every member is added to it; narrow dtypes (bfloat16, float16) are widened into a
     scratch chunk first so that the products are computed at accumulator precision.
+    ``arrays`` and ``acc`` may be slices of whole tensors (``part`` picks the scratch
+    buffers, so that parts can run in parallel threads).
+
+    Returns:
+        The sum of ``acc`` (float64), taken chunk by chunk while each is in cache: it is
+        finite exactly when no element is NaN or Inf (or, rarely, when large finite
+        values overflow the sum, which the caller then checks element by element).
     """
     n = acc.size
     ws = [acc.dtype.type(w) for w in weights]
-    cast = bufs.get("cast", acc.dtype, min(n, CHUNK))
-    tmp = bufs.get("tmp", acc.dtype, min(n, CHUNK))
+    cast = bufs.get(f"cast{part}", acc.dtype, min(n, CHUNK))
+    tmp = bufs.get(f"tmp{part}", acc.dtype, min(n, CHUNK))
     flats = [a.reshape(-1) for a in arrays]
+    total = 0.0
     for a in range(0, n, CHUNK):
         b = min(a + CHUNK, n)
         dst = acc[a:b]
@@ -153,6 +163,76 @@ def _accumulate(
                 t = tmp[:m]
                 np.multiply(xs, w, out=t)
                 np.add(dst, t, out=dst)
+        total += float(np.add.reduce(dst, dtype=np.float64).real if dst.dtype.kind != "c" else np.add.reduce(dst).real)
+    return total
+
+
+#: Tensors below this many elements are averaged in one thread (a thread hand-off costs
+#: tens of microseconds).
+PARALLEL_MIN = 1 << 18
+
+
+def _accumulate_all(
+    arrays: Sequence[np.ndarray],
+    weights: np.ndarray,
+    acc: np.ndarray,
+    bufs: _Buffers,
+    pool: Any,
+    threads: int,
+) -> float:
+    """:func:`_accumulate` of whole tensors, split into ``threads`` contiguous parts.
+
+    numpy releases the GIL inside its loops, so the parts run on separate cores; each part
+    has its own scratch buffers (allocated here, in the calling thread).
+    """
+    n = acc.size
+    if threads <= 1 or pool is None or n < PARALLEL_MIN:
+        return _accumulate(arrays, weights, acc, bufs, first=True)
+    step = -(-n // threads // CHUNK) * CHUNK  # whole chunks per part
+    bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    for k, (lo, hi) in enumerate(bounds):  # allocate scratch buffers before the threads run
+        bufs.get(f"cast{k}", acc.dtype, min(hi - lo, CHUNK))
+        bufs.get(f"tmp{k}", acc.dtype, min(hi - lo, CHUNK))
+    flats = [a.reshape(-1) for a in arrays]
+    futures = [
+        pool.submit(_accumulate, [x[lo:hi] for x in flats], weights, acc[lo:hi], bufs, first=True, part=k)
+        for k, (lo, hi) in enumerate(bounds)
+    ]
+    return sum(f.result() for f in futures)
+
+
+class _WriteBehind:
+    """Writes each tensor in a background thread while the next one is being averaged.
+
+    Writing a tensor (a copy into the page cache) costs about as much as averaging it, and
+    the file write releases the GIL, so the two overlap on two cores. At most one write is
+    in flight, and the engine alternates between two sets of buffers, so the buffer being
+    written is never the one being filled. Order is kept: writes happen one after another.
+    """
+
+    def __init__(self, writer: TensorWriter) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyak-write")
+        self._pending: Any = None
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def put(self, name: str, value: np.ndarray) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self.writer.write, name, value)
+
+    def close(self) -> None:
+        """Wait for the last write (errors included) and stop the thread."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
@@ -174,11 +254,15 @@ def average_sources(
     writer: TensorWriter | None = None,
     progress: bool = False,
     check_finite: bool = True,
+    threads: int | None = None,
 ) -> dict[str, np.ndarray] | None:
     """Average opened sources with given normalised weights (oldest → newest).
 
-    With ``writer`` the tensors are streamed to it in its order and ``None`` is returned;
-    otherwise a dict of new arrays (each in its output dtype) is returned.
+    With ``writer`` the tensors are streamed to it in its order (written in a background
+    thread while the next tensor is averaged) and ``None`` is returned; otherwise a dict of
+    new arrays (each in its output dtype) is returned. Large tensors of memory-mapped
+    members are averaged in ``threads`` parallel parts (default: up to 2, the cores
+    memory bandwidth can feed; 1 when called from a worker of a parallel average).
     """
     w = np.asarray(weights, dtype=np.float64)
     if len(w) != len(sources):
@@ -190,6 +274,14 @@ def average_sources(
     newest = sources[-1]
     zero_copy = all(s.zero_copy for s in sources)
     bufs = _Buffers()
+    if threads is None:
+        threads = min(2, os.cpu_count() or 1)
+    pool = None
+    if threads > 1 and zero_copy:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polyak-average")
+    behind = _WriteBehind(writer) if writer is not None else None
     order = writer.order if writer is not None else list(ref_infos)
     result: dict[str, np.ndarray] = {}
     total = sum(ref_infos[n].nbytes for n in order) * len(sources)
@@ -200,28 +292,30 @@ def average_sources(
     errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
     errstate.__enter__()
     try:
-        for name in order:
+        for k, name in enumerate(order):
             info = ref_infos[name]
+            slot = k % 2  # the write of tensor k-1 may still read the other slot's buffers
             if not is_float(info.dtype):
                 value = newest.read(name)
-                if writer is not None:
-                    writer.write(name, value)
+                if behind is not None:
+                    behind.put(name, value)
                 else:
                     result[name] = np.array(value, copy=True)
                 bar.update(info.nbytes * len(sources))
                 continue
             acc_dt = accumulator_dtype(info.dtype)
             target = out_dtype if out_dtype is not None else np.dtype(info.dtype)
-            acc = bufs.get("acc", acc_dt, info.size)
+            acc = bufs.get(f"acc{slot}", acc_dt, info.size)
+            probe = 0.0  # the result's sum: finite unless an element is NaN/Inf
             if info.size:
                 if zero_copy:
                     # Views of memory maps: every member's tensor at once costs nothing.
-                    _accumulate([s.read(name) for s in sources], w, acc, bufs, first=True)
+                    probe = _accumulate_all([s.read(name) for s in sources], w, acc, bufs, pool, threads)
                 else:
                     # Formats that copy on read: one member's tensor at a time.
                     for i, s in enumerate(sources):
-                        _accumulate([s.read(name)], [w[i]], acc, bufs, first=i == 0)
-            if check_finite and info.size and not math.isfinite(float(np.add.reduce(acc, dtype=np.float64 if acc_dt.kind != "c" else acc_dt).real)):
+                        probe = _accumulate([s.read(name)], [w[i]], acc, bufs, first=i == 0)
+            if check_finite and info.size and not math.isfinite(probe):
                 if not np.isfinite(acc).all():
                     culprits = _find_nonfinite(name, sources)
                     who = ", ".join(culprits) if culprits else "none of the members (overflow while averaging)"
@@ -231,15 +325,22 @@ def average_sources(
                     )
             value = acc.reshape(info.shape)
             if target != acc_dt:
-                out = bufs.get("out", target, info.size).reshape(info.shape)
+                out = bufs.get(f"out{slot}", target, info.size).reshape(info.shape)
                 np.copyto(out, value, casting="unsafe")
                 value = out
-            if writer is not None:
-                writer.write(name, value)
+            if behind is not None:
+                behind.put(name, value)
             else:
                 result[name] = np.array(value, copy=True)
             bar.update(info.nbytes * len(sources))
+        if behind is not None:
+            behind.close()
     finally:
+        if behind is not None:
+            with contextlib.suppress(BaseException):  # the error in flight is the one raised
+                behind.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
         errstate.__exit__(None, None, None)
         bar.close()
     return None if writer is not None else result

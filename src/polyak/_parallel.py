@@ -164,7 +164,8 @@ def _run_job(job: _Job) -> list[tuple[str, str]]:
                 writer = SafetensorsWriter(Path(target), out_infos, metadata=job.metadata)
                 with writer:
                     average_sources(
-                        sources, job.weights, infos=in_infos, dtype=job.dtype, int_policy=job.int_policy, writer=writer
+                        sources, job.weights, infos=in_infos, dtype=job.dtype, int_policy=job.int_policy,
+                        writer=writer, threads=1,  # the workers themselves are the parallelism
                     )
                     done.append((str(writer.finish()), target))
     except BaseException:
