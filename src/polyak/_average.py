@@ -27,6 +27,7 @@ import numpy as np
 from ._atomic import check_output_path, cleanup_stale_temps, refuse_overlap
 from ._dtypes import accumulator_dtype, dtype_from_name, dtype_name, is_float
 from ._errors import ConfigError, NonFiniteError
+from ._kernel import Buffers, WriteBehind, accumulate, accumulate_all
 from ._members import MemberLike, check_members, open_members, select_members
 from ._progress import Progress
 from ._schemes import get_scheme, scheme_weights
@@ -36,9 +37,6 @@ from .formats.safetensors import shard_paths
 
 __all__ = ["AverageResult", "average", "average_sources", "parse_size"]
 
-#: Elements per chunk: small enough that a chunk of every member and the accumulator stay
-#: in the CPU cache, large enough that Python overhead is negligible.
-CHUNK = 1 << 16
 
 __version__ = "0.1.0"
 
@@ -100,141 +98,6 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-class _Buffers:
-    """Accumulator and scratch space, grown on demand and reused for every tensor.
-
-    Fresh large allocations cost far more than reusing memory (page faults on every new
-    page), so each buffer is allocated once at the size of the largest tensor seen.
-    """
-
-    def __init__(self) -> None:
-        self._pool: dict[tuple[str, np.dtype], np.ndarray] = {}
-
-    def get(self, slot: str, dtype: np.dtype, n: int) -> np.ndarray:
-        dt = np.dtype(dtype)
-        buf = self._pool.get((slot, dt))
-        if buf is None or buf.size < n:
-            buf = np.empty(max(n, 1), dtype=dt)
-            self._pool[(slot, dt)] = buf
-        return buf[:n]
-
-
-def _accumulate(
-    arrays: Sequence[np.ndarray],
-    weights: Sequence[float] | np.ndarray,
-    acc: np.ndarray,
-    bufs: _Buffers,
-    *,
-    first: bool,
-    part: int = 0,
-) -> float:
-    """``acc ← Σ w_i · x_i`` (or ``acc += ...`` when not ``first``), chunk by chunk.
-
-    Members are the inner loop, so a chunk of the accumulator stays in the CPU cache while
-    every member is added to it; narrow dtypes (bfloat16, float16) are widened into a
-    scratch chunk first so that the products are computed at accumulator precision.
-    ``arrays`` and ``acc`` may be slices of whole tensors (``part`` picks the scratch
-    buffers, so that parts can run in parallel threads).
-
-    Returns:
-        The sum of ``acc`` (float64), taken chunk by chunk while each is in cache: it is
-        finite exactly when no element is NaN or Inf (or, rarely, when large finite
-        values overflow the sum, which the caller then checks element by element).
-    """
-    n = acc.size
-    ws = [acc.dtype.type(w) for w in weights]
-    cast = bufs.get(f"cast{part}", acc.dtype, min(n, CHUNK))
-    tmp = bufs.get(f"tmp{part}", acc.dtype, min(n, CHUNK))
-    flats = [a.reshape(-1) for a in arrays]
-    total = 0.0
-    for a in range(0, n, CHUNK):
-        b = min(a + CHUNK, n)
-        dst = acc[a:b]
-        m = b - a
-        for i, (x, w) in enumerate(zip(flats, ws)):
-            xs = x[a:b]
-            if xs.dtype != acc.dtype:
-                c = cast[:m]
-                np.copyto(c, xs, casting="unsafe")
-                xs = c
-            if i == 0 and first:
-                np.multiply(xs, w, out=dst)
-            else:
-                t = tmp[:m]
-                np.multiply(xs, w, out=t)
-                np.add(dst, t, out=dst)
-        total += float(np.add.reduce(dst, dtype=np.float64).real if dst.dtype.kind != "c" else np.add.reduce(dst).real)
-    return total
-
-
-#: Tensors below this many elements are averaged in one thread (a thread hand-off costs
-#: tens of microseconds).
-PARALLEL_MIN = 1 << 18
-
-
-def _accumulate_all(
-    arrays: Sequence[np.ndarray],
-    weights: np.ndarray,
-    acc: np.ndarray,
-    bufs: _Buffers,
-    pool: Any,
-    threads: int,
-) -> float:
-    """:func:`_accumulate` of whole tensors, split into ``threads`` contiguous parts.
-
-    numpy releases the GIL inside its loops, so the parts run on separate cores; each part
-    has its own scratch buffers (allocated here, in the calling thread).
-    """
-    n = acc.size
-    if threads <= 1 or pool is None or n < PARALLEL_MIN:
-        return _accumulate(arrays, weights, acc, bufs, first=True)
-    step = -(-n // threads // CHUNK) * CHUNK  # whole chunks per part
-    bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-    for k, (lo, hi) in enumerate(bounds):  # allocate scratch buffers before the threads run
-        bufs.get(f"cast{k}", acc.dtype, min(hi - lo, CHUNK))
-        bufs.get(f"tmp{k}", acc.dtype, min(hi - lo, CHUNK))
-    flats = [a.reshape(-1) for a in arrays]
-    futures = [
-        pool.submit(_accumulate, [x[lo:hi] for x in flats], weights, acc[lo:hi], bufs, first=True, part=k)
-        for k, (lo, hi) in enumerate(bounds)
-    ]
-    return sum(f.result() for f in futures)
-
-
-class _WriteBehind:
-    """Writes each tensor in a background thread while the next one is being averaged.
-
-    Writing a tensor (a copy into the page cache) costs about as much as averaging it, and
-    the file write releases the GIL, so the two overlap on two cores. At most one write is
-    in flight, and the engine alternates between two sets of buffers, so the buffer being
-    written is never the one being filled. Order is kept: writes happen one after another.
-    """
-
-    def __init__(self, writer: TensorWriter) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.writer = writer
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyak-write")
-        self._pending: Any = None
-
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is done; re-raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def put(self, name: str, value: np.ndarray) -> None:
-        self.wait()
-        self._pending = self._pool.submit(self.writer.write, name, value)
-
-    def close(self) -> None:
-        """Wait for the last write (errors included) and stop the thread."""
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
 def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
     bad = []
     for src in sources:
@@ -273,7 +136,7 @@ def average_sources(
         raise ConfigError(f"--dtype must be a floating-point dtype, got {dtype!r}")
     newest = sources[-1]
     zero_copy = all(s.zero_copy for s in sources)
-    bufs = _Buffers()
+    bufs = Buffers()
     if threads is None:
         threads = min(2, os.cpu_count() or 1)
     pool = None
@@ -281,7 +144,7 @@ def average_sources(
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polyak-average")
-    behind = _WriteBehind(writer) if writer is not None else None
+    behind = WriteBehind(writer) if writer is not None else None
     order = writer.order if writer is not None else list(ref_infos)
     result: dict[str, np.ndarray] = {}
     total = sum(ref_infos[n].nbytes for n in order) * len(sources)
@@ -310,11 +173,11 @@ def average_sources(
             if info.size:
                 if zero_copy:
                     # Views of memory maps: every member's tensor at once costs nothing.
-                    probe = _accumulate_all([s.read(name) for s in sources], w, acc, bufs, pool, threads)
+                    probe = accumulate_all([s.read(name) for s in sources], w, acc, bufs, pool, threads)
                 else:
                     # Formats that copy on read: one member's tensor at a time.
                     for i, s in enumerate(sources):
-                        probe = _accumulate([s.read(name)], [w[i]], acc, bufs, first=i == 0)
+                        probe = accumulate([s.read(name)], [w[i]], acc, bufs, first=i == 0)
             if check_finite and info.size and not math.isfinite(probe):
                 if not np.isfinite(acc).all():
                     culprits = _find_nonfinite(name, sources)
