@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -50,38 +51,24 @@ def kills(per_campaign: int) -> str:
         rows.append(f"| {c.name} | {s.kills} | {s.outputs_absent} / {s.outputs_complete} | {s.temps_seen} / {s.temps_cleaned} | {len(s.problems)} |")
         for p in s.problems:
             print("PROBLEM:", p, file=sys.stderr)
-    try:
-        import torch  # noqa: F401
-
+    saver_campaigns = [  # (framework, campaign, what the row says, time budget, seed)
+        ("torch", "torch-all", "CheckpointSaver .safetensors + .pt, EMA.save (one process)", 120, 9),
+        ("keras", "keras-all", "Keras CheckpointCallback .keras + .weights.h5 (one fit)", 180, 11),
+    ]
+    for framework, campaign, what, budget, seed in saver_campaigns:
+        if importlib.util.find_spec(framework) is None:
+            continue
         from _killharness import run_saver_campaign
 
-        s = run_saver_campaign("torch-all", folder / "savers", kills=max(per_campaign // 3, 1), budget_s=120, seed=9)
+        s = run_saver_campaign(campaign, folder / framework, kills=max(per_campaign // 3, 1), budget_s=budget, seed=seed)
         total += s.kills
         problems += len(s.problems)
         rows.append(
-            f"| CheckpointSaver .safetensors + .pt, EMA.save (one process) | {s.kills} | "
-            f"{s.outputs_complete} checkpoints left, all complete | {s.temps_seen} / {s.temps_cleaned} | {len(s.problems)} |"
+            f"| {what} | {s.kills} | {s.outputs_complete} checkpoints left, all complete | "
+            f"{s.temps_seen} / {s.temps_cleaned} | {len(s.problems)} |"
         )
         for p in s.problems:
             print("PROBLEM:", p, file=sys.stderr)
-    except ImportError:
-        pass
-    try:
-        import keras  # noqa: F401
-
-        from _killharness import run_saver_campaign
-
-        s = run_saver_campaign("keras-all", folder / "keras", kills=max(per_campaign // 3, 1), budget_s=180, seed=11)
-        total += s.kills
-        problems += len(s.problems)
-        rows.append(
-            f"| Keras CheckpointCallback .keras + .weights.h5 (one fit) | {s.kills} | "
-            f"{s.outputs_complete} checkpoints left, all complete | {s.temps_seen} / {s.temps_cleaned} | {len(s.problems)} |"
-        )
-        for p in s.problems:
-            print("PROBLEM:", p, file=sys.stderr)
-    except ImportError:
-        pass
     rows.append(f"| **total** | **{total}** | | | **{problems}** |")
     return "\n".join(rows)
 
