@@ -91,7 +91,7 @@ def register(sub: Any) -> None:
 
 def run_average(args: argparse.Namespace) -> int:
     from ._average import average
-    from ._inspect import human_bytes
+    from ._progress import human_bytes
 
     if args.last is not None and args.last < 1:
         raise ConfigError(f"--last must be at least 1, got {args.last}")

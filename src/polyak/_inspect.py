@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ._progress import human_bytes
 from .formats import TensorInfo, detect_format, open_source
 
 
@@ -86,14 +87,6 @@ def inspect(path: str | os.PathLike[str], *, format: str | None = None, key: str
     fmt = detect_format(path, format)
     with open_source(path, format=fmt.name, key=key) as src:
         return Inspection(str(path), fmt.name, list(src.infos().values()), src.metadata(), src.extras())
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def format_inspection(ins: Inspection, *, limit: int | None = 50) -> str:

@@ -7,6 +7,20 @@ import time
 from typing import TextIO
 
 
+def human_bytes(n: float) -> str:
+    """``1234567`` → ``"1.2 MB"`` (decimal units, as disk sizes are sold).
+
+    Example:
+        >>> human_bytes(999), human_bytes(1234567)
+        ('999 B', '1.2 MB')
+    """
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 class Progress:
     """Progress over a known total (bytes, steps, epochs...).
 
@@ -41,13 +55,7 @@ class Progress:
         self._drawn = False
 
     def _fmt(self, value: float) -> str:
-        if self.unit != "B":
-            return f"{value:.0f}"
-        for unit in ("B", "KB", "MB", "GB", "TB"):
-            if value < 1000 or unit == "TB":
-                return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
-            value /= 1000
-        return f"{value:.1f} TB"
+        return human_bytes(value) if self.unit == "B" else f"{value:.0f}"
 
     def update(self, amount: float = 1.0) -> None:
         self.done += amount
