@@ -197,10 +197,11 @@ def average_sources(
                 result[name] = np.array(value, copy=True)
             bar.update(info.nbytes * len(sources))
         if behind is not None:
-            behind.close()
+            closing, behind = behind, None
+            closing.close()  # raises the last write's error, if any
     finally:
-        if behind is not None:
-            with contextlib.suppress(BaseException):  # the error in flight is the one raised
+        if behind is not None:  # only when an error is already on its way out
+            with contextlib.suppress(BaseException):
                 behind.close()
         if pool is not None:
             pool.shutdown(wait=True)
