@@ -250,30 +250,22 @@ def save_campaign(folder: Path, suffix: str = ".safetensors") -> Campaign:
     return Campaign(f"polyak.save {suffix}", [sys.executable, "-c", SAVE_SCRIPT, str(out)], [], out, False, None)
 
 
+_TORCH_SAVER = """
+import sys, torch
+from polyak.torch import CheckpointSaver
+saver = CheckpointSaver(sys.argv[1], format="FORMAT")
+m = torch.nn.Linear(300, 300)
+for epoch in range(10_000):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float(epoch))
+    saver.save(m, epoch=epoch)
+"""
+
 SAVER_SCRIPTS = {
     # Every checkpoint N holds tensors filled with N, so a file can be checked on its own.
-    "torch-safetensors": """
-import sys, torch
-from polyak.torch import CheckpointSaver
-saver = CheckpointSaver(sys.argv[1], format=".safetensors")
-m = torch.nn.Linear(300, 300)
-for epoch in range(10_000):
-    with torch.no_grad():
-        for p in m.parameters():
-            p.fill_(float(epoch))
-    saver.save(m, epoch=epoch)
-""",
-    "torch-pt": """
-import sys, torch
-from polyak.torch import CheckpointSaver
-saver = CheckpointSaver(sys.argv[1], format=".pt")
-m = torch.nn.Linear(300, 300)
-for epoch in range(10_000):
-    with torch.no_grad():
-        for p in m.parameters():
-            p.fill_(float(epoch))
-    saver.save(m, epoch=epoch)
-""",
+    "torch-safetensors": _TORCH_SAVER.replace("FORMAT", ".safetensors"),
+    "torch-pt": _TORCH_SAVER.replace("FORMAT", ".pt"),
     "torch-ema-state": """
 import sys, torch
 from polyak.torch import EMA
