@@ -22,6 +22,7 @@ test: install lint
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 demo: install
 	$(VENV)/bin/polyak demo

@@ -29,8 +29,8 @@ def _rank_main(width: int, layers: int, reps: int) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from polyak._torch_common import local_tensor
     from polyak.torch import EMA
+    from polyak.torch._common import local_tensor
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

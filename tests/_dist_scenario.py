@@ -62,7 +62,7 @@ def main(out: Path) -> None:
     ema = EMA(model, decay=DECAY)
     report["local_shapes"] = {k: list(v.shape) for k, v in ema.state.tensors.items()}
     train(model, ema, rank, world)
-    from polyak._torch_common import local_tensor
+    from polyak.torch._common import local_tensor
 
     with ema.average_parameters(model):
         report["swapped"] = all(

@@ -185,8 +185,8 @@ def test_refuses_existing_output_and_input_as_output(tmp_path):
 
 
 def test_large_tensors_split_across_threads_match_numpy(tmp_path):
-    # above polyak._kernel.PARALLEL_MIN elements the sum runs in parallel parts
-    from polyak._kernel import PARALLEL_MIN
+    # above polyak._engine.kernel.PARALLEL_MIN elements the sum runs in parallel parts
+    from polyak._engine.kernel import PARALLEL_MIN
 
     rng = np.random.default_rng(11)
     n = PARALLEL_MIN * 3 + 12345

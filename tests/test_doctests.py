@@ -9,9 +9,9 @@ CORE = [
     "polyak",
     "polyak._schemes",
     "polyak._schedules",
-    "polyak._average",
+    "polyak._engine.average",
     "polyak._atomic",
-    "polyak._inspect",
+    "polyak._engine.inspect",
     "polyak._progress",
 ]
 

@@ -14,7 +14,7 @@ import polyak
 from _helpers import random_state, write_members
 from polyak import ConfigError, NonFiniteError
 from polyak._atomic import TEMP_MARK
-from polyak._parallel import plan_parallel
+from polyak._engine.parallel import plan_parallel
 from polyak.formats import TensorInfo
 from polyak.formats.safetensors import plan_shards
 

@@ -127,7 +127,7 @@ def test_read_only_folder_refused_up_front_as_root(tmp_path: Path, monkeypatch: 
     real_access = os.access
     monkeypatch.setattr(atomic.os, "access", lambda p, m: False if Path(p) == ro else real_access(p, m))
     opened: list[Any] = []
-    monkeypatch.setattr(polyak._average, "open_members", lambda *a, **k: opened.append(a))  # type: ignore[attr-defined]
+    monkeypatch.setattr(polyak._engine.average, "open_members", lambda *a, **k: opened.append(a))  # type: ignore[attr-defined]
     with pytest.raises(polyak.OutputError, match="not writable"):
         polyak.average(members, out=ro / "avg.safetensors")
     assert opened == []  # refused before any member was opened
@@ -147,8 +147,8 @@ def test_output_equal_to_an_input_refused_under_any_spelling(tmp_path: Path, mon
     members = _members(tmp_path / "in")
     before = members[-1].read_bytes()
     opened: list[Any] = []
-    real = polyak._average.open_members  # type: ignore[attr-defined]
-    monkeypatch.setattr(polyak._average, "open_members", lambda *a, **k: opened.append(a) or real(*a, **k))  # type: ignore[attr-defined]
+    real = polyak._engine.average.open_members  # type: ignore[attr-defined]
+    monkeypatch.setattr(polyak._engine.average, "open_members", lambda *a, **k: opened.append(a) or real(*a, **k))  # type: ignore[attr-defined]
     for spelling in _spellings(members, tmp_path):
         with pytest.raises(polyak.OutputError, match="is also one of the inputs"):
             polyak.average(members, out=spelling, force=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import polyak
-from polyak._results import normalize_metrics
+from polyak._choose.metrics import normalize_metrics
 from polyak.formats import TensorInfo, TensorSource
 from polyak.formats._memory import MappingSource
 

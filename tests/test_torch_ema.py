@@ -237,7 +237,7 @@ def test_invalid_options() -> None:
 
 
 def test_staged_chunks_match_direct_lerp(monkeypatch: pytest.MonkeyPatch) -> None:
-    from polyak import _torch_plan
+    from polyak.torch import _plan as _torch_plan
 
     monkeypatch.setattr(_torch_plan, "STAGE_ELEMENTS_CPU", 40)  # many small chunks
     m = make_model(6, torch.bfloat16)

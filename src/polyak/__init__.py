@@ -11,13 +11,28 @@ Example:
     [0.186, 0.307, 0.506]
 """
 
-from ._average import AverageResult as AverageResult
-from ._average import average as average
-from ._average import parse_size as parse_size
-from ._diagnose import AveragingWarning as AveragingWarning
-from ._diagnose import Diagnosis as Diagnosis
-from ._diagnose import check_results as check_results
-from ._diagnose import diagnose as diagnose
+from ._choose.diagnose import AveragingWarning as AveragingWarning
+from ._choose.diagnose import Diagnosis as Diagnosis
+from ._choose.diagnose import check_results as check_results
+from ._choose.diagnose import diagnose as diagnose
+from ._choose.results import SweepResults as SweepResults
+from ._choose.results import SweepRow as SweepRow
+from ._choose.select import Selection as Selection
+from ._choose.select import SelectionBiasWarning as SelectionBiasWarning
+from ._choose.select import SoupResult as SoupResult
+from ._choose.select import greedy_soup as greedy_soup
+from ._choose.select import select as select
+from ._choose.sweep import Evaluate as Evaluate
+from ._choose.sweep import Predict as Predict
+from ._choose.sweep import Score as Score
+from ._choose.sweep import sweep as sweep
+from ._engine.average import AverageResult as AverageResult
+from ._engine.average import average as average
+from ._engine.average import parse_size as parse_size
+from ._engine.inspect import Inspection as Inspection
+from ._engine.inspect import inspect as inspect
+from ._engine.inspect import save as save
+from ._engine.members import order_members as order_members
 from ._errors import ConfigError as ConfigError
 from ._errors import FormatError as FormatError
 from ._errors import MismatchError as MismatchError
@@ -27,29 +42,13 @@ from ._errors import PolyakError as PolyakError
 from ._errors import PolyakWarning as PolyakWarning
 from ._errors import SchemeError as SchemeError
 from ._errors import UnsafeFileError as UnsafeFileError
-from ._inspect import Inspection as Inspection
-from ._inspect import inspect as inspect
-from ._inspect import save as save
-from ._members import order_members as order_members
-from ._results import SweepResults as SweepResults
-from ._results import SweepRow as SweepRow
 from ._schedules import DecaySchedule as DecaySchedule
 from ._schedules import make_schedule as make_schedule
 from ._schemes import get_scheme as get_scheme
 from ._schemes import scheme_names as scheme_names
 from ._schemes import scheme_weights as scheme_weights
-from ._select import Selection as Selection
-from ._select import SelectionBiasWarning as SelectionBiasWarning
-from ._select import SoupResult as SoupResult
-from ._select import greedy_soup as greedy_soup
-from ._select import select as select
-from ._sweep import Evaluate as Evaluate
-from ._sweep import Predict as Predict
-from ._sweep import Score as Score
-from ._sweep import sweep as sweep
+from ._version import __version__ as __version__
 from .formats import open_source as open_source
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AverageResult",

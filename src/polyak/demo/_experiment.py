@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from .._choose.results import SweepResults, SweepRow
+from .._choose.select import select
+from .._choose.sweep import sweep
 from .._errors import ConfigError
-from .._results import SweepResults, SweepRow
-from .._select import select
-from .._sweep import sweep
 from ._data import load_blobs
 from ._model import Evaluator
 from ._train import Recipe, train_keras, train_torch

@@ -31,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from ._dtypes import is_float
-from ._errors import PolyakWarning
-from ._members import MemberLike, check_members, open_members, select_members
-from ._results import SweepResults, _sign
-from ._schemes import scheme_weights
+from .._dtypes import is_float
+from .._engine.members import MemberLike, check_members, open_members, select_members
+from .._errors import PolyakWarning
+from .._schemes import scheme_weights
+from .metrics import mode_sign
+from .results import SweepResults
 
 __all__ = ["MAX_DISTANCE", "MAX_DROP", "MIN_COSINE", "AveragingWarning", "Diagnosis", "check_results", "diagnose"]
 
@@ -104,7 +105,7 @@ def check_results(results: SweepResults, metric: str, *, split: str | None = Non
     Returns:
         One message per flagged (scheme, n), worst first; empty when all is well.
     """
-    sign = _sign(mode)
+    sign = mode_sign(mode)
     split = split or results.splits[0]
     results.check_metric(metric, split)
     singles = {r.n: r.value(metric, split) for r in results.rows if r.kind == "single"}

@@ -8,9 +8,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ._errors import ConfigError, MismatchError
-from ._torch_common import canonical_name, feed, move_batch
-from .formats.torch_pt import numpy_to_tensor
+from .._errors import ConfigError, MismatchError
+from ..formats.torch_pt import numpy_to_tensor
+from ._common import canonical_name, feed, move_batch
 
 __all__ = ["Evaluate", "evaluator", "update_bn"]
 

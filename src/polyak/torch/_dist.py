@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from ._atomic import TEMP_MARK, fsync_dir, temp_path_for
-from ._errors import ConfigError, FormatError, OutputError
-from ._torch_common import canonical_name, local_tensor
+from .._atomic import TEMP_MARK, fsync_dir, temp_path_for
+from .._errors import ConfigError, FormatError, OutputError
+from ._common import canonical_name, local_tensor
 
 __all__ = ["export", "is_sharded", "load_sharded", "local_tensor", "save_sharded"]
 
@@ -179,7 +179,7 @@ def load_sharded(averager: Any, path: str | os.PathLike[str]) -> None:
     if entry is None or not hasattr(entry, "size"):
         raise FormatError(f"{folder}: no averager record; it was not written by polyak.torch save_sharded()")
     saved = {k[len(TENSORS_KEY) + 1:] for k in meta if k.startswith(TENSORS_KEY + ".")}
-    from ._torch_common import match_names
+    from ._common import match_names
 
     match_names(averager.state.tensors, saved, what="the saved averaged tensors and this averager's",
                 where=str(folder), fix="load the state of an averager of the same model")
@@ -214,9 +214,9 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
     Returns:
         ``path`` on rank 0, ``None`` on other ranks.
     """
-    from .formats import TensorInfo
-    from .formats.safetensors import SafetensorsWriter
-    from .formats.torch_pt import _numpy_dtype, tensor_to_numpy
+    from ..formats import TensorInfo
+    from ..formats.safetensors import SafetensorsWriter
+    from ..formats.torch_pt import _numpy_dtype, tensor_to_numpy
 
     out = Path(path)
     if not out.name.endswith(".safetensors"):
@@ -249,6 +249,6 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
 
 
 def _order(infos: list[Any]) -> list[str]:
-    from .formats.safetensors import _sorted_for_file
+    from ..formats.safetensors import _sorted_for_file
 
     return [i.name for i in _sorted_for_file(infos)]

@@ -26,14 +26,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._dtypes import accumulator_dtype, is_float
-from ._errors import ConfigError, NonFiniteError, SchemeError
-from ._members import MemberLike, check_members, open_members, select_members
-from ._progress import Progress
-from ._results import SweepResults, SweepRow, normalize_metrics
-from ._schemes import check_alpha
-from .formats import TensorInfo, TensorSource
-from .formats._memory import to_numpy
+from .._dtypes import accumulator_dtype, is_float
+from .._engine.members import MemberLike, check_members, open_members, select_members
+from .._errors import ConfigError, NonFiniteError, SchemeError
+from .._progress import Progress
+from .._schemes import check_alpha
+from ..formats import TensorInfo, TensorSource
+from ..formats._memory import to_numpy
+from .metrics import normalize_metrics
+from .results import SweepResults, SweepRow
 
 __all__ = ["BASELINES", "SWEEP_SCHEMES", "Evaluate", "Predict", "Score", "sweep"]
 

@@ -8,9 +8,9 @@ import os
 import sys
 from typing import Any
 
-from ._errors import ConfigError
-from ._members import ORDERS
-from ._schemes import SCHEMES
+from .._engine.members import ORDERS
+from .._errors import ConfigError
+from .._schemes import SCHEMES
 
 
 def _weights(text: str) -> list[float]:
@@ -21,7 +21,7 @@ def _weights(text: str) -> list[float]:
 
 
 def _formats() -> list[str]:
-    from .formats import format_names
+    from ..formats import format_names
 
     return format_names()
 
@@ -90,8 +90,8 @@ def register(sub: Any) -> None:
 
 
 def run_average(args: argparse.Namespace) -> int:
-    from ._average import average
-    from ._progress import human_bytes
+    from .._engine.average import average
+    from .._progress import human_bytes
 
     if args.last is not None and args.last < 1:
         raise ConfigError(f"--last must be at least 1, got {args.last}")
@@ -132,7 +132,7 @@ def run_average(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from ._inspect import format_inspection, inspect
+    from .._engine.inspect import format_inspection, inspect
 
     ins = inspect(args.checkpoint, format=args.format, key=args.key)
     if args.json:

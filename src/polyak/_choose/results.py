@@ -1,79 +1,28 @@
 """What a sweep measured: one row per evaluated model, and helpers to read the rows.
 
-Metrics follow one convention everywhere (evaluate, predict/score, select, reports):
-**split → metric name → number**, e.g. ``{"validation": {"accuracy": 0.81}, "test":
-{"accuracy": 0.80}}``. An evaluate function that returns a flat ``{"accuracy": 0.8}``
-has evaluated one split, stored under the name :data:`DEFAULT_SPLIT` (``"eval"``).
+Each row's metrics are ``{split: {metric: number}}`` (see :mod:`.metrics`). The reports
+(table, JSON, CSV, figures) are rendered by :mod:`.report`, which reads these rows and
+never imports this module at run time; the methods here only hand ``self`` to it.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import ConfigError
+from .._errors import ConfigError
+from .metrics import mode_sign
+from .report import format_table, plot_alphas, plot_sweep, write_csv, write_json
 
-__all__ = ["DEFAULT_SPLIT", "KINDS", "SweepResults", "SweepRow", "normalize_metrics"]
-
-#: Split name given to the metrics of an evaluate function that returns a flat dict.
-DEFAULT_SPLIT = "eval"
+__all__ = ["KINDS", "SweepResults", "SweepRow"]
 
 #: Row kinds: an average of the newest n members, one member alone, or the average of
 #: the predictions of the newest n members.
 KINDS = ("average", "single", "prediction_ensemble")
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, int, float)):
-        try:
-            return float(value)  # numpy / torch scalars
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"{where} is {value!r} ({type(value).__name__}); evaluate must return numbers"
-            ) from None
-    return float(value)
-
-
-def normalize_metrics(raw: Any, *, source: str = "evaluate") -> dict[str, dict[str, float]]:
-    """Bring what an evaluate/score function returned into ``{split: {metric: float}}``.
-
-    Args:
-        raw: ``{"validation": {"accuracy": ..}, "test": {..}}`` (splits) or a flat
-            ``{"accuracy": .., "loss": ..}`` (one split, named ``"eval"``).
-        source: Names the function in error messages.
-
-    Raises:
-        ConfigError: Not a mapping, empty, a mix of numbers and nested dicts, or a value
-            that is not a number.
-
-    Example:
-        >>> normalize_metrics({"accuracy": 0.5})
-        {'eval': {'accuracy': 0.5}}
-    """
-    if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(
-            f"{source} must return a non-empty dict of metrics, e.g. {{'accuracy': 0.8}} or "
-            f"{{'validation': {{'accuracy': 0.8}}, 'test': {{'accuracy': 0.79}}}}; got {raw!r}"
-        )
-    nested = [isinstance(v, Mapping) for v in raw.values()]
-    if all(nested):
-        out: dict[str, dict[str, float]] = {}
-        for split, metrics in raw.items():
-            if not metrics:
-                raise ConfigError(f"{source} returned no metrics for split {split!r}")
-            out[str(split)] = {str(k): _number(v, f"{source}: {split}/{k}") for k, v in metrics.items()}
-        return out
-    if any(nested):
-        raise ConfigError(
-            f"{source} returned a mix of numbers and dicts ({list(raw)}); return either "
-            "{metric: number} or {split: {metric: number}}"
-        )
-    return {DEFAULT_SPLIT: {str(k): _number(v, f"{source}: {k}") for k, v in raw.items()}}
 
 
 @dataclass(frozen=True)
@@ -198,7 +147,7 @@ class SweepResults:
     def best(self, metric: str, split: str, *, mode: str = "max", kinds: Sequence[str] = ("average",)) -> SweepRow:
         """The row with the best ``metric`` on ``split`` (ties: the smallest n, then sweep order)."""
         self.check_metric(metric, split)
-        sign = _sign(mode)
+        sign = mode_sign(mode)
         rows = [r for r in self.rows if r.kind in kinds and not math.isnan(r.value(metric, split))]
         if not rows:
             raise ConfigError(f"no {'/'.join(kinds)} rows have {split}/{metric}")
@@ -239,40 +188,24 @@ class SweepResults:
         )
 
     def table(self, metric: str, split: str | None = None, *, mode: str = "max", color: bool | None = None) -> str:
-        """A text table of ``metric`` (see :func:`polyak._report.format_table`)."""
-        from ._report import format_table
-
+        """A text table of ``metric`` (see :func:`polyak._choose.report.format_table`)."""
         return format_table(self, metric, split, mode=mode, color=color)
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the results as JSON (atomically); read back with :meth:`from_dict`."""
-        from ._report import write_json
-
         return write_json(self, path)
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write one CSV line per row with ``split/metric`` columns (atomically)."""
-        from ._report import write_csv
-
         return write_csv(self, path)
 
     def plot(self, path: str | os.PathLike[str], metric: str, split: str | None = None) -> Path:
         """The tutorial's figure as PNG: members alone (dots), averages of the newest n (lines)."""
-        from ._report import plot_sweep
-
         return plot_sweep(self, path, metric, split)
 
     def plot_alphas(self, path: str | os.PathLike[str], metric: str, split: str | None = None) -> Path:
         """Exponential averages, one line per decay rate alpha, as PNG."""
-        from ._report import plot_alphas
-
         return plot_alphas(self, path, metric, split)
 
     def __repr__(self) -> str:
         return f"<SweepResults: {len(self.members)} members, {len(self.rows)} rows, splits {self.splits}>"
-
-
-def _sign(mode: str) -> float:
-    if mode not in ("max", "min"):
-        raise ConfigError(f"mode must be 'max' (higher is better) or 'min' (lower is better), got {mode!r}")
-    return 1.0 if mode == "max" else -1.0

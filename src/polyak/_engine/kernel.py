@@ -1,7 +1,7 @@
 """The averaging engine's inner kernels: reused buffers, the chunked weighted sum, and the
 background writer.
 
-Kept apart from :mod:`polyak._average` (which validates, plans and reports) because these
+Kept apart from :mod:`polyak._engine.average` (which validates, plans and reports) because these
 are the hot paths whose shape the benchmarks measure (``benchmarks/bench_average.py``).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .formats import TensorWriter
+from ..formats import TensorWriter
 
 __all__ = ["CHUNK", "PARALLEL_MIN", "Buffers", "WriteBehind", "accumulate", "accumulate_all"]
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from ._dtypes import accumulator_dtype, is_float
-from ._errors import ConfigError, PolyakWarning
-from ._members import MemberLike, check_members, open_members, select_members
-from ._progress import Progress
-from ._results import SweepResults, SweepRow, _sign, normalize_metrics
-from ._sweep import CHUNK, Evaluate
-from .formats import TensorInfo, TensorSource
+from .._dtypes import accumulator_dtype, is_float
+from .._engine.members import MemberLike, check_members, open_members, select_members
+from .._errors import ConfigError, PolyakWarning
+from .._progress import Progress
+from ..formats import TensorInfo, TensorSource
+from .metrics import mode_sign, normalize_metrics
+from .results import SweepResults, SweepRow
+from .sweep import CHUNK, Evaluate
 
 __all__ = ["Selection", "SelectionBiasWarning", "SoupResult", "greedy_soup", "select"]
 
@@ -119,7 +120,7 @@ def select(
         >>> str(select(SweepResults(rows, ["a", "b", "c"]), "acc"))
         'chose equal, n=2 on validation acc 0.75; test acc 0.72'
     """
-    _sign(mode)
+    mode_sign(mode)
     if on not in results.splits:
         raise ConfigError(
             f"no split {on!r} to select on; the results have {results.splits}. Return "
@@ -247,7 +248,7 @@ def greedy_soup(
     References:
         Wortsman et al. 2022, "Model soups", arXiv:2203.05482 (greedy soup, Recipe 1).
     """
-    sign = _sign(mode)
+    sign = mode_sign(mode)
     chosen = select_members(members, last=last, order=order)
 
     def value(metrics: Mapping[str, Mapping[str, float]]) -> float:

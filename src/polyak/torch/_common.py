@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._errors import MismatchError
+from .._errors import MismatchError
 
 __all__ = [
     "WRAPPER_PREFIXES",
@@ -100,7 +100,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), sharing its storage; any other tensor as is.
 
     Averagers keep and update only this shard: EMA is elementwise, so no communication is
-    needed (see :mod:`polyak._torch_dist` for saving and exporting sharded averages).
+    needed (see :mod:`polyak.torch._dist` for saving and exporting sharded averages).
     """
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     if dtensor is not None and isinstance(t, dtensor):

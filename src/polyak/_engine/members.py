@@ -11,10 +11,10 @@ from typing import Any, Union
 
 import numpy as np
 
-from ._dtypes import dtype_name, is_float, is_integer_like
-from ._errors import ConfigError, FormatError, MismatchError
-from .formats import TensorInfo, TensorSource, open_source
-from .formats._memory import MappingSource
+from .._dtypes import dtype_name, is_float, is_integer_like
+from .._errors import ConfigError, FormatError, MismatchError
+from ..formats import TensorInfo, TensorSource, open_source
+from ..formats._memory import MappingSource
 
 __all__ = [
     "KNOWN_PREFIXES",

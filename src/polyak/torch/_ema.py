@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from ._errors import ConfigError, FormatError
-from ._schedules import DecaySchedule, make_schedule
-from ._torch_averagers import _Averager
+from .._errors import ConfigError, FormatError
+from .._schedules import DecaySchedule, make_schedule
+from ._averagers import _Averager
 
 __all__ = ["EMA", "SWA"]
 

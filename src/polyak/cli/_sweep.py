@@ -13,8 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ._errors import ConfigError, OutputError
-from ._members import ORDERS
+from .._engine.members import ORDERS
+from .._errors import ConfigError, OutputError
 
 SWEEP_EPILOG = """\
 --eval names a Python function as MODULE:NAME (an importable module, the current folder
@@ -151,10 +151,10 @@ def _prepare_out(out: str, force: bool, names: list[str]) -> Path:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from ._diagnose import check_results, diagnose
-    from ._report import format_table, plot_alphas, plot_sweep, write_csv, write_json
-    from ._select import select
-    from ._sweep import sweep
+    from .._choose.diagnose import check_results, diagnose
+    from .._choose.report import format_table, plot_alphas, plot_sweep, write_csv, write_json
+    from .._choose.select import select
+    from .._choose.sweep import sweep
 
     if args.last is not None and args.last < 1:
         raise ConfigError(f"--last must be at least 1, got {args.last}")

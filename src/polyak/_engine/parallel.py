@@ -2,7 +2,7 @@
 
 Every output tensor depends on the same tensor of each member only, so the work splits by
 tensor name with no communication: each worker (or rank) opens the members itself, averages
-its share of the tensors with the ordinary engine (:func:`polyak._average.average_sources`)
+its share of the tensors with the ordinary engine (:func:`polyak._engine.stream.average_sources`)
 and writes its own safetensors shards. The numbers are therefore bit-identical to a single
 process: the same code computes every tensor from the same bytes.
 
@@ -31,17 +31,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ._atomic import AtomicFile, commit_many
-from ._dtypes import dtype_from_name, is_float
-from ._errors import ConfigError, OutputError, PolyakError
-from .formats import TensorInfo
-from .formats.safetensors import (
+from .._atomic import AtomicFile, commit_many
+from .._dtypes import dtype_from_name, is_float
+from .._errors import ConfigError, OutputError, PolyakError
+from ..formats import TensorInfo
+from ..formats.safetensors import (
     SafetensorsWriter,
     plan_shards,
     remove_unused_shards,
     retire_old_index,
     shard_paths,
 )
+from .members import open_members
+from .stream import average_sources
 
 __all__ = ["DistContext", "ShardPlan", "average_parallel", "init_distributed", "plan_parallel"]
 
@@ -147,9 +149,6 @@ def _run_job(job: _Job) -> list[tuple[str, str]]:
 
     On any error the temporaries this worker wrote are deleted before the error propagates.
     """
-    from ._average import average_sources
-    from ._members import open_members
-
     out_dt = None if job.dtype is None else dtype_from_name(job.dtype)
     done: list[tuple[str, str]] = []
     try:

@@ -13,12 +13,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ._errors import PolyakError
+from .._errors import PolyakError
+from .._version import __version__
 
 #: Modules that add subcommands, in the order ``--help`` lists them.
 SUBCOMMANDS = (
-    "polyak._cli_average",
-    "polyak._cli_sweep",
+    "polyak.cli._average",
+    "polyak.cli._sweep",
     "polyak.demo._cli",
 )
 
@@ -34,8 +35,6 @@ Run `polyak COMMAND --help` for the options of each command.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="polyak",
         description="Average neural-network weights (Polyak–Ruppert averaging) of Keras and PyTorch checkpoints.",

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ._progress import human_bytes
-from .formats import TensorInfo, detect_format, open_source
+from .._progress import human_bytes
+from ..formats import TensorInfo, detect_format, open_source
 
 
 @dataclass
@@ -130,9 +130,9 @@ def save(state: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[
         >>> polyak.inspect(p).parameters
         3
     """
-    from ._atomic import check_output_path, cleanup_stale_temps
-    from .formats import open_writer
-    from .formats._memory import MappingSource
+    from .._atomic import check_output_path, cleanup_stale_temps
+    from ..formats import open_writer
+    from ..formats._memory import MappingSource
 
     out = check_output_path(path, force=force)
     cleanup_stale_temps(out.parent)

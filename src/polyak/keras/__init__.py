@@ -23,12 +23,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from ._average import average as _average
-from ._errors import ConfigError, MismatchError, PolyakError
-from ._keras_checkpoint import CheckpointCallback
-from ._keras_ema import EMACallback
-from ._keras_names import variable_names
-from ._members import order_members
+from .._engine.average import average as _average
+from .._engine.members import order_members
+from .._errors import ConfigError, MismatchError, PolyakError
+from ._checkpoint import CheckpointCallback
+from ._ema import EMACallback
+from ._names import variable_names
 
 __all__ = [
     "CheckpointCallback",

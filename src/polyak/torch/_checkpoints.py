@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._atomic import AtomicFile, cleanup_stale_temps
-from ._errors import ConfigError, MismatchError
-from ._torch_common import WRAPPER_PREFIXES, canonical_name, is_writer_rank
-from .formats import open_writer
-from .formats._base import TensorInfo
-from .formats.torch_pt import numpy_to_tensor, tensor_to_numpy
+from .._atomic import AtomicFile, cleanup_stale_temps
+from .._errors import ConfigError, MismatchError
+from ..formats import open_writer
+from ..formats._base import TensorInfo
+from ..formats.torch_pt import numpy_to_tensor, tensor_to_numpy
+from ._common import WRAPPER_PREFIXES, canonical_name, is_writer_rank
 
 __all__ = ["CheckpointSaver", "LoadReport", "load_average"]
 
@@ -225,7 +225,7 @@ def load_average(
     Raises:
         MismatchError: Names differ (strict) or shapes differ (always); all listed at once.
     """
-    from ._average import average
+    from .._engine.average import average
 
     if "out" in kwargs:
         raise ConfigError("load_average fills a module; use polyak.average(out=...) to write a file")

@@ -13,8 +13,8 @@ from typing import Any
 
 import keras
 
-from ._atomic import TEMP_MARK, cleanup_stale_temps, commit_many
-from ._errors import ConfigError, OutputError
+from .._atomic import TEMP_MARK, cleanup_stale_temps, commit_many
+from .._errors import ConfigError, OutputError
 
 __all__ = ["CheckpointCallback"]
 

@@ -10,10 +10,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from ._errors import ConfigError, MismatchError, PolyakError
-from ._keras_checkpoint import save_model_atomic
-from ._keras_names import variable_names
-from ._schedules import DecaySchedule, make_schedule
+from .._errors import ConfigError, MismatchError, PolyakError
+from .._schedules import DecaySchedule, make_schedule
+from ._checkpoint import save_model_atomic
+from ._names import variable_names
 
 __all__ = ["EMACallback"]
 

@@ -28,21 +28,21 @@ from __future__ import annotations
 
 import torch  # noqa: F401  - the user opted in to torch by importing polyak.torch
 
-from ._torch_averagers import AveragerState as AveragerState
-from ._torch_checkpoints import CheckpointSaver as CheckpointSaver
-from ._torch_checkpoints import LoadReport as LoadReport
-from ._torch_checkpoints import load_average as load_average
-from ._torch_common import WRAPPER_PREFIXES as WRAPPER_PREFIXES
-from ._torch_common import canonical_name as canonical_name
-from ._torch_dist import export as export
-from ._torch_dist import load_sharded as load_sharded
-from ._torch_dist import save_sharded as save_sharded
-from ._torch_ema import EMA as EMA
-from ._torch_ema import SWA as SWA
-from ._torch_eval import Evaluate as Evaluate
-from ._torch_eval import default_metric as default_metric
-from ._torch_eval import evaluator as evaluator
-from ._torch_eval import update_bn as update_bn
+from ._averagers import AveragerState as AveragerState
+from ._checkpoints import CheckpointSaver as CheckpointSaver
+from ._checkpoints import LoadReport as LoadReport
+from ._checkpoints import load_average as load_average
+from ._common import WRAPPER_PREFIXES as WRAPPER_PREFIXES
+from ._common import canonical_name as canonical_name
+from ._dist import export as export
+from ._dist import load_sharded as load_sharded
+from ._dist import save_sharded as save_sharded
+from ._ema import EMA as EMA
+from ._ema import SWA as SWA
+from ._eval import Evaluate as Evaluate
+from ._eval import default_metric as default_metric
+from ._eval import evaluator as evaluator
+from ._eval import update_bn as update_bn
 
 __all__ = [
     "EMA",

@@ -18,8 +18,8 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ._errors import ConfigError, FormatError, MismatchError
-from ._torch_common import (
+from .._errors import ConfigError, FormatError, MismatchError
+from ._common import (
     Slot,
     is_averaged,
     is_writer_rank,
@@ -28,7 +28,7 @@ from ._torch_common import (
     named_slots,
     named_tensors,
 )
-from ._torch_plan import UpdatePlan, build_plan
+from ._plan import UpdatePlan, build_plan
 
 __all__ = ["AveragerState", "read_averager_file"]
 
@@ -262,12 +262,12 @@ class _Averager:
         ``polyak average``) and restored with :meth:`load` or :meth:`load_state_dict`.
         Written atomically, on rank 0 only (returns ``None`` on other ranks).
         """
-        from ._inspect import save as save_state
+        from .._engine.inspect import save as save_state
 
         out = Path(path)
         if out.suffix != ".safetensors":
             raise ConfigError(f"averagers are saved as .safetensors files, got {out}; for torch.save use state_dict()")
-        from ._torch_dist import is_sharded
+        from ._dist import is_sharded
 
         if is_sharded(self.module):  # rank 0 holds only its shards: the file would be wrong
             raise ConfigError(
@@ -301,8 +301,8 @@ class _Averager:
 
 def read_averager_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The :meth:`~_Averager.state_dict` stored in a file written by ``save``."""
-    from .formats import open_source
-    from .formats.torch_pt import numpy_to_tensor
+    from ..formats import open_source
+    from ..formats.torch_pt import numpy_to_tensor
 
     src = open_source(path)
     try:

@@ -15,11 +15,14 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._atomic import atomic_write_bytes
-from ._errors import ConfigError
-from ._results import SweepResults, SweepRow, _sign
+from .._atomic import atomic_write_bytes
+from .._errors import ConfigError
+from .metrics import mode_sign
+
+if TYPE_CHECKING:
+    from .results import SweepResults, SweepRow
 
 __all__ = ["format_table", "plot_alphas", "plot_sweep", "write_csv", "write_json"]
 
@@ -60,7 +63,7 @@ def format_table(
         mode: ``"max"`` or ``"min"``: which value is best.
         color: Bold the best values; default: when stdout is a terminal.
     """
-    sign = _sign(mode)
+    sign = mode_sign(mode)
     split = split or results.splits[0]
     results.check_metric(metric, split)
     if color is None:

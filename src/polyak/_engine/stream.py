@@ -1,0 +1,139 @@
+"""Stream opened members through the kernels: one tensor at a time, into a writer or a dict.
+
+For each tensor the members are combined chunk by chunk into one float32 (float64 for
+float64 tensors) accumulator that is allocated once and reused, so memory is the output
+plus a few tensors, never all members. Integer and bool tensors are copied from the newest
+member. Both the single-process average (:mod:`.average`) and every worker of a parallel
+one (:mod:`.parallel`) compute their tensors here, which is why their outputs are
+bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .._dtypes import accumulator_dtype, dtype_from_name, is_float
+from .._errors import ConfigError, NonFiniteError
+from .._progress import Progress
+from ..formats import TensorInfo, TensorSource, TensorWriter
+from .kernel import Buffers, WriteBehind, accumulate, accumulate_all
+from .members import check_members
+
+__all__ = ["average_sources"]
+
+
+def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
+    bad = []
+    for src in sources:
+        x = src.read(name)
+        if not np.isfinite(x.astype(np.float32) if x.dtype.kind not in "fc" else x).all():
+            bad.append(src.label)
+    return bad
+
+
+def average_sources(
+    sources: Sequence[TensorSource],
+    weights: Sequence[float] | np.ndarray,
+    *,
+    infos: Sequence[TensorInfo] | None = None,
+    dtype: str | None = None,
+    int_policy: str = "newest",
+    writer: TensorWriter | None = None,
+    progress: bool = False,
+    check_finite: bool = True,
+    threads: int | None = None,
+) -> dict[str, np.ndarray] | None:
+    """Average opened sources with given normalised weights (oldest → newest).
+
+    With ``writer`` the tensors are streamed to it in its order (written in a background
+    thread while the next tensor is averaged) and ``None`` is returned; otherwise a dict of
+    new arrays (each in its output dtype) is returned. Large tensors of memory-mapped
+    members are averaged in ``threads`` parallel parts (default: up to 2, the cores
+    memory bandwidth can feed; 1 when called from a worker of a parallel average).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) != len(sources):
+        raise ConfigError(f"{len(w)} weights for {len(sources)} members")
+    ref_infos = {i.name: i for i in (infos if infos is not None else check_members(sources, int_policy=int_policy))}
+    out_dtype = None if dtype is None else dtype_from_name(dtype)
+    if out_dtype is not None and not is_float(out_dtype):
+        raise ConfigError(f"--dtype must be a floating-point dtype, got {dtype!r}")
+    newest = sources[-1]
+    zero_copy = all(s.zero_copy for s in sources)
+    bufs = Buffers()
+    if threads is None:
+        threads = min(2, os.cpu_count() or 1)
+    pool = None
+    if threads > 1 and zero_copy:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polyak-average")
+    behind = WriteBehind(writer) if writer is not None else None
+    order = writer.order if writer is not None else list(ref_infos)
+    result: dict[str, np.ndarray] = {}
+    total = sum(ref_infos[n].nbytes for n in order) * len(sources)
+    bar = Progress(total, "averaging", enabled=progress)
+    # NaN/Inf are found and reported below (NonFiniteError, naming member and tensor);
+    # numpy's RuntimeWarnings about them would only add noise (or, under -W error, an
+    # exception that is not a PolyakError).
+    errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
+    errstate.__enter__()
+    try:
+        for k, name in enumerate(order):
+            info = ref_infos[name]
+            slot = k % 2  # the write of tensor k-1 may still read the other slot's buffers
+            if not is_float(info.dtype):
+                value = newest.read(name)
+                if behind is not None:
+                    behind.put(name, value)
+                else:
+                    result[name] = np.array(value, copy=True)
+                bar.update(info.nbytes * len(sources))
+                continue
+            acc_dt = accumulator_dtype(info.dtype)
+            target = out_dtype if out_dtype is not None else np.dtype(info.dtype)
+            acc = bufs.get(f"acc{slot}", acc_dt, info.size)
+            probe = 0.0  # the result's sum: finite unless an element is NaN/Inf
+            if info.size:
+                if zero_copy:
+                    # Views of memory maps: every member's tensor at once costs nothing.
+                    probe = accumulate_all([s.read(name) for s in sources], w, acc, bufs, pool, threads)
+                else:
+                    # Formats that copy on read: one member's tensor at a time.
+                    for i, s in enumerate(sources):
+                        probe = accumulate([s.read(name)], [w[i]], acc, bufs, first=i == 0)
+            if check_finite and info.size and not math.isfinite(probe):
+                if not np.isfinite(acc).all():
+                    culprits = _find_nonfinite(name, sources)
+                    who = ", ".join(culprits) if culprits else "none of the members (overflow while averaging)"
+                    raise NonFiniteError(
+                        f"tensor \"{name}\" has NaN or Inf values in: {who}. Averaging would spread them "
+                        "into the result; drop that member (e.g. with --last) or repair it first"
+                    )
+            value = acc.reshape(info.shape)
+            if target != acc_dt:
+                out = bufs.get(f"out{slot}", target, info.size).reshape(info.shape)
+                np.copyto(out, value, casting="unsafe")
+                value = out
+            if behind is not None:
+                behind.put(name, value)
+            else:
+                result[name] = np.array(value, copy=True)
+            bar.update(info.nbytes * len(sources))
+        if behind is not None:
+            closing, behind = behind, None
+            closing.close()  # raises the last write's error, if any
+    finally:
+        if behind is not None:  # only when an error is already on its way out
+            with contextlib.suppress(BaseException):
+                behind.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
+        errstate.__exit__(None, None, None)
+        bar.close()
+    return None if writer is not None else result
