@@ -11,6 +11,7 @@ CORE = [
     "polyak._schedules",
     "polyak._engine.average",
     "polyak._atomic",
+    "polyak._layout",
     "polyak._engine.inspect",
     "polyak._progress",
 ]

@@ -11,8 +11,9 @@ from typing import Any, Union
 
 import numpy as np
 
-from .._dtypes import dtype_name, is_float, is_integer_like
+from .._dtypes import is_float, is_integer_like
 from .._errors import ConfigError, FormatError, MismatchError
+from .._layout import compare_layouts, mismatch_error, quoted
 from ..formats import TensorInfo, TensorSource, open_source
 from ..formats._memory import MappingSource
 
@@ -207,11 +208,6 @@ def open_members(
                 src.close()
 
 
-def _quoted(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(f'"{n}"' for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _prefix_hint(ref: set[str], other: set[str], label: str) -> str | None:
     for p in KNOWN_PREFIXES:
         if {p + k for k in ref} == other:
@@ -249,46 +245,28 @@ def check_members(sources: Sequence[TensorSource], *, int_policy: str = "newest"
         raise FormatError(f"{ref.label}: the checkpoint holds no tensors")
     problems: list[str] = []
     hints: list[str] = []
-    ref_keys = set(ref_infos)
     for src in sources[:-1]:
-        infos = src.infos()
-        keys = set(infos)
-        missing = sorted(ref_keys - keys)
-        unexpected = sorted(keys - ref_keys)
-        if missing:
-            problems.append(f"{src.label}: missing {len(missing)} tensor(s) that {ref.label} has: {_quoted(missing)}")
-        if unexpected:
-            problems.append(f"{src.label}: {len(unexpected)} unexpected tensor(s) that {ref.label} lacks: {_quoted(unexpected)}")
-        if missing or unexpected:
-            hint = _prefix_hint(ref_keys, keys, src.label)
+        diff = compare_layouts(ref_infos, src.infos(), (ref.label, src.label))
+        problems += diff.problems()
+        if diff.missing or diff.unexpected:
+            hint = _prefix_hint(set(ref_infos), set(src.infos()), src.label)
             if hint and hint not in hints:
                 hints.append(hint)
-        for name in sorted(ref_keys & keys):
-            a, b = infos[name], ref_infos[name]
-            if a.shape != b.shape:
-                problems.append(f"{src.label}: tensor \"{name}\" has shape {a.shape}, {ref.label} has {b.shape}")
-            elif np.dtype(a.dtype) != np.dtype(b.dtype):
-                problems.append(
-                    f"{src.label}: tensor \"{name}\" is {dtype_name(a.dtype)}, {ref.label} has {dtype_name(b.dtype)}"
-                )
     if int_policy == "error":
         ints = [n for n, i in ref_infos.items() if is_integer_like(i.dtype)]
         if ints:
             problems.append(
-                f"integer/bool tensors cannot be averaged and int_policy is 'error': {_quoted(ints)}; "
+                f"integer/bool tensors cannot be averaged and int_policy is 'error': {quoted(ints)}; "
                 "use --int-policy newest to copy them from the newest member"
             )
     odd = [n for n, i in ref_infos.items() if not is_float(i.dtype) and not is_integer_like(i.dtype)]
     if odd:
-        problems.append(f"tensors of unsupported dtypes: {_quoted(odd)}")
+        problems.append(f"tensors of unsupported dtypes: {quoted(odd)}")
     if problems:
-        head = (
-            f"the {len(sources)} members do not match ({len(problems)} problem(s)); polyak averages "
-            "tensors by name and needs the same names, shapes and dtypes in every member:"
+        raise mismatch_error(
+            f"the {len(sources)} members do not match",
+            problems,
+            hints=hints,
+            fix="polyak averages tensors by name and needs the same names, shapes and dtypes in every member",
         )
-        lines = [head, *("  " + p for p in problems[:50])]
-        if len(problems) > 50:
-            lines.append(f"  ... and {len(problems) - 50} more")
-        lines += ["hint: " + h for h in hints]
-        raise MismatchError("\n".join(lines))
     return list(ref_infos.values())

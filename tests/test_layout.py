@@ -1,0 +1,74 @@
+"""polyak._layout: the one matcher of names, shapes and dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polyak import MismatchError
+from polyak._layout import compare_layouts, dtype_label, mismatch_error
+
+
+def _layout(**shapes):
+    return {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+
+
+def test_every_kind_of_difference_is_found_wherever_it_sits():
+    expected = _layout(a=(1,), b=(2, 2), c=(3,), d=(4,), e=(5,))
+    found = _layout(a=(1,), b=(2, 3), d=(4,), e=(5,), zz=(1,), bb=(1,))
+    found["d"] = found["d"].astype(np.float64)
+    diff = compare_layouts(expected, found, ("ref", "other"))
+    assert not diff.ok
+    assert diff.missing == ["c"]  # in the middle of expected's order
+    assert diff.unexpected == ["bb", "zz"]
+    assert diff.shapes == [("b", (2, 2), (2, 3))]
+    assert diff.dtypes == [("d", "float32", "float64")]
+    assert diff.problems() == [
+        'other: missing 1 tensor(s) that ref has: "c"',
+        'other: 2 unexpected tensor(s) that ref lacks: "bb", "zz"',
+        'other: tensor "b" has shape (2, 3), ref has (2, 2)',
+        'other: tensor "d" is float64, ref has float32',
+    ]
+
+
+def test_options_relax_only_what_they_name():
+    expected, found = _layout(a=(1,), b=(2,)), _layout(b=(2,), c=(1,))
+    found["b"] = found["b"].astype(np.float16)
+    assert compare_layouts(expected, found, missing_ok=True).missing == []
+    assert compare_layouts(expected, found, missing_ok=True).unexpected == ["c"]
+    assert compare_layouts(expected, found, unexpected_ok=True).unexpected == []
+    assert compare_layouts(expected, found, unexpected_ok=True).missing == ["a"]
+    assert compare_layouts(expected, found, dtypes=False).dtypes == []
+    assert compare_layouts(expected, found).dtypes == [("b", "float32", "float16")]
+    assert compare_layouts(expected, dict(expected)).ok
+
+
+def test_dtype_labels_across_frameworks():
+    import ml_dtypes
+
+    assert dtype_label(np.zeros(1, np.float32)) == "float32"
+    assert dtype_label(np.zeros(1, ml_dtypes.bfloat16)) == "bfloat16"
+    assert dtype_label([1.0]) is None
+
+    class KerasLike:
+        dtype = "float16"
+        shape = (1,)
+
+    assert dtype_label(KerasLike()) == "float16"
+    torch = pytest.importorskip("torch")
+    assert dtype_label(torch.zeros(1, dtype=torch.bfloat16)) == "bfloat16"
+    diff = compare_layouts({"w": np.zeros((2,), np.float32)}, {"w": torch.zeros(2)})
+    assert diff.ok
+
+
+def test_one_error_lists_everything_and_the_fix():
+    problems = [f"p{i}" for i in range(60)]
+    err = mismatch_error("the things do not match", problems, fix="do this", hints=["look here"])
+    assert isinstance(err, MismatchError)
+    lines = str(err).splitlines()
+    assert lines[0] == "the things do not match (60 problem(s)):"
+    assert lines[1] == "  p0" and lines[50] == "  p49" and lines[51] == "  ... and 10 more"
+    assert lines[-2:] == ["hint: look here", "do this"]
+    with pytest.raises(MismatchError, match=r'(?s)the model does not fit.*"c".*reload'):
+        compare_layouts(_layout(c=(1,)), {}, ("the file", "the model")).raise_if_any(
+            "the model does not fit", fix="reload")
