@@ -28,6 +28,7 @@ __all__ = [
     "check_output_path",
     "cleanup_stale_temps",
     "fsync_dir",
+    "fsync_file",
     "refuse_overlap",
     "temp_path_for",
 ]
@@ -35,9 +36,14 @@ __all__ = [
 TEMP_MARK = ".polyak-tmp-"
 
 
-def temp_path_for(target: Path) -> Path:
-    """A fresh, recognisable temporary path beside ``target``."""
-    return target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+def temp_path_for(target: Path, suffix: str = "") -> Path:
+    """A fresh, recognisable temporary path beside ``target``.
+
+    With ``suffix`` (which ``target``'s name must end in) the temporary name still ends in
+    it, for writers that pick the file type from the suffix (Keras' ``model.save``).
+    """
+    stem = target.name[: len(target.name) - len(suffix)]
+    return target.with_name(f".{stem}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -50,6 +56,15 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a finished file by path (for files a library wrote and closed itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 

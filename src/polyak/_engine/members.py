@@ -131,7 +131,6 @@ class PrefixStripped(TensorSource):
         self._infos = {
             new: TensorInfo(new, inner.infos()[old].shape, inner.infos()[old].dtype) for new, old in self._map.items()
         }
-        self.stripped = sum(1 for new, old in self._map.items() if new != old)
 
     def infos(self) -> Mapping[str, TensorInfo]:
         return self._infos

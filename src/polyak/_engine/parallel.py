@@ -318,10 +318,10 @@ def average_parallel(
     jobs = [j for j in _jobs(plan, parts, base) if j.shards]
     if len(jobs) == 1:
         return _commit(plan, base["metadata"], _run_job(jobs[0]))
-    return _commit(plan, base["metadata"], _run_local(jobs, out))
+    return _commit(plan, base["metadata"], _run_local(jobs))
 
 
-def _run_local(jobs: Sequence[_Job], out: Path) -> list[tuple[str, str]]:
+def _run_local(jobs: Sequence[_Job]) -> list[tuple[str, str]]:
     """Run every job in a thread of this process; all finish or none count.
 
     Threads, not processes: the engine's inner loop is numpy ufuncs on chunks of 64K
@@ -334,7 +334,6 @@ def _run_local(jobs: Sequence[_Job], out: Path) -> list[tuple[str, str]]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    del out  # every job knows its own targets
     done: list[tuple[str, str]] = []
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="polyak-worker") as pool:

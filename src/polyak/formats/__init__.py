@@ -32,10 +32,6 @@ __all__ = [
     "register_format",
 ]
 
-ZIP_MAGIC = b"PK\x03\x04"
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-
-
 @dataclass(frozen=True)
 class Format:
     """A registered checkpoint format.

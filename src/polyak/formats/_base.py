@@ -14,7 +14,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -127,12 +127,10 @@ class WriteOptions:
     Attributes:
         shard_size: Largest shard in bytes, or ``None`` for one file (safetensors only).
         keep_optimizer: Keras archives: copy optimizer variables from the template.
-        extra: Format-specific options.
     """
 
     shard_size: int | None = None
     keep_optimizer: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 class TensorWriter(ABC):

@@ -17,7 +17,6 @@ that Keras-specific structure survives without polyak having to understand it.
 from __future__ import annotations
 
 import contextlib
-import os
 import struct
 import zipfile
 import zlib
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import commit_many, temp_path_for
+from .._atomic import commit_many, fsync_file, temp_path_for
 from .._dtypes import dtype_from_name
 from .._errors import FormatError, OutputError, PolyakError, UnsafeFileError
 from ._base import TensorInfo, TensorSource, TensorWriter
@@ -282,14 +281,6 @@ def copy_attrs(src: Any, dst: Any) -> None:
             dst.attrs[key] = src.attrs[key]
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class H5TemplateWriter(TensorWriter):
     """Writes an HDF5 file shaped like the template: every group, dataset and attribute of
     the newest member is copied, averaged datasets are replaced, excluded groups (optimizer
@@ -395,7 +386,7 @@ class H5TemplateWriter(TensorWriter):
         """Close and fsync the temporary file; returns its path."""
         try:
             self._h5.close()
-            _fsync_file(self.tmp)
+            fsync_file(self.tmp)
         except OSError as exc:
             self.abort()
             raise OutputError(f"cannot write {self.path}: {exc}") from exc

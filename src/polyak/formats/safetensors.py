@@ -14,6 +14,7 @@ bytes of JSON header (``{"__metadata__": {str: str}, name: {"dtype", "shape",
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import mmap
@@ -295,7 +296,8 @@ def open_safetensors_index(path: Path, *, key: str | None = None, label: str | N
     return SafetensorsIndexSource(path, label=label)
 
 
-def _sorted_for_file(infos: Sequence[TensorInfo]) -> list[TensorInfo]:
+def file_order(infos: Sequence[TensorInfo]) -> list[TensorInfo]:
+    """The order in which a safetensors file written by polyak holds ``infos``."""
     # Widest dtype first keeps every tensor aligned; then by name, so the bytes do not depend
     # on the order the caller listed the tensors in (like safetensors' own writer).
     return sorted(infos, key=lambda i: (-np.dtype(i.dtype).itemsize, i.name))
@@ -338,7 +340,7 @@ class SafetensorsWriter(TensorWriter):
 
     def __init__(self, path: Path, infos: Sequence[TensorInfo], **kwargs: object) -> None:
         super().__init__(path, infos, **kwargs)  # type: ignore[arg-type]
-        self._order = [i.name for i in _sorted_for_file(list(self.infos.values()))]
+        self._order = [i.name for i in file_order(list(self.infos.values()))]
         self._next = 0
         self._file = AtomicFile(self.path)
         self._file.write(build_header([self.infos[n] for n in self._order], self.metadata))
@@ -391,7 +393,7 @@ def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[Tenso
     """
     shards: list[list[TensorInfo]] = [[]]
     used = 0
-    for info in _sorted_for_file(infos):
+    for info in file_order(infos):
         if shards[-1] and used + info.nbytes > shard_size:
             shards.append([])
             used = 0
@@ -513,7 +515,7 @@ def writer_safetensors(
     wants_index = path.name.endswith(".safetensors.index.json")
     if wants_index or (opts.shard_size is not None and total > opts.shard_size):
         if opts.shard_size is None:
-            opts = WriteOptions(shard_size=5 * 10**9, keep_optimizer=opts.keep_optimizer, extra=opts.extra)
+            opts = dataclasses.replace(opts, shard_size=5 * 10**9)
         return ShardedSafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
     return SafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
 

@@ -192,7 +192,7 @@ class TorchSource(TensorSource):
         seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], Any], str] = {}
         self._aliases: dict[str, str] = {}
         for name, t in self._tensors.items():
-            arr_dtype = _numpy_dtype(t)
+            arr_dtype = numpy_dtype(t)
             self._infos[name] = TensorInfo(name, tuple(t.shape), arr_dtype)
             if t.numel() == 0:
                 continue
@@ -218,7 +218,8 @@ class TorchSource(TensorSource):
         self._tensors = {}
 
 
-def _numpy_dtype(t: Any) -> np.dtype:
+def numpy_dtype(t: Any) -> np.dtype:
+    """The numpy dtype of a torch tensor (bfloat16 and float8 through ml_dtypes)."""
     torch = _torch()
     import ml_dtypes
 

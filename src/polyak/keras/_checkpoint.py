@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import zipfile
 from pathlib import Path
@@ -13,27 +12,12 @@ from typing import Any
 
 import keras
 
-from .._atomic import TEMP_MARK, cleanup_stale_temps, commit_many
+from .._atomic import cleanup_stale_temps, commit_many, fsync_file, temp_path_for
 from .._errors import ConfigError, OutputError
 
 __all__ = ["CheckpointCallback"]
 
 FORMATS = (".keras", ".weights.h5")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_sibling(target: Path, suffix: str) -> Path:
-    """A recognisable temporary path beside ``target`` that still ends in ``suffix``
-    (Keras picks the file type from the suffix)."""
-    stem = target.name[: -len(suffix)]
-    return target.with_name(f".{stem}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
 def _add_keras_metadata(src: Path, dst: Path, record: dict[str, Any]) -> None:
@@ -55,13 +39,13 @@ def save_model_atomic(model: Any, target: Path, record: dict[str, Any] | None = 
     suffix = next((s for s in FORMATS if target.name.endswith(s)), None)
     if suffix is None:
         raise ConfigError(f"{target}: Keras checkpoints end in .keras or .weights.h5")
-    tmp = temp_sibling(target, suffix)
+    tmp = temp_path_for(target, suffix)
     extra: Path | None = None
     try:
         if suffix == ".keras":
             model.save(tmp)
             if record is not None:
-                extra = temp_sibling(target, suffix)
+                extra = temp_path_for(target, suffix)
                 _add_keras_metadata(tmp, extra, record)
                 tmp.unlink()
                 tmp, extra = extra, None
@@ -72,7 +56,7 @@ def save_model_atomic(model: Any, target: Path, record: dict[str, Any] | None = 
 
                 with h5py.File(tmp, "a") as f:
                     f.attrs["polyak"] = json.dumps(record)
-        _fsync(tmp)
+        fsync_file(tmp)
         commit_many([(tmp, target)])
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc

@@ -20,6 +20,7 @@ import torch
 
 from .._errors import ConfigError, FormatError, MismatchError
 from ._common import (
+    META_KEY,
     Slot,
     is_averaged,
     is_writer_rank,
@@ -33,7 +34,6 @@ from ._plan import UpdatePlan, build_plan
 __all__ = ["AveragerState", "read_averager_file"]
 
 #: Key of the averager record in a saved file's safetensors metadata.
-META_KEY = "polyak_averager"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 A = TypeVar("A", bound="_Averager")
 

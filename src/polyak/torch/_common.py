@@ -16,6 +16,7 @@ import torch
 from .._errors import MismatchError
 
 __all__ = [
+    "META_KEY",
     "WRAPPER_PREFIXES",
     "Slot",
     "canonical_name",
@@ -31,6 +32,10 @@ __all__ = [
 #: Prefixes added by wrappers: ``module.`` (DataParallel / DistributedDataParallel) and
 #: ``_orig_mod.`` (``torch.compile``). Names are compared without them.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+#: Metadata key of the record that an averager file (``EMA.save``, ``export``) carries.
+META_KEY = "polyak_averager"
 
 
 def canonical_name(name: str) -> str:
@@ -106,11 +111,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     if dtensor is not None and isinstance(t, dtensor):
         return t.to_local()
     return t
-
-
-def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical name → live tensor (parameters and persistent buffers)."""
-    return {name: t for name, t, _ in named_tensors(module)}
 
 
 def match_names(

@@ -37,7 +37,7 @@ import torch
 
 from .._atomic import TEMP_MARK, fsync_dir, temp_path_for
 from .._errors import ConfigError, FormatError, OutputError
-from ._common import canonical_name, local_tensor
+from ._common import META_KEY, canonical_name, local_tensor
 
 __all__ = ["export", "is_sharded", "load_sharded", "local_tensor", "save_sharded"]
 
@@ -216,7 +216,7 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
     """
     from ..formats import TensorInfo
     from ..formats.safetensors import SafetensorsWriter
-    from ..formats.torch_pt import _numpy_dtype, tensor_to_numpy
+    from ..formats.torch_pt import numpy_dtype, tensor_to_numpy
 
     out = Path(path)
     if not out.name.endswith(".safetensors"):
@@ -227,8 +227,8 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
     def out_dtype(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
-    infos = [TensorInfo(name, tuple(t.shape), _numpy_dtype(torch.empty(0, dtype=out_dtype(t)))) for name, t in tensors.items()]
-    meta = {"polyak_averager": json.dumps(_record(averager)), "format": "pt"}
+    infos = [TensorInfo(name, tuple(t.shape), numpy_dtype(torch.empty(0, dtype=out_dtype(t)))) for name, t in tensors.items()]
+    meta = {META_KEY: json.dumps(_record(averager)), "format": "pt"}
     writer = SafetensorsWriter(out, infos, metadata=meta) if rank == 0 else None
     order = writer.order if writer is not None else _order(infos)
     dtensor = _dtensor_type()
@@ -249,6 +249,6 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
 
 
 def _order(infos: list[Any]) -> list[str]:
-    from ..formats.safetensors import _sorted_for_file
+    from ..formats.safetensors import file_order
 
-    return [i.name for i in _sorted_for_file(infos)]
+    return [i.name for i in file_order(infos)]
