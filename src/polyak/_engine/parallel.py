@@ -31,15 +31,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .._atomic import AtomicFile, commit_many
 from .._dtypes import dtype_from_name, is_float
 from .._errors import ConfigError, OutputError, PolyakError
 from ..formats import TensorInfo
 from ..formats.safetensors import (
+    DEFAULT_SHARD_SIZE,
     SafetensorsWriter,
+    ShardLayout,
     plan_shards,
-    remove_unused_shards,
-    retire_old_index,
     shard_paths,
 )
 from .members import open_members
@@ -47,16 +46,17 @@ from .stream import average_sources
 
 __all__ = ["DistContext", "ShardPlan", "average_parallel", "init_distributed", "plan_parallel"]
 
-#: Largest shard when the user gives no ``shard_size`` (the Hugging Face default).
-DEFAULT_SHARD_SIZE = 5 * 10**9
 #: A rank may wait this long for the slowest rank before giving up.
 DIST_TIMEOUT = timedelta(hours=4)
 _DIST_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
-class ShardPlan:
+class ShardPlan(ShardLayout):
     """Which shard holds which tensors, and which worker writes it.
+
+    A :class:`~polyak.formats.safetensors.ShardLayout` with owners: its ``commit`` publishes
+    the shards the workers finished, exactly as a single process publishes its own.
 
     Attributes:
         index_path: ``<stem>.safetensors.index.json``.
@@ -65,9 +65,6 @@ class ShardPlan:
         owners: The worker (rank) that writes each shard.
     """
 
-    index_path: Path
-    shard_paths: list[Path]
-    groups: list[list[TensorInfo]]
     owners: list[int]
 
     def fingerprint(self) -> str:
@@ -179,37 +176,9 @@ def _remove(paths: Sequence[str | Path]) -> None:
             os.unlink(p)
 
 
-def _index_bytes(plan: ShardPlan, metadata: Mapping[str, str]) -> bytes:
-    # The same index a single process writes (ShardedSafetensorsWriter.commit).
-    where = {i.name: p.name for p, g in zip(plan.shard_paths, plan.groups, strict=True) for i in g}
-    index = {
-        "metadata": {**metadata, "total_size": sum(i.nbytes for g in plan.groups for i in g)},
-        "weight_map": {name: where[name] for name in sorted(where)},
-    }
-    return json.dumps(index, indent=2, ensure_ascii=False).encode("utf-8")
-
-
-def _commit(plan: ShardPlan, metadata: Mapping[str, str], done: Sequence[tuple[str, str]]) -> list[Path]:
-    """Rename every finished shard into place, then write the index last."""
-    idx = AtomicFile(plan.index_path)
-    try:
-        idx.write(_index_bytes(plan, metadata))
-        idx.finish()
-    except BaseException:
-        idx.abort()
-        _remove([tmp for tmp, _ in done])
-        raise
-    try:
-        # Never an index over a mix of old and new shards (see retire_old_index).
-        old_shards = retire_old_index(plan.index_path, plan.shard_paths)
-        commit_many([(Path(t), Path(p)) for t, p in done])
-        commit_many([(idx.tmp, plan.index_path)])
-    except BaseException:
-        idx.abort()
-        _remove([tmp for tmp, _ in done])
-        raise
-    remove_unused_shards(old_shards, plan.shard_paths)
-    return [*plan.shard_paths, plan.index_path]
+def _as_paths(done: Sequence[tuple[str, str]]) -> list[tuple[Path, Path]]:
+    """Workers report (temporary, shard) as strings: they travel between ranks."""
+    return [(Path(tmp), Path(target)) for tmp, target in done]
 
 
 def _jobs(plan: ShardPlan, parts: int, base: dict[str, Any]) -> list[_Job]:
@@ -317,8 +286,8 @@ def average_parallel(
         return _run_distributed(plan, base, dist)
     jobs = [j for j in _jobs(plan, parts, base) if j.shards]
     if len(jobs) == 1:
-        return _commit(plan, base["metadata"], _run_job(jobs[0]))
-    return _commit(plan, base["metadata"], _run_local(jobs))
+        return plan.commit(_as_paths(_run_job(jobs[0])), base["metadata"])
+    return plan.commit(_as_paths(_run_local(jobs)), base["metadata"])
 
 
 def _run_local(jobs: Sequence[_Job]) -> list[tuple[str, str]]:
@@ -381,7 +350,7 @@ def _run_distributed(plan: ShardPlan, base: dict[str, Any], ctx: DistContext) ->
     files = [*plan.shard_paths, plan.index_path]
     if ctx.rank == 0:
         try:
-            files = _commit(plan, base["metadata"], [pair for d, _ in results for pair in d])
+            files = plan.commit(_as_paths([pair for d, _ in results for pair in d]), base["metadata"])
         finally:
             dist.barrier()
     else:

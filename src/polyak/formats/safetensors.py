@@ -21,6 +21,7 @@ import mmap
 import os
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
@@ -31,7 +32,14 @@ from .._errors import FormatError, OutputError, UnsafeFileError
 from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions, contiguous
 from ._common import reject_key
 
-__all__ = ["SafetensorsIndexSource", "SafetensorsSource", "SafetensorsWriter", "ShardedSafetensorsWriter"]
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "SafetensorsIndexSource",
+    "SafetensorsSource",
+    "SafetensorsWriter",
+    "ShardLayout",
+    "ShardedSafetensorsWriter",
+]
 
 #: safetensors refuses headers above 100 MB (MAX_HEADER_SIZE); so do we, before allocating.
 MAX_HEADER_SIZE = 100_000_000
@@ -402,14 +410,94 @@ def plan_shards(infos: Sequence[TensorInfo], shard_size: int) -> list[list[Tenso
     return shards
 
 
-def retire_old_index(index_path: Path, new_shards: Sequence[Path]) -> set[Path]:
+#: Largest shard when the output must be sharded but no ``shard_size`` was given (the
+#: Hugging Face default).
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A sharded output: the index, and each shard's path and tensors (in file order).
+
+    The one place that publishes a sharded output (:meth:`commit`), for the single-process
+    writer (:class:`ShardedSafetensorsWriter`) and for the parallel engine, whose workers
+    each finish some of the shards.
+
+    Attributes:
+        index_path: ``<stem>.safetensors.index.json``.
+        shard_paths: ``<stem>-0000i-of-0000n.safetensors``, one per group.
+        groups: The tensors of each shard, in file order.
+
+    Example:
+        >>> infos = [TensorInfo(n, (250,), np.dtype("float32")) for n in "abc"]
+        >>> layout = ShardLayout.plan(Path("avg.safetensors"), infos, shard_size=2000)
+        >>> [p.name for p in layout.shard_paths], [[i.name for i in g] for g in layout.groups]
+        (['avg-00001-of-00002.safetensors', 'avg-00002-of-00002.safetensors'], [['a', 'b'], ['c']])
+    """
+
+    index_path: Path
+    shard_paths: list[Path]
+    groups: list[list[TensorInfo]]
+
+    @classmethod
+    def plan(cls, path: Path, infos: Sequence[TensorInfo], shard_size: int) -> ShardLayout:
+        """Shards of at most ``shard_size`` bytes (:func:`plan_shards`), named after ``path``."""
+        groups = plan_shards(infos, shard_size)
+        index, paths = shard_paths(path, len(groups))
+        return cls(index, paths, groups)
+
+    def index_bytes(self, metadata: Mapping[str, str]) -> bytes:
+        """The index JSON: ``metadata`` plus ``total_size``, and the sorted ``weight_map``."""
+        where = {i.name: p.name for p, g in zip(self.shard_paths, self.groups, strict=True) for i in g}
+        index = {
+            "metadata": {**metadata, "total_size": sum(i.nbytes for g in self.groups for i in g)},
+            "weight_map": {name: where[name] for name in sorted(where)},
+        }
+        return json.dumps(index, indent=2, ensure_ascii=False).encode("utf-8")
+
+    def commit(self, temps: Sequence[tuple[Path, Path]], metadata: Mapping[str, str]) -> list[Path]:
+        """Publish finished shards and their index, crash-safely.
+
+        Args:
+            temps: ``(temporary file, shard path)`` for every shard, each finished (fsynced).
+            metadata: String metadata for the index.
+
+        The order is what makes a crash at any point harmless: the index is written (under
+        a temporary name) first; an old output's index that would end up over a mix of old
+        and new shards is deleted (:func:`_retire_old_index`); the shards are renamed into
+        place; the index is renamed last; only then are the old output's shards that the
+        new one does not use deleted. On an error every temporary is deleted.
+
+        Returns:
+            The shard paths and the index path (last).
+        """
+        idx: AtomicFile | None = None
+        try:
+            idx = AtomicFile(self.index_path)
+            idx.write(self.index_bytes(metadata))
+            idx.finish()
+            old_shards = _retire_old_index(self.index_path, self.shard_paths)
+            commit_many(temps)
+            commit_many([(idx.tmp, self.index_path)])
+        except BaseException:
+            if idx is not None:
+                idx.abort()
+            for tmp, _ in temps:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise
+        _remove_unused_shards(old_shards, self.shard_paths)
+        return [*self.shard_paths, self.index_path]
+
+
+def _retire_old_index(index_path: Path, new_shards: Sequence[Path]) -> set[Path]:
     """Make an existing sharded output (``--force``) stop pointing at shards about to be replaced.
 
     Several files cannot be renamed at once. If a new shard would replace a shard of the
     old output, the old index is deleted first, so a crash in between leaves no index
     (no output) rather than an index over a mix of old and new shards. When no names
     collide, the old index stays valid until the new one replaces it atomically.
-    Returns the old output's shard paths (see :func:`remove_unused_shards`).
+    Returns the old output's shard paths (see :func:`_remove_unused_shards`).
     """
     if not index_path.exists():
         return set()
@@ -426,7 +514,7 @@ def retire_old_index(index_path: Path, new_shards: Sequence[Path]) -> set[Path]:
     return old
 
 
-def remove_unused_shards(old_shards: set[Path], new_shards: Sequence[Path]) -> None:
+def _remove_unused_shards(old_shards: set[Path], new_shards: Sequence[Path]) -> None:
     """After the new index is in place: delete the replaced output's shards it does not use."""
     for old in old_shards - set(new_shards):
         with contextlib.suppress(OSError):
@@ -443,14 +531,13 @@ class ShardedSafetensorsWriter(TensorWriter):
 
     def __init__(self, path: Path, infos: Sequence[TensorInfo], **kwargs: object) -> None:
         super().__init__(path, infos, **kwargs)  # type: ignore[arg-type]
-        size = self.options.shard_size or 0
-        groups = plan_shards(list(self.infos.values()), size)
-        self.index_path, self.shard_paths = shard_paths(self.path, len(groups))
-        self._groups = groups
+        self.layout = ShardLayout.plan(self.path, list(self.infos.values()), self.options.shard_size or 0)
+        self.index_path, self.shard_paths = self.layout.index_path, self.layout.shard_paths
+        groups = self.layout.groups
         self._order = [i.name for g in groups for i in g]
         self._shard_of = {i.name: k for k, g in enumerate(groups) for i in g}
         self._writers: list[SafetensorsWriter] = []
-        self._done: list[Path] = []
+        self._done: list[Path] = []  # the finished shards' temporary files
 
     @property
     def order(self) -> list[str]:
@@ -463,32 +550,16 @@ class ShardedSafetensorsWriter(TensorWriter):
                 self._done.append(self._writers[-1].finish())
             j = len(self._writers)
             self._writers.append(
-                SafetensorsWriter(self.shard_paths[j], self._groups[j], metadata=self.metadata)
+                SafetensorsWriter(self.shard_paths[j], self.layout.groups[j], metadata=self.metadata)
             )
         self._writers[k].write(name, array)
 
     def commit(self) -> list[Path]:
-        if len(self._writers) != len(self._groups):
+        if len(self._writers) != len(self.layout.groups):
             self.abort()
             raise OutputError(f"{self.path}: not every shard was written")
         self._done.append(self._writers[-1].finish())
-        index = {
-            "metadata": {**self.metadata, "total_size": sum(i.nbytes for i in self.infos.values())},
-            "weight_map": {name: self.shard_paths[self._shard_of[name]].name for name in sorted(self.infos)},
-        }
-        idx = AtomicFile(self.index_path)
-        try:
-            idx.write(json.dumps(index, indent=2, ensure_ascii=False).encode("utf-8"))
-            idx.finish()
-            old_shards = retire_old_index(self.index_path, self.shard_paths)
-            commit_many([(w._file.tmp, p) for w, p in zip(self._writers, self.shard_paths, strict=True)])
-            commit_many([(idx.tmp, self.index_path)])
-        except BaseException:
-            idx.abort()
-            self.abort()
-            raise
-        remove_unused_shards(old_shards, self.shard_paths)
-        return [*self.shard_paths, self.index_path]
+        return self.layout.commit(list(zip(self._done, self.shard_paths, strict=True)), self.metadata)
 
     @property
     def targets(self) -> list[Path]:
@@ -515,7 +586,7 @@ def writer_safetensors(
     wants_index = path.name.endswith(".safetensors.index.json")
     if wants_index or (opts.shard_size is not None and total > opts.shard_size):
         if opts.shard_size is None:
-            opts = dataclasses.replace(opts, shard_size=5 * 10**9)
+            opts = dataclasses.replace(opts, shard_size=DEFAULT_SHARD_SIZE)
         return ShardedSafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
     return SafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
 
