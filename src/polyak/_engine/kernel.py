@@ -7,6 +7,7 @@ are the hot paths whose shape the benchmarks measure (``benchmarks/bench_average
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,8 +128,26 @@ class WriteBehind:
 
     Writing a tensor (a copy into the page cache) costs about as much as averaging it, and
     the file write releases the GIL, so the two overlap on two cores. At most one write is
-    in flight, and the engine alternates between two sets of buffers, so the buffer being
-    written is never the one being filled. Order is kept: writes happen one after another.
+    in flight, and order is kept: writes happen one after another.
+
+    The write-behind owns the output buffers, two sets of them: :meth:`buffers` hands out
+    the set to compute the next tensor in, and :meth:`put` (which waits for the previous
+    write) switches sets, so the buffer being written is never the one being filled. A
+    context manager: leaving the block waits for the last write and re-raises its error,
+    unless another error is already on its way out.
+
+    Example:
+        >>> class Log:
+        ...     def __init__(self): self.seen = []
+        ...     def write(self, name, array): self.seen.append((name, array.tolist()))
+        >>> log = Log()
+        >>> with WriteBehind(log) as behind:  # any object with write(name, array)
+        ...     for k in range(3):
+        ...         out = behind.buffers().get("out", np.dtype("int64"), 2)
+        ...         out[:] = k
+        ...         behind.put(f"t{k}", out)
+        >>> log.seen
+        [('t0', [0, 0]), ('t1', [1, 1]), ('t2', [2, 2])]
     """
 
     def __init__(self, writer: TensorWriter) -> None:
@@ -137,6 +156,12 @@ class WriteBehind:
         self.writer = writer
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyak-write")
         self._pending: Any = None
+        self._slots = (Buffers(), Buffers())
+        self._next = 0
+
+    def buffers(self) -> Buffers:
+        """Where to compute the next tensor: never the buffers the write in flight reads."""
+        return self._slots[self._next]
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is done; re-raise its error."""
@@ -145,8 +170,10 @@ class WriteBehind:
             pending.result()
 
     def put(self, name: str, value: np.ndarray) -> None:
+        """Start writing ``value`` (from :meth:`buffers`, or any array nobody changes)."""
         self.wait()
         self._pending = self._pool.submit(self.writer.write, name, value)
+        self._next = 1 - self._next
 
     def close(self) -> None:
         """Wait for the last write (errors included) and stop the thread."""
@@ -154,3 +181,13 @@ class WriteBehind:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()  # raises the last write's error, if any
+        else:
+            with contextlib.suppress(BaseException):  # the error on its way out is the one to see
+                self.close()

@@ -14,6 +14,8 @@ import contextlib
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypedDict, overload
 
 import numpy as np
 
@@ -24,7 +26,10 @@ from ..formats import TensorInfo, TensorSource, TensorWriter
 from .kernel import Buffers, WriteBehind, accumulate, accumulate_all
 from .members import check_members
 
-__all__ = ["average_sources"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["StreamOptions", "average_sources"]
 
 
 def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
@@ -36,6 +41,40 @@ def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
     return bad
 
 
+class StreamOptions(TypedDict, total=False):
+    """The keyword options of :func:`average_sources` (other than ``writer``)."""
+
+    infos: Sequence[TensorInfo] | None
+    dtype: str | None
+    int_policy: str
+    progress: bool
+    check_finite: bool
+    threads: int | None
+
+
+class _Collect:
+    """The in-memory counterpart of :class:`~.kernel.WriteBehind`: one set of buffers
+    (each value is copied out at once), and a dict of the results."""
+
+    def __init__(self) -> None:
+        self.result: dict[str, np.ndarray] = {}
+        self._bufs = Buffers()
+
+    def buffers(self) -> Buffers:
+        return self._bufs
+
+    def put(self, name: str, value: np.ndarray) -> None:
+        self.result[name] = np.array(value, copy=True)
+
+
+@overload
+def average_sources(
+    sources: Sequence[TensorSource], weights: Sequence[float] | np.ndarray, *, writer: None = None, **options: Unpack[StreamOptions]
+) -> dict[str, np.ndarray]: ...
+@overload
+def average_sources(
+    sources: Sequence[TensorSource], weights: Sequence[float] | np.ndarray, *, writer: TensorWriter, **options: Unpack[StreamOptions]
+) -> None: ...
 def average_sources(
     sources: Sequence[TensorSource],
     weights: Sequence[float] | np.ndarray,
@@ -65,48 +104,42 @@ def average_sources(
         raise ConfigError(f"--dtype must be a floating-point dtype, got {dtype!r}")
     newest = sources[-1]
     zero_copy = all(s.zero_copy for s in sources)
-    bufs = Buffers()
+    scratch = Buffers()  # the kernels' own scratch space
     if threads is None:
         threads = min(2, os.cpu_count() or 1)
-    pool = None
-    if threads > 1 and zero_copy:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polyak-average")
-    behind = WriteBehind(writer) if writer is not None else None
     order = writer.order if writer is not None else list(ref_infos)
-    result: dict[str, np.ndarray] = {}
     total = sum(ref_infos[n].nbytes for n in order) * len(sources)
-    bar = Progress(total, "averaging", enabled=progress)
-    # NaN/Inf are found and reported below (NonFiniteError, naming member and tensor);
-    # numpy's RuntimeWarnings about them would only add noise (or, under -W error, an
-    # exception that is not a PolyakError).
-    errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
-    errstate.__enter__()
-    try:
-        for k, name in enumerate(order):
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(Progress(total, "averaging", enabled=progress))
+        # NaN/Inf are found and reported below (NonFiniteError, naming member and tensor);
+        # numpy's RuntimeWarnings about them would only add noise (or, under -W error, an
+        # exception that is not a PolyakError).
+        stack.enter_context(np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"))
+        pool = None
+        if threads > 1 and zero_copy:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polyak-average"))
+        # Where each result goes: a background writer (which owns the buffers the results
+        # are computed in) or a dict of copies.
+        sink: WriteBehind | _Collect = stack.enter_context(WriteBehind(writer)) if writer is not None else _Collect()
+        for name in order:
             info = ref_infos[name]
-            slot = k % 2  # the write of tensor k-1 may still read the other slot's buffers
             if not is_float(info.dtype):
-                value = newest.read(name)
-                if behind is not None:
-                    behind.put(name, value)
-                else:
-                    result[name] = np.array(value, copy=True)
+                sink.put(name, newest.read(name))
                 bar.update(info.nbytes * len(sources))
                 continue
             acc_dt = accumulator_dtype(info.dtype)
             target = out_dtype if out_dtype is not None else np.dtype(info.dtype)
-            acc = bufs.get(f"acc{slot}", acc_dt, info.size)
+            bufs = sink.buffers()
+            acc = bufs.get("acc", acc_dt, info.size)
             probe = 0.0  # the result's sum: finite unless an element is NaN/Inf
             if info.size:
                 if zero_copy:
                     # Views of memory maps: every member's tensor at once costs nothing.
-                    probe = accumulate_all([s.read(name) for s in sources], w, acc, bufs, pool, threads)
+                    probe = accumulate_all([s.read(name) for s in sources], w, acc, scratch, pool, threads)
                 else:
                     # Formats that copy on read: one member's tensor at a time.
                     for i, s in enumerate(sources):
-                        probe = accumulate([s.read(name)], [w[i]], acc, bufs, first=i == 0)
+                        probe = accumulate([s.read(name)], [w[i]], acc, scratch, first=i == 0)
             if check_finite and info.size and not math.isfinite(probe):
                 if not np.isfinite(acc).all():
                     culprits = _find_nonfinite(name, sources)
@@ -117,23 +150,9 @@ def average_sources(
                     )
             value = acc.reshape(info.shape)
             if target != acc_dt:
-                out = bufs.get(f"out{slot}", target, info.size).reshape(info.shape)
+                out = bufs.get("out", target, info.size).reshape(info.shape)
                 np.copyto(out, value, casting="unsafe")
                 value = out
-            if behind is not None:
-                behind.put(name, value)
-            else:
-                result[name] = np.array(value, copy=True)
+            sink.put(name, value)
             bar.update(info.nbytes * len(sources))
-        if behind is not None:
-            closing, behind = behind, None
-            closing.close()  # raises the last write's error, if any
-    finally:
-        if behind is not None:  # only when an error is already on its way out
-            with contextlib.suppress(BaseException):
-                behind.close()
-        if pool is not None:
-            pool.shutdown(wait=True)
-        errstate.__exit__(None, None, None)
-        bar.close()
-    return None if writer is not None else result
+    return sink.result if isinstance(sink, _Collect) else None
