@@ -1,4 +1,4 @@
-"""The streaming averaging engine.
+"""The streaming averaging engine: :func:`average`, the one call behind ``polyak average``.
 
 Averages checkpoints tensor by tensor. For each tensor the members are combined chunk by
 chunk into one float32 (float64 for float64 tensors) accumulator that is allocated once and
@@ -6,10 +6,18 @@ reused, so memory is the output plus a few tensors, never all members. Integer a
 tensors are never averaged: they are copied from the newest member (``int_policy="newest"``)
 or refused (``"error"``). Every floating tensor of the result is checked for NaN/Inf; only
 when one is found are the members searched for the culprit.
+
+:func:`average` is a sequence of named steps: check the options (:func:`_check_split`),
+choose the members and their weights, check the output (:func:`_prepare_output`), open and
+check the members, record the provenance (:func:`_provenance`), then compute the average
+into a dict, into one writer (:func:`~polyak.formats.open_writer`) or with parallel workers
+(:func:`~.parallel.average_parallel`). Everything that must be undone when a step fails
+(the distributed group, the open members, a half-written output) sits in one ``ExitStack``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, overload
 
 import numpy as np
 
@@ -27,14 +35,17 @@ from .._dtypes import dtype_from_name, dtype_name, is_float
 from .._errors import ConfigError
 from .._schemes import get_scheme, scheme_weights
 from .._version import __version__
-from ..formats import TensorInfo, WriteOptions, open_writer
+from ..formats import TensorSource, WriteOptions, open_writer
 from ..formats import output_format as _output_format
 from ..formats.safetensors import shard_paths
 from .members import MemberLike, check_members, open_members, select_members
-from .parallel import average_parallel, close_distributed, init_distributed
-from .stream import average_sources
+from .parallel import DistContext, average_parallel, close_distributed, init_distributed
+from .stream import average_sources, output_infos
 
-__all__ = ["AverageResult", "average", "parse_size"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["AverageOptions", "AverageResult", "average", "parse_size"]
 
 
 @dataclass
@@ -94,6 +105,47 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def _check_split(workers: int, distributed: bool, out: object) -> bool:
+    """Whether the work is split across workers or ranks (which always writes files)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a whole number ≥ 1, got {workers!r}")
+    split = workers > 1 or distributed
+    if split and out is None:
+        raise ConfigError("workers/distributed averaging writes files: pass an output path (-o/out=)")
+    return split
+
+
+def _join_distributed(stack: contextlib.ExitStack) -> DistContext:
+    dist = init_distributed()
+    stack.callback(close_distributed, dist)
+    return dist
+
+
+def _prepare_output(
+    out: str | os.PathLike[str],
+    out_format: str | None,
+    members: Sequence[MemberLike],
+    *,
+    force: bool,
+    sharded: bool,
+    split: bool,
+    clean: bool,
+) -> Path:
+    """Check the output path (format, overwrite, overlap with the inputs) before any work."""
+    fmt = _output_format(out, out_format)
+    safetensors = fmt.name in ("safetensors", "safetensors-index")
+    if (sharded or split) and not safetensors:
+        raise ConfigError("--shard-size, --workers and --distributed write safetensors outputs only")
+    inputs = [m for m in members if isinstance(m, (str, os.PathLike))]
+    out_path = check_output_path(out, force=force, inputs=inputs)
+    if safetensors and (sharded or out_path.name.endswith(".safetensors.index.json")):
+        # A sharded output is judged by its index (the shards are renamed before it).
+        check_output_path(shard_paths(out_path, 1)[0], force=force, inputs=inputs)
+    if clean:
+        cleanup_stale_temps(out_path.parent)
+    return out_path
+
+
 def _member_record(member: MemberLike, label: str, checksum: bool) -> dict[str, Any]:
     rec: dict[str, Any] = {"file": label}
     if isinstance(member, (str, os.PathLike)):
@@ -112,6 +164,64 @@ def _member_record(member: MemberLike, label: str, checksum: bool) -> dict[str, 
     return rec
 
 
+def _provenance(
+    members: Sequence[MemberLike],
+    labels: Sequence[str],
+    weights: np.ndarray,
+    *,
+    scheme: str,
+    alpha: float,
+    order: str,
+    int_policy: str,
+    dtype: str | None,
+    checksum: bool,
+) -> dict[str, Any]:
+    """The ``polyak`` record stored in the output's metadata: how it was made, from what."""
+    return {
+        "tool": f"polyak {__version__}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "scheme": scheme,
+        "params": {"alpha": float(alpha)} if scheme == "exponential" else {},
+        "weights": [float(x) for x in weights],
+        "order": order,
+        "members": [_member_record(m, lab, checksum) for m, lab in zip(members, labels)],
+        "accumulate": "float32 (float64 for float64 tensors)",
+        "int_policy": int_policy,
+        "dtype": "as input" if dtype is None else dtype_name(dtype_from_name(dtype)),
+    }
+
+
+def _input_files(sources: Sequence[TensorSource]) -> list[Path]:
+    return [f for src in sources for f in src.files()]
+
+
+class AverageOptions(TypedDict, total=False):
+    """The keyword options of :func:`average` other than ``out`` (see there)."""
+
+    scheme: str
+    alpha: float
+    weights: Sequence[float] | None
+    last: int | None
+    order: str
+    format: str | None
+    out_format: str | None
+    key: str | None
+    strip_prefix: Sequence[str]
+    dtype: str | None
+    int_policy: str
+    checksum: bool
+    shard_size: int | str | None
+    keep_optimizer: bool
+    force: bool
+    progress: bool
+    workers: int
+    distributed: bool
+
+
+@overload
+def average(members: Sequence[MemberLike], *, out: None = None, **options: Unpack[AverageOptions]) -> dict[str, np.ndarray]: ...
+@overload
+def average(members: Sequence[MemberLike], *, out: str | os.PathLike[str], **options: Unpack[AverageOptions]) -> AverageResult: ...
 def average(
     members: Sequence[MemberLike],
     *,
@@ -134,7 +244,7 @@ def average(
     progress: bool = False,
     workers: int = 1,
     distributed: bool = False,
-) -> Any:
+) -> dict[str, np.ndarray] | AverageResult:
     """Average checkpoints (or in-memory states) with equal, linear, exponential or custom weights.
 
     Members are ordered oldest → newest (``order``), the newest ``last`` are kept, and their
@@ -194,94 +304,48 @@ def average(
         [2.0, 5.0]
     """
     t0 = time.perf_counter()
+    # Options and members (in this order: the first problem found is the one reported).
     if weights is not None:
         scheme = "custom"
     get_scheme(scheme)
     chosen = select_members(members, last=last, order=order)
     w = scheme_weights(scheme, len(chosen), alpha=alpha, weights=weights)
     shard_bytes = None if shard_size is None else parse_size(shard_size)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be a whole number ≥ 1, got {workers!r}")
-    split = workers > 1 or distributed
-    if split and out is None:
-        raise ConfigError("workers/distributed averaging writes files: pass an output path (-o/out=)")
-    dist = None
-    if distributed:
-        dist = init_distributed()
-    out_path: Path | None = None
-    if out is not None:
-        fmt = _output_format(out, out_format)
-        if (shard_bytes is not None or split) and fmt.name not in ("safetensors", "safetensors-index"):
-            raise ConfigError("--shard-size, --workers and --distributed write safetensors outputs only")
-        inputs = [m for m in chosen if isinstance(m, (str, os.PathLike))]
-        out_path = check_output_path(out, force=force, inputs=inputs)
-        if fmt.name in ("safetensors", "safetensors-index") and (
-            shard_bytes is not None or out_path.name.endswith(".safetensors.index.json")
-        ):
-            # A sharded output is judged by its index (the shards are renamed before it).
-            check_output_path(shard_paths(out_path, 1)[0], force=force, inputs=inputs)
-        if dist is None or dist.rank == 0:  # other ranks' live temporaries may be on shared storage
-            cleanup_stale_temps(out_path.parent)
-    with open_members(chosen, format=format, key=key, strip_prefix=strip_prefix) as sources:
-        labels = [s.label for s in sources]
+    split = _check_split(workers, distributed, out)
+    with contextlib.ExitStack() as stack:
+        dist = _join_distributed(stack) if distributed else None
+        out_path = None
+        if out is not None:
+            out_path = _prepare_output(
+                out, out_format, chosen, force=force, sharded=shard_bytes is not None, split=split,
+                clean=dist is None or dist.rank == 0,  # other ranks' live temporaries may be on shared storage
+            )
+        sources = stack.enter_context(open_members(chosen, format=format, key=key, strip_prefix=strip_prefix))
         infos = check_members(sources, int_policy=int_policy)
         if out_path is None:
             return average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, progress=progress)
-        out_dt = None if dtype is None else dtype_from_name(dtype)
-        out_infos = [
-            TensorInfo(i.name, i.shape, out_dt if (out_dt is not None and is_float(i.dtype)) else i.dtype)
-            for i in infos
-        ]
-        params: dict[str, Any] = {"alpha": float(alpha)} if scheme == "exponential" else {}
-        record = {
-            "tool": f"polyak {__version__}",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "scheme": scheme,
-            "params": params,
-            "weights": [float(x) for x in w],
-            "order": order,
-            "members": [_member_record(m, lab, checksum) for m, lab in zip(chosen, labels)],
-            "accumulate": "float32 (float64 for float64 tensors)",
-            "int_policy": int_policy,
-            "dtype": "as input" if dtype is None else dtype_name(dtype_from_name(dtype)),
-        }
-        metadata = dict(sources[-1].metadata())
-        metadata["polyak"] = json.dumps(record, ensure_ascii=False)
-        if split:
-            index_path = shard_paths(out_path, 1)[0]
-            refuse_overlap([out_path, index_path], [f for src in sources for f in src.files()])
-
-            try:
-                files = average_parallel(
-                    chosen, w, out_infos, out_path, metadata, workers=workers, dist=dist, format=format,  # type: ignore[arg-type]
-                    key=key, strip_prefix=strip_prefix, dtype=dtype, int_policy=int_policy, shard_size=shard_bytes,
-                )
-            finally:
-                if dist is not None:
-                    close_distributed(dist)
-            return _result(out_path, files, labels, w, scheme, infos, out_infos, t0, record)
-        writer = open_writer(
-            out_path,
-            out_infos,
-            format=out_format,
-            metadata=metadata,
-            template=sources[-1],
-            aliases=sources[-1].aliases(),
-            options=WriteOptions(shard_size=shard_bytes, keep_optimizer=keep_optimizer),
+        out_infos = output_infos(infos, dtype)
+        labels = [s.label for s in sources]
+        record = _provenance(
+            chosen, labels, w, scheme=scheme, alpha=alpha, order=order, int_policy=int_policy, dtype=dtype, checksum=checksum
         )
-        with writer:
+        metadata = {**sources[-1].metadata(), "polyak": json.dumps(record, ensure_ascii=False)}
+        if split:
+            refuse_overlap([out_path, shard_paths(out_path, 1)[0]], _input_files(sources))
+            files = average_parallel(
+                chosen, w, out_infos, out_path, metadata, workers=workers, dist=dist, format=format,  # type: ignore[arg-type]
+                key=key, strip_prefix=strip_prefix, dtype=dtype, int_policy=int_policy, shard_size=shard_bytes,
+            )
+        else:
+            writer = stack.enter_context(open_writer(
+                out_path, out_infos, format=out_format, metadata=metadata, template=sources[-1],
+                aliases=sources[-1].aliases(), options=WriteOptions(shard_size=shard_bytes, keep_optimizer=keep_optimizer),
+            ))
             # Inputs are known file by file only now (shards of an index): the output must not
             # replace any of them, under any spelling.
-            refuse_overlap(writer.targets, [f for src in sources for f in src.files()])
+            refuse_overlap(writer.targets, _input_files(sources))
             average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress)
             files = writer.commit()
-    return _result(out_path, files, labels, w, scheme, infos, out_infos, t0, record)
-
-
-def _result(
-    out_path: Path, files: list[Path], labels: list[str], w: np.ndarray, scheme: str,
-    infos: list[TensorInfo], out_infos: list[TensorInfo], t0: float, record: dict[str, Any],
-) -> AverageResult:
     n_float = sum(1 for i in infos if is_float(i.dtype))
     return AverageResult(
         out=out_path,

@@ -31,7 +31,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .._dtypes import dtype_from_name, is_float
 from .._errors import ConfigError, OutputError, PolyakError
 from ..formats import TensorInfo
 from ..formats.safetensors import (
@@ -42,7 +41,7 @@ from ..formats.safetensors import (
     shard_paths,
 )
 from .members import open_members
-from .stream import average_sources
+from .stream import average_sources, output_infos
 
 __all__ = ["DistContext", "ShardPlan", "average_parallel", "init_distributed", "plan_parallel"]
 
@@ -146,18 +145,13 @@ def _run_job(job: _Job) -> list[tuple[str, str]]:
 
     On any error the temporaries this worker wrote are deleted before the error propagates.
     """
-    out_dt = None if job.dtype is None else dtype_from_name(job.dtype)
     done: list[tuple[str, str]] = []
     try:
         with open_members(job.members, format=job.format, key=job.key, strip_prefix=job.strip_prefix) as sources:
             ref = sources[-1].infos()
             for target, names in job.shards:
                 in_infos = [ref[n] for n in names]
-                out_infos = [
-                    TensorInfo(i.name, i.shape, out_dt if (out_dt is not None and is_float(i.dtype)) else i.dtype)
-                    for i in in_infos
-                ]
-                writer = SafetensorsWriter(Path(target), out_infos, metadata=job.metadata)
+                writer = SafetensorsWriter(Path(target), output_infos(in_infos, job.dtype), metadata=job.metadata)
                 with writer:
                     average_sources(
                         sources, job.weights, infos=in_infos, dtype=job.dtype, int_policy=job.int_policy,

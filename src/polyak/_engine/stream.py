@@ -29,7 +29,7 @@ from .members import check_members
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["StreamOptions", "average_sources"]
+__all__ = ["StreamOptions", "average_sources", "output_infos"]
 
 
 def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
@@ -39,6 +39,12 @@ def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
         if not np.isfinite(x.astype(np.float32) if x.dtype.kind not in "fc" else x).all():
             bad.append(src.label)
     return bad
+
+
+def output_infos(infos: Sequence[TensorInfo], dtype: str | None) -> list[TensorInfo]:
+    """The output's tensors: floating ones in ``dtype`` when given, the rest as they are."""
+    out_dt = None if dtype is None else dtype_from_name(dtype)
+    return [TensorInfo(i.name, i.shape, out_dt if (out_dt is not None and is_float(i.dtype)) else i.dtype) for i in infos]
 
 
 class StreamOptions(TypedDict, total=False):
