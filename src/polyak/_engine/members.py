@@ -14,7 +14,7 @@ import numpy as np
 from .._dtypes import is_float, is_integer_like
 from .._errors import ConfigError, FormatError, MismatchError
 from .._layout import compare_layouts, mismatch_error, quoted
-from ..formats import TensorInfo, TensorSource, open_source
+from ..formats import SourceTemplate, TensorInfo, TensorSource, open_source
 from ..formats._memory import MappingSource
 
 __all__ = [
@@ -148,15 +148,17 @@ class PrefixStripped(TensorSource):
     def extras(self) -> dict[str, Any]:
         return self.inner.extras()
 
+    def template(self) -> SourceTemplate | None:
+        # The writer receives the tensors under the stripped names; the template maps them
+        # back to where they sit in the newest member (a Keras file keeps its dataset paths).
+        inner = self.inner.template()
+        return None if inner is None else inner.renamed({old: new for new, old in self._map.items()})
+
     def files(self) -> list[Path]:
         return self.inner.files()
 
     def close(self) -> None:
         self.inner.close()
-
-    def __getattr__(self, item: str) -> Any:
-        # Format-specific attributes (a .pt nesting key, Keras archive members) pass through.
-        return getattr(self.__dict__["inner"], item)
 
 
 def open_member(

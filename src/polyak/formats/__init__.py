@@ -3,23 +3,48 @@
 Each format gives a lazy, name-keyed :class:`TensorSource` and (where it can be written) a
 :class:`TensorWriter`. Format modules are imported only when their format is used, so
 reading a safetensors file never imports torch, h5py or keras.
+
+Adding a format: write a module that defines the format's :class:`TensorSource` (and, if
+polyak should write it, a :class:`TensorWriter`) and declares them in one
+:class:`FormatImpl` (``sniff``, ``open``, ``writer``); then register a :class:`Format`
+that names it, either as the object itself or lazily as ``"package.module:NAME"``::
+
+    from polyak.formats import Format, FormatImpl, register_format
+
+    TOY = FormatImpl(sniff=sniff_toy, open=ToySource, writer=ToyWriter)
+    register_format(Format("toy", (".toy",), "mypackage.toy:TOY", "toy checkpoints"))
+
+``polyak.average``, ``polyak.inspect`` and the CLI then read ``*.toy`` files (and write
+them, with a writer). A writer that carries structure over from the newest member (a
+file layout, a config) gets it from that member's :meth:`TensorSource.template`: the
+source returns a :class:`SourceTemplate` of its own design, renamed through
+:meth:`SourceTemplate.renamed` when ``strip_prefix`` changes tensor names on the way.
+The built-in formats below are registered the same way.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .._errors import ConfigError, FormatError
-from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+from ._base import (
+    FormatImpl,
+    SourceTemplate,
+    TensorInfo,
+    TensorSource,
+    TensorWriter,
+    WriteOptions,
+    WriterFactory,
+)
 
 __all__ = [
     "FORMATS",
     "Format",
+    "FormatImpl",
+    "SourceTemplate",
     "TensorInfo",
     "TensorSource",
     "TensorWriter",
@@ -39,24 +64,33 @@ class Format:
     Attributes:
         name: Used by ``--format`` and in messages.
         suffixes: File-name endings that select this format (longest match wins).
-        module: The module (relative to this package) that implements it; imported lazily.
-            For a format named ``x-y`` it provides ``sniff_x_y(path, head) -> bool`` (must
-            not import a framework), ``open_x_y(path, *, key, label) -> TensorSource`` and,
-            if writable, ``writer_x_y(path, infos, *, metadata, template, aliases, options)``.
+        provider: The format's :class:`FormatImpl`, or where to find it:
+            ``"package.module:NAME"`` (a leading ``.`` is relative to this package),
+            imported on first use.
         description: One line for ``--help``.
-        writable: Whether polyak can write it.
         directory: The "file" is a folder (e.g. a torch.distributed checkpoint).
     """
 
     name: str
     suffixes: tuple[str, ...]
-    module: str
+    provider: str | FormatImpl
     description: str
-    writable: bool = True
     directory: bool = False
 
-    def impl(self) -> Any:
-        return importlib.import_module(f"{__name__}.{self.module}")
+    def impl(self) -> FormatImpl:
+        """The format's implementation (its module is imported now if it was not yet)."""
+        if isinstance(self.provider, FormatImpl):
+            return self.provider
+        module, _, attr = self.provider.partition(":")
+        impl = getattr(importlib.import_module(module, __name__), attr, None)
+        if not isinstance(impl, FormatImpl):
+            raise ConfigError(f"format {self.name!r}: {self.provider!r} does not name a polyak.formats.FormatImpl")
+        return impl
+
+    @property
+    def writable(self) -> bool:
+        """Whether polyak can write this format."""
+        return self.impl().writer is not None
 
 
 FORMATS: dict[str, Format] = {}
@@ -69,34 +103,33 @@ def register_format(fmt: Format) -> Format:
 
 
 for _fmt in (
-    Format("safetensors", (".safetensors",), "safetensors", "safetensors, one file"),
+    Format("safetensors", (".safetensors",), ".safetensors:SAFETENSORS", "safetensors, one file"),
     Format(
         "safetensors-index",
         (".safetensors.index.json",),
-        "safetensors",
+        ".safetensors:SAFETENSORS_INDEX",
         "Hugging Face sharded safetensors (model.safetensors.index.json + shards)",
     ),
-    Format("npz", (".npz",), "npz", "numpy .npz archive"),
+    Format("npz", (".npz",), ".npz:NPZ", "numpy .npz archive"),
     Format(
         "torch",
         (".pt", ".pth", ".bin", ".ckpt", ".pt.tar", ".pth.tar"),
-        "torch_pt",
+        ".torch_pt:TORCH",
         "PyTorch state dict (torch.save), loaded with weights_only=True",
     ),
-    Format("keras-weights", (".weights.h5",), "keras_weights", "Keras 3 weights (model.save_weights), via h5py"),
-    Format("keras", (".keras",), "keras_archive", "Keras 3 model archive (model.save), via h5py"),
+    Format("keras-weights", (".weights.h5",), ".keras_weights:KERAS_WEIGHTS", "Keras 3 weights (model.save_weights), via h5py"),
+    Format("keras", (".keras",), ".keras_archive:KERAS", "Keras 3 model archive (model.save), via h5py"),
     Format(
         "keras2-h5",
         (".h5", ".hdf5"),
-        "keras2_h5",
+        ".keras2_h5:KERAS2_H5",
         "legacy Keras 2 HDF5, full model or weights only (layer_names layout), via h5py",
     ),
     Format(
         "dcp",
         (),
-        "dcp",
+        ".dcp:DCP",
         "torch.distributed.checkpoint folder (.metadata + *.distcp), read one tensor at a time",
-        writable=False,
         directory=True,
     ),
 ):
@@ -106,11 +139,6 @@ for _fmt in (
 #: A suffix shared by several layouts: the content decides between them (a Keras 3 weights
 #: file saved as ``w.h5`` is read, and written, as Keras 3 weights).
 CONTENT_DECIDES: dict[str, tuple[str, ...]] = {"keras2-h5": ("keras-weights",)}
-
-
-def _entry(fmt: Format, verb: str) -> Any:
-    """The module function ``<verb>_<format name>`` (``open_safetensors``, ``sniff_npz``...)."""
-    return getattr(fmt.impl(), f"{verb}_{fmt.name.replace('-', '_')}")
 
 
 def format_names() -> list[str]:
@@ -153,9 +181,8 @@ def _sniff(path: Path) -> list[Format]:
     for fmt in FORMATS.values():
         if fmt.directory != path.is_dir():
             continue
-        sniff: Callable[[Path, bytes], bool] = _entry(fmt, "sniff")
         try:
-            if sniff(path, head):
+            if fmt.impl().sniff(path, head):
                 found.append(fmt)
         except Exception:  # a sniffer must never decide for another format by crashing
             continue
@@ -222,9 +249,15 @@ def output_format(path: str | os.PathLike[str], format: str | None = None) -> Fo
                 f"suffixes {', '.join(writable)} or pass --out-format"
             )
         fmt = found
-    if not fmt.writable:
-        raise ConfigError(f"polyak cannot write {fmt.name} files; choose another output suffix")
+    _writer(fmt)
     return fmt
+
+
+def _writer(fmt: Format) -> WriterFactory:
+    writer = fmt.impl().writer
+    if writer is None:
+        raise ConfigError(f"polyak cannot write {fmt.name} files; choose another output suffix")
+    return writer
 
 
 def open_source(
@@ -246,8 +279,7 @@ def open_source(
         FormatError: Unreadable, corrupt or unsafe file.
     """
     fmt = detect_format(path, format)
-    opener = _entry(fmt, "open")
-    return opener(Path(path), key=key, label=label)  # type: ignore[no-any-return,unused-ignore]
+    return fmt.impl().open(Path(path), key=key, label=label)
 
 
 def open_writer(
@@ -260,18 +292,14 @@ def open_writer(
     aliases: dict[str, str] | None = None,
     options: WriteOptions | None = None,
 ) -> TensorWriter:
-    """Create the writer for ``path`` (format from ``format`` or the suffix)."""
+    """Create the writer for ``path`` (format from ``format`` or the suffix).
+
+    ``template`` is the newest member: when it has the output's format, the writer receives
+    its :meth:`TensorSource.template` (the structure to carry over).
+    """
     fmt = output_format(path, format)
     if template is not None and format is None and template.format_name in CONTENT_DECIDES.get(fmt.name, ()):
         fmt = get_format(template.format_name)  # e.g. Keras 3 weights written as ``avg.h5``
-    factory = _entry(fmt, "writer")
-    if template is not None and template.format_name != fmt.name:
-        template = None
-    return factory(  # type: ignore[no-any-return,unused-ignore]
-        Path(path),
-        infos,
-        metadata=metadata or {},
-        template=template,
-        aliases=aliases,
-        options=options,
-    )
+    writer = _writer(fmt)
+    carried = template.template() if template is not None and template.format_name == fmt.name else None
+    return writer(Path(path), infos, metadata=metadata or {}, template=carried, aliases=aliases, options=options)

@@ -5,7 +5,10 @@ numpy array. It knows every tensor's shape and dtype up front (:meth:`TensorSour
 and reads one tensor at a time (:meth:`TensorSource.read`), so the engine never holds more
 than a few tensors. A :class:`TensorWriter` receives tensors one at a time, in the order it
 asks for (:attr:`TensorWriter.order`), and makes the output appear only on
-:meth:`TensorWriter.commit`.
+:meth:`TensorWriter.commit`. What a writer carries over from the newest member beyond its
+tensors (an HDF5 layout, a Keras model config, a ``.pt`` nesting key) is that member's
+:meth:`TensorSource.template`, a :class:`SourceTemplate`. A format is these pieces
+declared in one :class:`FormatImpl`.
 """
 
 from __future__ import annotations
@@ -13,16 +16,26 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from .._dtypes import dtype_name
 
-__all__ = ["TensorInfo", "TensorSource", "TensorWriter", "WriteOptions", "contiguous"]
+__all__ = [
+    "FormatImpl",
+    "SourceOpener",
+    "SourceTemplate",
+    "TensorInfo",
+    "TensorSource",
+    "TensorWriter",
+    "WriteOptions",
+    "WriterFactory",
+    "contiguous",
+]
 
 
 def contiguous(array: np.ndarray) -> np.ndarray:
@@ -52,6 +65,24 @@ class TensorInfo:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+
+class SourceTemplate:
+    """Format-specific structure a writer carries over from the newest member into the output.
+
+    A source returns one from :meth:`TensorSource.template` (an HDF5 file's tree, a Keras
+    archive's config, a ``.pt`` file's nesting key); the writer of the same format receives
+    it as ``template``. Subclasses are usually frozen dataclasses.
+    """
+
+    def renamed(self, names: Mapping[str, str]) -> SourceTemplate:
+        """This template for a view of the source that calls its tensor ``old`` ``names[old]``.
+
+        Used when names are rewritten between source and writer (``strip_prefix``). A
+        template that refers to tensors by name must override this; the default (for
+        templates that name no tensors) returns the template unchanged.
+        """
+        return self
 
 
 class TensorSource(ABC):
@@ -89,6 +120,13 @@ class TensorSource(ABC):
     def extras(self) -> dict[str, Any]:
         """Format-specific details worth reporting (``polyak inspect``)."""
         return {}
+
+    def template(self) -> SourceTemplate | None:
+        """What a writer of this format carries over when this is the newest member.
+
+        ``None`` (the default) when the format has nothing beyond the tensors.
+        """
+        return None
 
     def close(self) -> None:
         """Release file handles and mappings."""
@@ -140,9 +178,9 @@ class TensorWriter(ABC):
         path: The output path.
         infos: The tensors to write (name, shape, output dtype), in the caller's order.
         metadata: String metadata to store where the format allows.
-        template: The newest member when it has the output's format, so that
-            format-specific structure (HDF5 attributes, Keras configs, a ``.pt`` nesting
-            key) can be carried over; ``None`` otherwise.
+        template: The newest member's :meth:`TensorSource.template` when that member has
+            the output's format, so that format-specific structure (HDF5 attributes, Keras
+            configs, a ``.pt`` nesting key) can be carried over; ``None`` otherwise.
         aliases: Tied tensors ``{name: canonical}``; formats that can share storage write
             the data once.
         options: :class:`WriteOptions`.
@@ -154,7 +192,7 @@ class TensorWriter(ABC):
         infos: Sequence[TensorInfo],
         *,
         metadata: Mapping[str, str],
-        template: TensorSource | None = None,
+        template: SourceTemplate | None = None,
         aliases: Mapping[str, str] | None = None,
         options: WriteOptions | None = None,
     ) -> None:
@@ -193,3 +231,47 @@ class TensorWriter(ABC):
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class SourceOpener(Protocol):
+    """``open(path, *, key, label) -> TensorSource`` (a :class:`TensorSource` class is one)."""
+
+    def __call__(self, path: Path, *, key: str | None = None, label: str | None = None) -> TensorSource: ...
+
+
+class WriterFactory(Protocol):
+    """``writer(path, infos, *, metadata, template, aliases, options) -> TensorWriter``.
+
+    A :class:`TensorWriter` subclass that keeps the base constructor's signature is one.
+    """
+
+    def __call__(
+        self,
+        path: Path,
+        infos: Sequence[TensorInfo],
+        *,
+        metadata: Mapping[str, str],
+        template: SourceTemplate | None = None,
+        aliases: Mapping[str, str] | None = None,
+        options: WriteOptions | None = None,
+    ) -> TensorWriter: ...
+
+
+@dataclass(frozen=True)
+class FormatImpl:
+    """What a format module provides: one of these, named in its registry entry.
+
+    Attributes:
+        sniff: ``sniff(path, head) -> bool``: whether the file looks like this format
+            (``head``: its first 4096 bytes; empty for a folder). Must not import a
+            framework, and should answer ``False`` rather than raise.
+        open: Opens a file (or folder) of this format as a lazy :class:`TensorSource`.
+            ``key`` selects a nested state dict (formats without nesting refuse it);
+            ``label`` names the member in messages.
+        writer: Creates the :class:`TensorWriter` for an output of this format; ``None``
+            when polyak cannot write it.
+    """
+
+    sniff: Callable[[Path, bytes], bool]
+    open: SourceOpener
+    writer: WriterFactory | None = None

@@ -21,15 +21,16 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .._atomic import commit_many, fsync_file, temp_path_for
 from .._dtypes import dtype_from_name
 from .._errors import FormatError, OutputError, PolyakError, UnsafeFileError
-from ._base import TensorInfo, TensorSource, TensorWriter
+from ._base import SourceTemplate, TensorInfo, TensorSource, TensorWriter
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 #: A dataset declaring more than this many bytes must store at least 1/_MAX_EXPANSION of them.
@@ -190,6 +191,23 @@ def dataset_dtype(ds: Any) -> np.dtype | None:
     return None
 
 
+@dataclass(frozen=True)
+class H5Template(SourceTemplate):
+    """An HDF5 member's whole tree, to be copied into the output around the averaged data.
+
+    Attributes:
+        h5: The member's open ``h5py.File`` (or group).
+        names: The tensor name of each averaged dataset, by dataset path (the same unless
+            names were rewritten, e.g. by ``strip_prefix``).
+    """
+
+    h5: Any
+    names: Mapping[str, str]
+
+    def renamed(self, names: Mapping[str, str]) -> H5Template:
+        return H5Template(self.h5, {path: names[name] for path, name in self.names.items() if name in names})
+
+
 class H5Source(TensorSource):
     """Tensors of an HDF5 file keyed by path; subclasses choose which datasets are tensors.
 
@@ -256,6 +274,13 @@ class H5Source(TensorSource):
                 arr = arr.view(info.dtype)
             return arr.reshape(info.shape)
 
+    def layout(self) -> H5Template:
+        """The file's tree, with every tensor at its own path."""
+        return H5Template(self.h5, {name: name for name in self._infos})
+
+    def template(self) -> SourceTemplate | None:
+        return self.layout()
+
     def metadata(self) -> dict[str, str]:
         with corrupt_file_errors(self.label):
             value = self.h5.attrs.get("polyak")
@@ -282,22 +307,24 @@ def copy_attrs(src: Any, dst: Any) -> None:
 
 
 class H5TemplateWriter(TensorWriter):
-    """Writes an HDF5 file shaped like the template: every group, dataset and attribute of
-    the newest member is copied, averaged datasets are replaced, excluded groups (optimizer
-    state) are dropped unless ``keep`` says otherwise.
+    """Writes an HDF5 file shaped like the template (an :class:`H5Template`): every group,
+    dataset and attribute of the newest member is copied, averaged datasets are replaced,
+    the :attr:`excluded` groups (optimizer state) are dropped unless
+    ``options.keep_optimizer`` says otherwise. Without a template the tensors are written as
+    datasets named after them.
 
     The file is written under a temporary name in the target folder and renamed on
     :meth:`commit` (``publish=False`` leaves it there for a container format to pick up).
     """
+
+    #: Top-level groups of the template that hold no averaged tensors (optimizer state).
+    excluded: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
         path: Path,
         infos: Sequence[TensorInfo],
         *,
-        template_h5: Any | None,
-        excluded: Sequence[str] = (),
-        keep_excluded: bool = False,
         publish: bool = True,
         tmp: Path | None = None,
         **kwargs: Any,
@@ -313,12 +340,14 @@ class H5TemplateWriter(TensorWriter):
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc}") from exc
         self._order: list[str] = []
+        self._paths: dict[str, str] = {}  # tensor name -> dataset path
         try:
-            if template_h5 is not None:
-                self._copy_tree(template_h5, excluded, keep_excluded)
+            if isinstance(self.template, H5Template):
+                self._copy_tree(self.template, self.options.keep_optimizer)
             for name, info in self.infos.items():  # tensors the template lacks
-                if name not in self._h5:
+                if name not in self._paths and name not in self._h5:
                     self._create(name, info, None)
+                    self._paths[name] = name
                     self._order.append(name)
             meta = self.metadata.get("polyak")
             if meta is not None:
@@ -327,49 +356,50 @@ class H5TemplateWriter(TensorWriter):
             self.abort()
             raise
 
-    def _create(self, name: str, info: TensorInfo, src: Any | None) -> None:
-        h5py = h5py_module(str(self.path))
+    def _create(self, path: str, info: TensorInfo, src: Any | None) -> None:
         dt = np.dtype(info.dtype)
         stored = dt
         if dt.kind not in "biufc":  # ml_dtypes (bfloat16, float8): opaque bytes + dtype attr
             stored = np.dtype(f"V{dt.itemsize}")
-        ds = self._h5.create_dataset(name, shape=info.shape, dtype=stored)
+        ds = self._h5.create_dataset(path, shape=info.shape, dtype=stored)
         if src is not None:
             copy_attrs(src, ds)
         if stored != dt:
             ds.attrs["dtype"] = dt.name if hasattr(dt, "name") else str(dt)
         elif "dtype" in ds.attrs and src is not None and src.dtype.kind == "V":
             del ds.attrs["dtype"]  # e.g. --dtype float32 on a bfloat16 member
-        del h5py
 
-    def _copy_tree(self, template: Any, excluded: Sequence[str], keep: bool) -> None:
+    def _copy_tree(self, template: H5Template, keep: bool) -> None:
         h5py = h5py_module(str(self.path))
-        copy_attrs(template, self._h5)
-        label = getattr(template, "filename", str(self.path))
+        src = template.h5
+        copy_attrs(src, self._h5)
+        label = getattr(src, "filename", str(self.path))
 
         def dropped(p: str) -> bool:
-            return not keep and any(p == g or p.startswith(g + "/") for g in excluded)
+            return not keep and any(p == g or p.startswith(g + "/") for g in self.excluded)
 
-        for p, obj in walk(template, label):
+        for p, obj in walk(src, label):
             if dropped(p):
                 continue
+            name = template.names.get(p)
             if isinstance(obj, h5py.Group):
                 grp = self._h5.require_group(p)
                 copy_attrs(obj, grp)
-            elif p in self.infos:
-                self._create(p, self.infos[p], obj)
-                self._order.append(p)
+            elif name is not None and name in self.infos:
+                self._create(p, self.infos[name], obj)
+                self._paths[name] = p
+                self._order.append(name)
             else:  # optimizer state kept, non-numeric data: copied byte for byte
                 parent, _, leaf = p.rpartition("/")
                 dst = self._h5[parent] if parent else self._h5
-                template.copy(obj, dst, name=leaf)
+                src.copy(obj, dst, name=leaf)
 
     @property
     def order(self) -> list[str]:
         return list(self._order)
 
     def write(self, name: str, array: np.ndarray) -> None:
-        ds = self._h5[name]
+        ds = self._h5[self._paths[name]]
         arr = np.asarray(array)
         if ds.dtype.kind == "V" and arr.dtype.kind != "V":
             arr = np.ascontiguousarray(arr).view(ds.dtype)

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError, FormatError
-from ._base import TensorInfo, TensorSource
+from ._base import FormatImpl, TensorInfo, TensorSource
 
-__all__ = ["DcpSource", "open_dcp", "sniff_dcp"]
+__all__ = ["DCP", "DcpSource", "sniff_dcp"]
 
 METADATA_FILE = ".metadata"
 
@@ -165,5 +165,4 @@ class DcpSource(TensorSource):
         return {"key": self.key, "data_files": self.world_files}
 
 
-def open_dcp(path: Path, *, key: str | None = None, label: str | None = None) -> DcpSource:
-    return DcpSource(path, key=key, label=label)
+DCP = FormatImpl(sniff=sniff_dcp, open=DcpSource)

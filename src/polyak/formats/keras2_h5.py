@@ -16,15 +16,16 @@ Keras 2 and Keras 3 load the result as they loaded the members. Optimizer state
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .._errors import ConfigError, FormatError
-from ._base import TensorInfo, TensorSource, WriteOptions
+from ._base import FormatImpl, SourceTemplate, TensorInfo
 from ._common import reject_key
 from ._h5 import (
     H5Source,
+    H5Template,
     H5TemplateWriter,
     corrupt_file_errors,
     is_legacy_layout,
@@ -87,29 +88,19 @@ def open_keras2_h5(path: Path, *, key: str | None = None, label: str | None = No
         raise
 
 
-def writer_keras2_h5(
-    path: Path,
-    infos: Sequence[TensorInfo],
-    *,
-    metadata: Mapping[str, str],
-    template: TensorSource | None = None,
-    aliases: Mapping[str, str] | None = None,
-    options: WriteOptions | None = None,
-) -> H5TemplateWriter:
-    if not isinstance(template, H5Source):
-        raise ConfigError(
-            f"{path}: a Keras 2 .h5 output copies its layout (layer_names, model config) from "
-            "the newest member, which must itself be a Keras 2 .h5 file; write another format "
-            "(.safetensors, .npz) instead"
-        )
-    opts = options or WriteOptions()
-    return H5TemplateWriter(
-        path,
-        infos,
-        template_h5=template.h5,
-        excluded=OPTIMIZER_GROUPS,
-        keep_excluded=opts.keep_optimizer,
-        metadata=metadata,
-        aliases=aliases,
-        options=opts,
-    )
+class Keras2H5Writer(H5TemplateWriter):
+    """A copy of the newest member's Keras 2 file with the averaged weights (see the module)."""
+
+    excluded = OPTIMIZER_GROUPS
+
+    def __init__(self, path: Path, infos: Sequence[TensorInfo], *, template: SourceTemplate | None = None, **kwargs: Any) -> None:
+        if not isinstance(template, H5Template):
+            raise ConfigError(
+                f"{path}: a Keras 2 .h5 output copies its layout (layer_names, model config) from "
+                "the newest member, which must itself be a Keras 2 .h5 file; write another format "
+                "(.safetensors, .npz) instead"
+            )
+        super().__init__(path, infos, template=template, **kwargs)
+
+
+KERAS2_H5 = FormatImpl(sniff=sniff_keras2_h5, open=open_keras2_h5, writer=Keras2H5Writer)

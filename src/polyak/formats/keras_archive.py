@@ -18,6 +18,7 @@ extracted with a size check otherwise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -25,6 +26,7 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,10 @@ import numpy as np
 
 from .._atomic import AtomicFile, temp_path_for
 from .._errors import ConfigError, FormatError, OutputError, UnsafeFileError
-from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions
+from ._base import FormatImpl, SourceTemplate, TensorInfo, TensorWriter
 from ._common import reject_key
-from ._h5 import CORRUPT_ERRORS, H5Source, H5TemplateWriter, corrupt_file_errors, open_h5
-from .keras_weights import OPTIMIZER_GROUPS
+from ._h5 import CORRUPT_ERRORS, H5Source, H5Template, corrupt_file_errors, open_h5
+from .keras_weights import OPTIMIZER_GROUPS, KerasWeightsWriter
 
 WEIGHTS = "model.weights.h5"
 CONFIG = "config.json"
@@ -127,12 +129,38 @@ def _data_offset(path: Path, zi: zipfile.ZipInfo) -> int:
     return zi.header_offset + 30 + name_len + extra_len
 
 
+@dataclass(frozen=True)
+class KerasArchiveTemplate(SourceTemplate):
+    """What a ``.keras`` output copies from the newest member.
+
+    Attributes:
+        weights: The layout of its ``model.weights.h5``.
+        config: Its ``config.json``, as stored.
+        keras_metadata: Its ``metadata.json``.
+        archive: The member's open zip file.
+        assets: The zip entries other than weights, config and metadata (assets).
+    """
+
+    weights: H5Template
+    config: bytes
+    keras_metadata: Mapping[str, Any]
+    archive: zipfile.ZipFile
+    assets: Sequence[zipfile.ZipInfo]
+
+    def renamed(self, names: Mapping[str, str]) -> KerasArchiveTemplate:
+        return dataclasses.replace(self, weights=self.weights.renamed(names))
+
+
 class KerasArchiveSource(H5Source):
     format_name = "keras"
 
     config: bytes
     keras_metadata: dict[str, Any]
     members: list[zipfile.ZipInfo]
+    archive: zipfile.ZipFile
+
+    def template(self) -> SourceTemplate | None:
+        return KerasArchiveTemplate(self.layout(), self.config, self.keras_metadata, self.archive, self.members)
 
     def metadata(self) -> dict[str, str]:
         out = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.keras_metadata.items()}
@@ -209,22 +237,26 @@ def _open_keras(path: Path, zf: zipfile.ZipFile, lab: str, owned: list[Any]) -> 
     src.config = config
     src.keras_metadata = meta
     src.members = [z for z in zf.infolist() if z.filename not in (WEIGHTS, CONFIG, METADATA)]
-    src._zip = zf  # type: ignore[attr-defined]
+    src.archive = zf
     return src
 
 
 class KerasArchiveWriter(TensorWriter):
     """Writes a ``.keras`` zip: the newest member's config/metadata/assets + averaged weights."""
 
-    def __init__(self, path: Path, infos: Sequence[TensorInfo], *, template: KerasArchiveSource, **kwargs: Any) -> None:
+    def __init__(self, path: Path, infos: Sequence[TensorInfo], *, template: SourceTemplate | None = None, **kwargs: Any) -> None:
+        if not isinstance(template, KerasArchiveTemplate):
+            raise ConfigError(
+                f"{path}: a .keras output copies the model config from the newest member, which "
+                "must itself be a .keras file; write .weights.h5, .safetensors or .npz instead"
+            )
         super().__init__(path, infos, template=template, **kwargs)
         self._src = template
-        self._inner = H5TemplateWriter(
+        self._inner = KerasWeightsWriter(
             path,
             infos,
-            template_h5=template.h5,
-            excluded=OPTIMIZER_GROUPS,
-            keep_excluded=self.options.keep_optimizer,
+            template=template.weights,
+            options=self.options,
             publish=False,
             tmp=temp_path_for(path.with_name(path.name + ".weights.h5")),
             metadata={},
@@ -252,9 +284,8 @@ class KerasArchiveWriter(TensorWriter):
                 zf.writestr(METADATA, json.dumps(meta, indent=2))
                 zf.writestr(CONFIG, self._src.config)
                 zf.write(h5_tmp, WEIGHTS)
-                src_zip: zipfile.ZipFile = self._src._zip  # type: ignore[attr-defined]
-                for zi in self._src.members:  # assets
-                    with src_zip.open(zi) as fin, zf.open(zi.filename, "w", force_zip64=True) as fout:
+                for zi in self._src.assets:
+                    with self._src.archive.open(zi) as fin, zf.open(zi.filename, "w", force_zip64=True) as fout:
                         shutil.copyfileobj(fin, fout, 1 << 22)
             return [out.commit()]
         except OSError as exc:
@@ -269,18 +300,4 @@ class KerasArchiveWriter(TensorWriter):
         self._inner.abort()
 
 
-def writer_keras(
-    path: Path,
-    infos: Sequence[TensorInfo],
-    *,
-    metadata: Mapping[str, str],
-    template: TensorSource | None = None,
-    aliases: Mapping[str, str] | None = None,
-    options: WriteOptions | None = None,
-) -> KerasArchiveWriter:
-    if not isinstance(template, KerasArchiveSource):
-        raise ConfigError(
-            f"{path}: a .keras output copies the model config from the newest member, which "
-            "must itself be a .keras file; write .weights.h5, .safetensors or .npz instead"
-        )
-    return KerasArchiveWriter(path, infos, template=template, metadata=metadata, aliases=aliases, options=options)
+KERAS = FormatImpl(sniff=sniff_keras, open=open_keras, writer=KerasArchiveWriter)

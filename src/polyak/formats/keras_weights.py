@@ -13,11 +13,10 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._base import TensorInfo, TensorSource, WriteOptions
+from ._base import FormatImpl
 from ._common import reject_key
 from ._h5 import (
     H5Source,
@@ -61,23 +60,11 @@ def open_keras_weights(path: Path, *, key: str | None = None, label: str | None 
         raise
 
 
-def writer_keras_weights(
-    path: Path,
-    infos: Sequence[TensorInfo],
-    *,
-    metadata: Mapping[str, str],
-    template: TensorSource | None = None,
-    aliases: Mapping[str, str] | None = None,
-    options: WriteOptions | None = None,
-) -> H5TemplateWriter:
-    opts = options or WriteOptions()
-    return H5TemplateWriter(
-        path,
-        infos,
-        template_h5=template.h5 if isinstance(template, H5Source) else None,
-        excluded=OPTIMIZER_GROUPS,
-        keep_excluded=opts.keep_optimizer,
-        metadata=metadata,
-        aliases=aliases,
-        options=opts,
-    )
+class KerasWeightsWriter(H5TemplateWriter):
+    """A ``.weights.h5`` shaped like the newest member (when it is one): its object tree and
+    attributes, the averaged variables, and optimizer variables only with ``keep_optimizer``."""
+
+    excluded = OPTIMIZER_GROUPS
+
+
+KERAS_WEIGHTS = FormatImpl(sniff=sniff_keras_weights, open=open_keras_weights, writer=KerasWeightsWriter)

@@ -22,7 +22,7 @@ import numpy as np
 from .._atomic import AtomicFile
 from .._dtypes import dtype_from_name, dtype_name
 from .._errors import FormatError, UnsafeFileError
-from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions, contiguous
+from ._base import FormatImpl, TensorInfo, TensorSource, TensorWriter, contiguous
 from ._common import reject_key
 
 META_MEMBER = "__polyak__.json"
@@ -266,13 +266,4 @@ class NpzWriter(TensorWriter):
         self._file.abort()
 
 
-def writer_npz(
-    path: Path,
-    infos: Sequence[TensorInfo],
-    *,
-    metadata: Mapping[str, str],
-    template: TensorSource | None = None,
-    aliases: Mapping[str, str] | None = None,
-    options: WriteOptions | None = None,
-) -> NpzWriter:
-    return NpzWriter(path, infos, metadata=metadata, aliases=aliases, options=options)
+NPZ = FormatImpl(sniff=sniff_npz, open=open_npz, writer=NpzWriter)

@@ -29,11 +29,21 @@ import numpy as np
 
 from .._atomic import AtomicFile, commit_many, fsync_dir
 from .._errors import FormatError, OutputError, UnsafeFileError
-from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions, contiguous
+from ._base import (
+    FormatImpl,
+    SourceTemplate,
+    TensorInfo,
+    TensorSource,
+    TensorWriter,
+    WriteOptions,
+    contiguous,
+)
 from ._common import reject_key
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
+    "SAFETENSORS",
+    "SAFETENSORS_INDEX",
     "SafetensorsIndexSource",
     "SafetensorsSource",
     "SafetensorsWriter",
@@ -570,12 +580,12 @@ class ShardedSafetensorsWriter(TensorWriter):
             w.abort()
 
 
-def writer_safetensors(
+def safetensors_writer(
     path: Path,
     infos: Sequence[TensorInfo],
     *,
     metadata: Mapping[str, str],
-    template: TensorSource | None = None,
+    template: SourceTemplate | None = None,
     aliases: Mapping[str, str] | None = None,
     options: WriteOptions | None = None,
 ) -> TensorWriter:
@@ -591,4 +601,5 @@ def writer_safetensors(
     return SafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
 
 
-writer_safetensors_index = writer_safetensors
+SAFETENSORS = FormatImpl(sniff=sniff_safetensors, open=open_safetensors, writer=safetensors_writer)
+SAFETENSORS_INDEX = FormatImpl(sniff=sniff_safetensors_index, open=open_safetensors_index, writer=safetensors_writer)

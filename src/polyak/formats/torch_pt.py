@@ -16,6 +16,7 @@ import struct
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from .._atomic import AtomicFile
 from .._errors import ConfigError, FormatError, UnsafeFileError
-from ._base import TensorInfo, TensorSource, TensorWriter, WriteOptions, contiguous
+from ._base import FormatImpl, SourceTemplate, TensorInfo, TensorSource, TensorWriter, contiguous
 
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -178,6 +179,14 @@ def _flatten(obj: Any, path: Path, label: str, key: str | None) -> tuple[dict[st
     )
 
 
+@dataclass(frozen=True)
+class TorchTemplate(SourceTemplate):
+    """What a ``.pt`` output keeps of the newest member: the key its state dict was nested
+    under (``None`` for a flat state dict)."""
+
+    key: str | None
+
+
 class TorchSource(TensorSource):
     """A ``torch.save`` checkpoint, memory-mapped where torch allows (zip format)."""
 
@@ -214,6 +223,9 @@ class TorchSource(TensorSource):
     def extras(self) -> dict[str, Any]:
         return {"key": self.key, "tied": self._aliases}
 
+    def template(self) -> TorchTemplate:
+        return TorchTemplate(self.key)
+
     def close(self) -> None:
         self._tensors = {}
 
@@ -233,10 +245,6 @@ def numpy_dtype(t: Any) -> np.dtype:
         return np.dtype(str(t.dtype).removeprefix("torch."))
     except TypeError:
         raise FormatError(f"tensor dtype {t.dtype} has no numpy equivalent") from None
-
-
-def open_torch(path: Path, *, key: str | None = None, label: str | None = None) -> TorchSource:
-    return TorchSource(path, key=key, label=label)
 
 
 class TorchWriter(TensorWriter):
@@ -265,7 +273,7 @@ class TorchWriter(TensorWriter):
         state: OrderedDict[str, Any] = OrderedDict()
         for name in self.infos:
             state[name] = self._state[self.aliases.get(name, name)]
-        key = getattr(self.template, "key", None)
+        key = self.template.key if isinstance(self.template, TorchTemplate) else None
         obj: Any = state if key is None else {key: state, "polyak": dict(self.metadata)}
         f = AtomicFile(self.path)
         try:
@@ -283,13 +291,4 @@ class TorchWriter(TensorWriter):
         self._state = {}
 
 
-def writer_torch(
-    path: Path,
-    infos: Sequence[TensorInfo],
-    *,
-    metadata: Mapping[str, str],
-    template: TensorSource | None = None,
-    aliases: Mapping[str, str] | None = None,
-    options: WriteOptions | None = None,
-) -> TorchWriter:
-    return TorchWriter(path, infos, metadata=metadata, template=template, aliases=aliases, options=options)
+TORCH = FormatImpl(sniff=sniff_torch, open=TorchSource, writer=TorchWriter)
