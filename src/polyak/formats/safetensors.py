@@ -23,6 +23,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -31,7 +32,6 @@ from .._atomic import AtomicFile, commit_many, fsync_dir
 from .._errors import FormatError, OutputError, UnsafeFileError
 from ._base import (
     FormatImpl,
-    SourceTemplate,
     TensorInfo,
     TensorSource,
     TensorWriter,
@@ -581,24 +581,20 @@ class ShardedSafetensorsWriter(TensorWriter):
 
 
 def safetensors_writer(
-    path: Path,
-    infos: Sequence[TensorInfo],
-    *,
-    metadata: Mapping[str, str],
-    template: SourceTemplate | None = None,
-    aliases: Mapping[str, str] | None = None,
-    options: WriteOptions | None = None,
+    path: Path, infos: Sequence[TensorInfo], *, options: WriteOptions | None = None, template: object = None, **kwargs: Any
 ) -> TensorWriter:
-    """A safetensors writer: one file, or shards + index when ``options.shard_size`` is set
-    and the tensors do not fit in one shard (or the output is named ``*.safetensors.index.json``)."""
+    """The safetensors :class:`~polyak.formats.WriterFactory`: one file, or shards + index when
+    ``options.shard_size`` is set and the tensors do not fit in one shard (or the output is
+    named ``*.safetensors.index.json``). A safetensors file carries nothing over from a
+    template; ``kwargs`` are ``metadata`` and ``aliases``."""
     opts = options or WriteOptions()
     total = sum(i.nbytes for i in infos)
     wants_index = path.name.endswith(".safetensors.index.json")
     if wants_index or (opts.shard_size is not None and total > opts.shard_size):
         if opts.shard_size is None:
             opts = dataclasses.replace(opts, shard_size=DEFAULT_SHARD_SIZE)
-        return ShardedSafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
-    return SafetensorsWriter(path, infos, metadata=metadata, aliases=aliases, options=opts)
+        return ShardedSafetensorsWriter(path, infos, options=opts, **kwargs)
+    return SafetensorsWriter(path, infos, options=opts, **kwargs)
 
 
 SAFETENSORS = FormatImpl(sniff=sniff_safetensors, open=open_safetensors, writer=safetensors_writer)
