@@ -93,6 +93,8 @@ def test_load_sharded_checks_shapes_before_reading(tmp_path: Path) -> None:
     assert f'{tmp_path / "state"}: tensor "1.running_mean" has shape (5,), this averager has (6,)' in msg
     for k, v in target.state.tensors.items():
         torch.testing.assert_close(v, kept[k], rtol=0, atol=0)
+    with pytest.raises(MismatchError, match=r'(?s)\(4 problem\(s\)\).*"1.weight" has shape \(5,\), this averager has \(6,\)'):
+        load_sharded(EMA(net(), decay=0.9), tmp_path / "state")  # the same names, other shapes
     same = EMA(net(5, seed=2), decay=0.9)
     load_sharded(same, tmp_path / "state")
     np.testing.assert_array_equal(same.state.tensors["0.weight"].numpy(), net(5).state_dict()["0.weight"].numpy())
