@@ -150,7 +150,8 @@ def average(
     Args:
         members: Checkpoint paths (safetensors, sharded safetensors index, ``.npz``, ``.pt``,
             Keras files when ``polyak[keras]`` is installed) or mappings of name → array.
-        scheme: ``"equal"``, ``"linear"``, ``"exponential"`` or ``"custom"``.
+        scheme: ``"equal"``, ``"linear"``, ``"exponential"``, ``"custom"`` or another
+            registered scheme (see :func:`polyak.scheme_names`).
         alpha: Decay rate of ``"exponential"`` (> 0). Default: the scheme's (2.0).
         weights: Custom weights, oldest → newest (implies ``scheme="custom"``).
         last: Keep only the newest ``last`` members.
