@@ -13,6 +13,8 @@ CORE = [
     "polyak._engine.kernel",
     "polyak._engine.parallel",
     "polyak.formats.safetensors",
+    "polyak._choose.select",
+    "polyak._choose.metrics",
     "polyak._atomic",
     "polyak._layout",
     "polyak._engine.inspect",

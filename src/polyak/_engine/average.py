@@ -33,7 +33,7 @@ import numpy as np
 from .._atomic import check_output_path, cleanup_stale_temps, refuse_overlap
 from .._dtypes import dtype_from_name, dtype_name, is_float
 from .._errors import ConfigError
-from .._schemes import get_scheme, scheme_weights
+from .._schemes import get_scheme
 from .._version import __version__
 from ..formats import TensorSource, WriteOptions, open_writer
 from ..formats import output_format as _output_format
@@ -63,6 +63,9 @@ class AverageResult:
         nbytes: Bytes of tensor data written.
         seconds: Wall time.
         metadata: The ``polyak`` metadata record stored in the output.
+        rank: This process's rank in a ``distributed`` average (0 otherwise). Every rank
+            returns a result; rank 0's is the job's (it writes the index), so print one
+            summary per job from rank 0.
     """
 
     out: Path
@@ -75,6 +78,7 @@ class AverageResult:
     nbytes: int
     seconds: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -170,7 +174,7 @@ def _provenance(
     weights: np.ndarray,
     *,
     scheme: str,
-    alpha: float,
+    params: dict[str, Any],
     order: str,
     int_policy: str,
     dtype: str | None,
@@ -181,7 +185,7 @@ def _provenance(
         "tool": f"polyak {__version__}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scheme": scheme,
-        "params": {"alpha": float(alpha)} if scheme == "exponential" else {},
+        "params": params,
         "weights": [float(x) for x in weights],
         "order": order,
         "members": [_member_record(m, lab, checksum) for m, lab in zip(members, labels)],
@@ -199,7 +203,7 @@ class AverageOptions(TypedDict, total=False):
     """The keyword options of :func:`average` other than ``out`` (see there)."""
 
     scheme: str
-    alpha: float
+    alpha: float | None
     weights: Sequence[float] | None
     last: int | None
     order: str
@@ -226,7 +230,7 @@ def average(
     members: Sequence[MemberLike],
     *,
     scheme: str = "equal",
-    alpha: float = 2.0,
+    alpha: float | None = None,
     weights: Sequence[float] | None = None,
     last: int | None = None,
     order: str = "number",
@@ -256,8 +260,9 @@ def average(
     Args:
         members: Checkpoint paths (safetensors, sharded safetensors index, ``.npz``, ``.pt``,
             Keras files when ``polyak[keras]`` is installed) or mappings of name → array.
-        scheme: ``"equal"``, ``"linear"``, ``"exponential"`` or ``"custom"``.
-        alpha: Decay rate of ``"exponential"`` (> 0). Default 2.0.
+        scheme: ``"equal"``, ``"linear"``, ``"exponential"``, ``"custom"`` or another
+            registered scheme (see :func:`polyak.scheme_names`).
+        alpha: Decay rate of ``"exponential"`` (> 0). Default: the scheme's (2.0).
         weights: Custom weights, oldest → newest (implies ``scheme="custom"``).
         last: Keep only the newest ``last`` members.
         order: How to order paths: ``"number"`` (numbers in the file name; default),
@@ -307,9 +312,10 @@ def average(
     # Options and members (in this order: the first problem found is the one reported).
     if weights is not None:
         scheme = "custom"
-    get_scheme(scheme)
+    spec = get_scheme(scheme)
+    params = spec.resolve(alpha=alpha, weights=weights)
     chosen = select_members(members, last=last, order=order)
-    w = scheme_weights(scheme, len(chosen), alpha=alpha, weights=weights)
+    w = spec.weights(len(chosen), **params)
     shard_bytes = None if shard_size is None else parse_size(shard_size)
     split = _check_split(workers, distributed, out)
     with contextlib.ExitStack() as stack:
@@ -327,7 +333,8 @@ def average(
         out_infos = output_infos(infos, dtype)
         labels = [s.label for s in sources]
         record = _provenance(
-            chosen, labels, w, scheme=scheme, alpha=alpha, order=order, int_policy=int_policy, dtype=dtype, checksum=checksum
+            chosen, labels, w, scheme=scheme, params=spec.record(params), order=order, int_policy=int_policy, dtype=dtype,
+            checksum=checksum,
         )
         metadata = {**sources[-1].metadata(), "polyak": json.dumps(record, ensure_ascii=False)}
         if split:
@@ -358,4 +365,5 @@ def average(
         nbytes=sum(i.nbytes for i in out_infos),
         seconds=time.perf_counter() - t0,
         metadata=record,
+        rank=0 if dist is None else dist.rank,
     )

@@ -10,7 +10,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from .._errors import ConfigError, MismatchError, PolyakError
+from .._errors import ConfigError, PolyakError
+from .._layout import compare_layouts
 from .._schedules import DecaySchedule, make_schedule
 from ._checkpoint import save_model_atomic
 from ._names import variable_names
@@ -315,17 +316,9 @@ class EMACallback(keras.callbacks.Callback):
             self._avg = None
             self.count = 0
             return
-        missing = [n for n in self._names if n not in averages]
-        unexpected = [n for n in averages if n not in set(self._names)]
-        bad = [
-            f"{n}: saved {np.shape(averages[n])}, model {tuple(v.shape)}"
-            for n, v in zip(self._names, self._vars, strict=True)
-            if n in averages and tuple(np.shape(averages[n])) != tuple(v.shape)
-        ]
-        if missing or unexpected or bad:
-            raise MismatchError(
-                "EMACallback.set_state: the saved average does not fit this model; "
-                f"missing {missing}, unexpected {unexpected}, shape conflicts {bad}"
-            )
+        # Dtypes may differ: each average is converted to its variable's (from_numpy).
+        compare_layouts(dict(zip(self._names, self._vars, strict=True)), averages, ("this model", "the saved average"),
+                        dtypes=False).raise_if_any("EMACallback.set_state: the saved average does not fit this model",
+                                                   fix="restore the state of an EMACallback of the same model")
         current = self._ops.values(self._vars)
         self._avg = [self._ops.from_numpy(averages[n], c) for n, c in zip(self._names, current, strict=True)]

@@ -18,14 +18,14 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from .._errors import ConfigError, FormatError, MismatchError
+from .._errors import ConfigError, FormatError
+from .._layout import compare_layouts
 from ._common import (
     META_KEY,
     Slot,
     is_averaged,
     is_writer_rank,
     local_tensor,
-    match_names,
     named_slots,
     named_tensors,
 )
@@ -130,9 +130,11 @@ class _Averager:
         # Walk the module once; later steps re-read the same slots (a few µs per tensor).
         found = {name: slot for name, slot, _ in named_slots(target)}
         names = self.state.tensors
-        if len(found) != len(names) or any(n not in found for n in names):
-            match_names(names, found, what="the module's tensors and the averaged ones", where="the module",
-                        fix="average the same architecture (wrapper prefixes module./_orig_mod. are ignored)")
+        live = {name: local_tensor(container[key]) for name, (container, key) in found.items()}
+        # Names and shapes must match; dtypes need not (a bf16 module feeds a float32 average).
+        compare_layouts(names, live, ("the average", "the module"), dtypes=False).raise_if_any(
+            "the module's tensors do not match the averaged ones",
+            fix="average the same architecture (wrapper prefixes module./_orig_mod. are ignored)")
         slots = [found[n] for n in names]
         self._slots = (weakref.ref(target), slots)
         return [local_tensor(container[key]) for container, key in slots]
@@ -236,12 +238,9 @@ class _Averager:
             raise ConfigError(f"this state is from a {kind!r} averager, not {self.kind!r}; load it with that class")
         tensors = state["tensors"]
         ours = self.state.tensors
-        match_names(ours, tensors, what="the saved averaged tensors and this averager's", where="the saved state",
-                    fix="load the state of an averager of the same model")
-        bad = [f"{n!r}: saved {tuple(tensors[n].shape)}, model {tuple(t.shape)}"
-               for n, t in ours.items() if tuple(tensors[n].shape) != tuple(t.shape)]
-        if bad:
-            raise MismatchError(f"shape differences between the saved state and this averager: {'; '.join(bad)}")
+        # Dtypes may differ: a saved average is cast into ours, or kept when it is wider (below).
+        compare_layouts(ours, tensors, ("this averager", "the saved state"), dtypes=False).raise_if_any(
+            "the saved averaged tensors do not match this averager's", fix="load the state of an averager of the same model")
         self._load_config(state.get("config", {}))
         for name, mine in list(ours.items()):
             saved = tensors[name]
