@@ -165,3 +165,20 @@ def test_strip_prefix_on_a_nested_pt_keeps_the_nesting_key(tmp_path):
     got = torch.load(out, weights_only=True)
     assert set(got) == {"model", "polyak"}
     torch.testing.assert_close(got["model"]["w"], torch.full((2,), 0.5))
+
+
+def test_strip_prefix_on_a_keras_archive_keeps_config_and_layout(tmp_path):
+    # Used to fail: "a .keras output copies the model config from the newest member, which
+    # must itself be a .keras file" (the prefix-stripping view hid the archive).
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    paths = []
+    for i in range(3):
+        model.layers[0].kernel.assign(np.full((4, 3), float(i), "float32"))
+        model.save(tmp_path / f"m_{i}.keras")
+        paths.append(tmp_path / f"m_{i}.keras")
+    out = tmp_path / "avg.keras"
+    polyak.average(paths, scheme="linear", strip_prefix=["layers/"], out=out)
+    loaded = keras.saving.load_model(out)
+    # linear weights 1/6, 2/6, 3/6 of kernels 0, 1, 2: 8/6
+    np.testing.assert_allclose(loaded.layers[0].kernel.numpy(), np.full((4, 3), 8 / 6), rtol=1e-6)
