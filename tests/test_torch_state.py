@@ -147,3 +147,20 @@ def test_01_state_dict_still_loads() -> None:
     assert ema.state_dict()["config"] == {**old["config"], "start": 2}  # the same layout back
     with pytest.raises(FormatError, match="has no 'tensors'"):
         ema.load_state_dict({k: v for k, v in old.items() if k != "tensors"})
+
+
+def test_update_after_loading_wider_averages_updates_them() -> None:
+    # The update plan is built for the first averages; a load that replaces them (a float32
+    # average into a bfloat16 averager) must not leave it writing into the old ones.
+    model = make_model().to(torch.bfloat16)
+    target = EMA(model, decay=0.9, dtype=torch.bfloat16)
+    target.update()
+    target.update()
+    saved = {k: v.float() + 0.5 if v.is_floating_point() else v.clone() for k, v in target.state.tensors.items()}
+    target.load_state_dict({**target.state_dict(), "tensors": saved})
+    target.update()
+    for name, t in target.state.tensors.items():
+        if t.is_floating_point():
+            assert t.dtype == torch.float32
+            expected = 0.9 * saved[name] + 0.1 * dict(model.state_dict())[name].float()
+            torch.testing.assert_close(t, expected, rtol=1e-6, atol=1e-6)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 from ._dtypes import accumulator_dtype, dtype_from_name, is_float
 from ._errors import ConfigError, FormatError, whole_number
@@ -221,8 +221,7 @@ class Cadence:
         whole_number(self.every, "every", 1)
 
 
-@dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
     """What one update does: the counters after it and the lerp weight.
 
     Attributes:
@@ -287,6 +286,8 @@ class AveragerOps(Protocol[L_in, A]):
 
         ``weight == 1`` must copy exactly. Returns the new averages: in-place backends
         update and return ``averages`` itself, functional ones (JAX) return new arrays.
+        While ``averaged`` is the same object the averages are the same arrays (or the ones
+        this method returned), so a backend may cache work per ``averaged`` object.
         """
         ...
 
@@ -339,8 +340,13 @@ class OnlineAverage(Generic[L, A]):
 
     def reset(self, names: Sequence[str], live: Sequence[L], averaged: Sequence[bool]) -> None:
         """Start the averages as copies of ``live`` (accumulator dtypes); counters stay."""
-        self.averaged = tuple(averaged)
-        self.state.tensors = dict(zip(names, self.ops.init(live, self.averaged), strict=True))
+        self.set_tensors(dict(zip(names, self.ops.init(live, tuple(averaged)), strict=True)), averaged)
+
+    def set_tensors(self, tensors: dict[str, A], averaged: Sequence[bool]) -> None:
+        """Replace the averages (a loaded state): the ops see new ``averaged`` flags, so a
+        backend that caches per set of averages (torch's update plan) starts afresh."""
+        self.averaged = tuple(bool(a) for a in averaged)  # always a new object
+        self.state.tensors = tensors
 
     def update(self, live: Callable[[], Sequence[L]], *, step: int | None = None) -> Update:
         """Apply :func:`next_update` for ``step``; ``live()`` is called only if tensors change."""

@@ -61,20 +61,16 @@ class UpdatePlan:
     groups: list[_Group]
     copies: list[tuple[int, torch.Tensor]]  # (position, stored tensor): copied, not averaged
     sources: list[torch.Tensor] = field(default_factory=list)  # the live tensors it was built for
-    stored: list[torch.Tensor] = field(default_factory=list)  # the averages it was built for
-    averaged: Sequence[bool] = ()  # the flags it was built for (the same object)
+    averaged: Sequence[bool] = ()  # the flags it was built for: the same object, the same averages
 
-    def fits(self, current: Sequence[torch.Tensor], stored: Sequence[torch.Tensor] | None = None,
-             averaged: Sequence[bool] | None = None) -> bool:
+    def fits(self, current: Sequence[torch.Tensor], averaged: Sequence[bool] | None = None) -> bool:
         """Whether this plan applies to ``current``; if so it reads from them from now on.
 
         Cheap when the live tensors are the same objects as last time (the usual case).
-        ``stored`` and ``averaged``, when given, must be the averages and the flags the
-        plan was built for (a loaded state replaces averages: the plan is rebuilt).
+        ``averaged``, when given, must be the flags object the plan was built for: the
+        online core passes a new one whenever it replaces the averages (a loaded state).
         """
         if averaged is not None and averaged is not self.averaged:
-            return False
-        if stored is not None and (len(stored) != len(self.stored) or not all(map(operator.is_, stored, self.stored))):
             return False
         if len(current) == len(self.sources) and all(map(operator.is_, current, self.sources)):
             # Same objects; their dtype/device change only if someone reassigned ``.data``
@@ -130,7 +126,7 @@ def build_plan(
         if (src_dtype, src_dev) != (dst_dtype, dst_dev):
             group.chunks = _chunks(avg, dst_dtype, dst_dev)
         groups.append(group)
-    return UpdatePlan(signature(current), groups, copies, list(current), list(stored), averaged)
+    return UpdatePlan(signature(current), groups, copies, list(current), averaged)
 
 
 def _chunks(
@@ -197,7 +193,7 @@ class TorchOps:
                averaged: Sequence[bool]) -> list[torch.Tensor]:
         current = self.read(live)
         plan = self._plan
-        if plan is None or not plan.fits(current, averages, averaged):
+        if plan is None or not plan.fits(current, averaged):
             plan = self._plan = build_plan(current, averages, averaged)
         plan.apply(weight)
         return averages

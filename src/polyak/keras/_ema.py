@@ -290,4 +290,5 @@ class EMACallback(keras.callbacks.Callback):
                             what="EMACallback.set_state: the saved average does not fit this model",
                             fix="restore the state of an EMACallback of the same model")
         ops = self._core.ops
-        state.tensors = {n: ops.from_numpy(saved[n], like) for n, like in state.tensors.items()}
+        self._core.set_tensors({n: ops.from_numpy(saved[n], like) for n, like in state.tensors.items()},
+                               self._core.averaged)

@@ -216,7 +216,7 @@ class _Averager:
                 else:
                     mine.copy_(saved)
         self.state.step, self.state.count = record["step"], record["count"]
-        self._core.averaged = tuple(self._averages(n, t) for n, t in ours.items())
+        self._core.set_tensors(ours, [self._averages(n, t) for n, t in ours.items()])
 
     def save(self, path: str | os.PathLike[str]) -> Path | None:
         """Write the average to a standalone safetensors file, settings in its metadata.
