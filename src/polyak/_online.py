@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from ._dtypes import accumulator_dtype, dtype_from_name, is_float
 from ._errors import ConfigError, FormatError, whole_number
@@ -221,7 +221,8 @@ class Cadence:
         whole_number(self.every, "every", 1)
 
 
-class Update(NamedTuple):
+@dataclass(slots=True)
+class Update:
     """What one update does: the counters after it and the lerp weight.
 
     Attributes:
