@@ -31,22 +31,9 @@ from ._errors import ConfigError, FormatError, whole_number
 from ._layout import compare_layouts
 from ._schedules import DecaySchedule
 
-__all__ = [
-    "FIELDS",
-    "AveragerOps",
-    "AveragerState",
-    "Cadence",
-    "EMAWeights",
-    "OnlineAverage",
-    "SWAWeights",
-    "Update",
-    "Weights",
-    "accumulator_dtype_name",
-    "check_saved_tensors",
-    "next_update",
-    "read_record",
-    "weights_from_config",
-]
+__all__ = ["FIELDS", "AveragerOps", "AveragerState", "Cadence", "EMAWeights", "OnlineAverage", "SWAWeights",
+           "Update", "Weights", "accumulator_dtype_name", "check_saved_tensors", "next_update", "read_record",
+           "weights_from_config"]
 
 #: The fields of a saved averager state, in this order, for every face.
 FIELDS = ("kind", "step", "count", "config", "tensors")
