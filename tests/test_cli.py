@@ -107,3 +107,21 @@ def test_pt_to_npz_with_key(tmp_path):
     assert r.returncode == 0, r.stderr
     # linear weights 1, 2, 3 over values 0, 1, 2: (0 + 2 + 6) / 6
     assert polyak.average([out])["w"].tolist() == pytest.approx([8 / 6, 8 / 6])
+
+
+@pytest.mark.parametrize("last", ["0", "-3"])
+def test_last_is_checked_once_by_the_library(tmp_path, members, capsys, last):
+    from polyak.cli import main
+
+    _, paths = members
+    out = tmp_path / "out.safetensors"
+    assert main(["average", *map(str, paths), "-o", str(out), "--last", last]) == 2
+    err = capsys.readouterr().err
+    assert err == f"polyak: error: last must be a whole number ≥ 1, got {last}\n"
+    assert not out.exists()
+
+
+def test_summary_comes_from_rank_0_of_the_result(tmp_path, members):
+    _, paths = members
+    result = polyak.average(paths, out=tmp_path / "o.safetensors")
+    assert result.rank == 0  # a distributed run's other ranks return their own rank

@@ -8,12 +8,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polyak import scheme_weights
+from polyak import MismatchError, scheme_weights
 from polyak.demo._data import N_TRAIN, N_VALIDATION, load_blobs, make_blobs
 from polyak.demo._experiment import DemoConfig
 from polyak.demo._model import Evaluator, MLPParams, mlp_params, predict_proba
 from polyak.demo._summary import summarise
 from polyak.demo._train import Recipe
+
+
+def test_mlp_params_names_every_missing_tensor_and_ignores_extras() -> None:
+    state = {"hidden.weight": np.ones((25, 2)), "output.bias": np.ones(3), "opt.momentum": np.ones(1)}
+    with pytest.raises(MismatchError) as info:
+        mlp_params(state, "torch")
+    assert str(info.value).splitlines() == [
+        "the torch checkpoint is not the demo MLP's (1 problem(s)):",
+        '  the torch checkpoint: missing 2 tensor(s) that the demo MLP has: "hidden.bias", "output.weight"',
+        'it holds "hidden.weight", "opt.momentum", "output.bias"; was it saved by `polyak demo --framework torch`?',
+    ]
+    state.update({"hidden.bias": np.ones(25), "output.weight": np.ones((3, 25))})
+    assert mlp_params(state, "torch").W2.shape == (25, 3)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 7, 12345])

@@ -83,8 +83,14 @@ def test_tutorial_flow_load_average_evaluate(tmp_path: Path) -> None:
     assert got == pytest.approx({"accuracy": ref["accuracy"]}, abs=1e-6)
     for a, b in zip(target.get_weights(), before, strict=True):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(polyak.MismatchError, match="unknown names"):
+    with pytest.raises(polyak.MismatchError, match='1 unexpected tensor.*"nope"'):
         fn({"nope": np.zeros(1)})
+    bad = dict(state, **{"layers/batch_normalization/vars/1": np.zeros(5, np.float32), "nope": np.zeros(1)})
+    with pytest.raises(polyak.MismatchError, match=r'(?s)2 problem.*"nope".*"layers/batch_normalization/vars/1" '
+                                                   r"has shape \(5,\), sequential_\d+ has \(8,\).*look like"):
+        fn(bad)
+    for a, b in zip(target.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_average_models_unbuilt_and_subclassed() -> None:

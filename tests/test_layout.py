@@ -43,6 +43,15 @@ def test_options_relax_only_what_they_name():
     assert compare_layouts(expected, dict(expected)).ok
 
 
+def test_names_only_needs_no_shapes():
+    found = _layout(a=(1,), b=(2,), c=(3,))
+    diff = compare_layouts(dict.fromkeys(["a", "x", "c"]), found, ("the model", "the file"), shapes=False)
+    assert diff.missing == ["x"] and diff.unexpected == ["b"] and diff.shapes == [] and diff.dtypes == []
+    assert compare_layouts({"a": None}, found, unexpected_ok=True).shapes == [("a", (), (1,))]
+    relaxed = compare_layouts(dict.fromkeys(["a", "x", "c"]), found, shapes=False, unexpected_ok=True)
+    assert relaxed.problems() == ['found: missing 1 tensor(s) that expected has: "x"']
+
+
 def test_dtype_labels_across_frameworks():
     import ml_dtypes
 

@@ -7,6 +7,7 @@ import pytest
 
 import polyak
 from polyak import SchemeError, scheme_weights
+from polyak._schemes import SCHEMES, Param, RunningSum, Scheme, Update, register_scheme
 
 
 def tutorial_weights(scheme: str, n: int, alpha: float = 2.0) -> np.ndarray:
@@ -90,3 +91,98 @@ def test_registry():
     spec = polyak.get_scheme("exponential")
     assert spec.parameters == ("alpha",)
     assert "exp" in spec.formula
+
+
+# A new scheme is one registration: a toy "power" scheme, weight (j + 1)^(−alpha) for the
+# j-th newest member, with its own typed parameter and running sum.
+def _power_raw(n: int, alpha: float) -> np.ndarray:
+    j = np.arange(n - 1, -1, -1, dtype=np.float64)  # oldest → newest
+    return (j + 1.0) ** -alpha
+
+
+def _power_sums(alpha: float) -> RunningSum:
+    return RunningSum(("P", alpha), lambda j: (Update(("P", alpha), (j + 1.0) ** -alpha),))
+
+
+def _check_power(value: object) -> float:
+    alpha = float(value)  # type: ignore[arg-type]
+    if not alpha > 0:
+        raise SchemeError(f"power: alpha must be > 0, got {value!r}")
+    return alpha
+
+
+@pytest.fixture
+def power():
+    scheme = register_scheme(Scheme(
+        name="power", summary="toy", formula="(j + 1)^-alpha", reference="test", raw=_power_raw,
+        params=(Param("alpha", 1.0, _check_power, "the exponent"),), running=_power_sums,
+    ))
+    yield scheme
+    del SCHEMES["power"]
+
+
+def power_weights(n: int, alpha: float) -> np.ndarray:
+    """By hand, oldest → newest: the newest counts 1, the one before 1/2^alpha, ..."""
+    return np.array([1.0 / (n - i) ** alpha for i in range(n)])
+
+
+def test_a_registered_scheme_works_in_average_and_sweep(power, tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    states = [{"w": rng.normal(size=(3, 4)).astype(np.float64), "step": np.array([i])} for i in range(6)]
+    paths = []
+    for i, state in enumerate(states):
+        polyak.save(state, tmp_path / f"m_{i}.safetensors")
+        paths.append(tmp_path / f"m_{i}.safetensors")
+    stack = np.stack([s["w"] for s in states])
+    assert "power" in polyak.scheme_names()
+    np.testing.assert_allclose(scheme_weights("power", 4, alpha=2.0),
+                               power_weights(4, 2.0) / power_weights(4, 2.0).sum(), rtol=1e-14)
+    # polyak.average, with the provenance record's params from the scheme.
+    got = polyak.average(paths, scheme="power", alpha=0.5, last=4)
+    np.testing.assert_allclose(got["w"], np.average(stack[2:], axis=0, weights=power_weights(4, 0.5)), rtol=1e-12)
+    res = polyak.average(paths, scheme="power", out=tmp_path / "avg.safetensors")
+    assert res.metadata["scheme"] == "power" and res.metadata["params"] == {"alpha": 1.0}
+    with pytest.raises(SchemeError, match="power: alpha must be > 0"):
+        polyak.average(paths, scheme="power", alpha=-1.0)
+    # polyak.sweep: one curve per alpha, each row the numpy.average of the newest n files.
+    seen: list[np.ndarray] = []
+
+    def evaluate(state):
+        seen.append(np.array(state["w"], copy=True))
+        return {"x": 0.0}
+
+    rows = polyak.sweep(paths, evaluate, schemes=["equal", "power"], alphas=(0.5, 2.0), baselines=()).rows
+    assert [(r.scheme, r.alpha) for r in rows[:3]] == [("equal", None), ("power", 0.5), ("power", 2.0)]
+    assert len(rows) == 6 * 3
+    for r, w_avg in zip(rows, seen, strict=True):
+        w = np.ones(r.n) if r.scheme == "equal" else power_weights(r.n, r.alpha)
+        np.testing.assert_allclose(w_avg, np.average(stack[-r.n:], axis=0, weights=w), rtol=1e-12)
+    # Registered schemes with running sums are swept by default.
+    res = polyak.sweep(paths, lambda s: {"x": 0.0}, baselines=(), n=[1])
+    assert res.schemes == ("equal", "linear", "exponential", "power")
+
+
+def test_schemes_sharing_a_sum_must_update_it_alike(tmp_path) -> None:
+    register_scheme(Scheme(name="bad", summary="", formula="", reference="", raw=lambda n: np.ones(n),
+                           running=lambda: RunningSum("S0", lambda j: (Update("S0", 2.0),))))
+    try:
+        with pytest.raises(SchemeError, match="'bad' updates the running sum 'S0' differently"):
+            polyak.sweep([{"w": np.ones(2)}] * 2, lambda s: {"x": 0.0}, schemes=["equal", "bad"])
+        with pytest.raises(SchemeError, match="already registered"):
+            register_scheme(SCHEMES["bad"])
+    finally:
+        del SCHEMES["bad"]
+
+
+def test_the_command_line_offers_a_registered_scheme(power, tmp_path, capsys) -> None:
+    from polyak.cli import main
+
+    paths = []
+    for i in range(3):
+        polyak.save({"w": np.array([float(i)], np.float32)}, tmp_path / f"m_{i}.safetensors")
+        paths.append(str(tmp_path / f"m_{i}.safetensors"))
+    out = tmp_path / "avg.safetensors"
+    assert main(["average", *paths, "-o", str(out), "--scheme", "power", "--alpha", "1"]) == 0
+    want = np.average([0.0, 1.0, 2.0], weights=power_weights(3, 1.0))
+    assert polyak.average([out])["w"][0] == pytest.approx(want, rel=1e-6)
+    assert "power" in capsys.readouterr().out

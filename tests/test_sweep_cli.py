@@ -126,3 +126,16 @@ def test_cli_user_errors_exit_2(tmp_path) -> None:
         assert proc.returncode == 2, (spec, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_last_is_checked_by_the_library(tmp_path, capsys, monkeypatch) -> None:
+    from polyak.cli import main
+
+    (tmp_path / "evalmod_last.py").write_text(EVAL_MODULE)
+    polyak.save({"w": np.zeros(2, np.float32)}, tmp_path / "a_1.safetensors")
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "a_1.safetensors", "--eval", "evalmod_last.py:make_evaluate", "--last", "0",
+                 "--out", "out", "--quiet"])
+    assert code == 2
+    assert capsys.readouterr().err == "polyak: error: last must be a whole number ≥ 1, got 0\n"
+    assert not (tmp_path / "out").exists()  # nothing created before the error

@@ -152,3 +152,68 @@ def test_check_results_flags_an_average_far_below_its_members() -> None:
         polyak.diagnose(members, results=res, metric="acc")
     ok = polyak.sweep(basin(4, 2), lambda s: {"acc": 0.9}, schemes=["equal"])
     assert polyak.check_results(ok, "acc") == []
+
+
+def test_select_infers_metric_direction_and_splits_for_every_caller() -> None:
+    # The first metric returned is "acc" (max); "loss" reads lower-is-better (min).
+    sel = polyak.select(table_results())
+    assert (sel.metric, sel.mode, sel.on, sel.report, sel.n) == ("acc", "max", "validation", "test", 3)
+    loss = polyak.select(table_results(), "loss")
+    assert loss.mode == "min" and (loss.scheme, loss.n) == ("linear", 3)
+    assert polyak.select(table_results(), "loss", mode="max").n == 1  # an explicit mode wins
+    # "auto" splits: validation/test when there, else the one split and no report.
+    assert (sel.on, sel.report) == (polyak.select(table_results(), on="auto", report="auto").on, "test")
+    only = polyak.sweep([{"w": np.ones(2)}, {"w": np.zeros(2)}], lambda s: {"val_loss": float(s["w"][0])},
+                        schemes=["equal"])
+    auto = polyak.select(only, on="auto", report="auto")
+    assert (auto.metric, auto.mode, auto.on, auto.report) == ("val_loss", "min", "eval", None)
+    assert (auto.n, auto.selected) == (1, 0.0)
+    on_test = polyak.select(table_results(), on="test", report="auto")
+    assert on_test.report is None and on_test.n == 5
+
+
+def big_members(n: int, size: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    centre = rng.normal(size=size).astype(np.float32)
+    return [{"small": rng.normal(size=3).astype(np.float32),
+             "big": centre + 0.01 * rng.normal(size=size).astype(np.float32),
+             "step": np.array([i])} for i in range(n)]
+
+
+def test_greedy_soup_refuses_a_member_with_nan_naming_it(tmp_path) -> None:
+    # The NaN sits in the middle of a tensor that spans several chunks (in the second),
+    # of a member in the middle of the list.
+    from polyak._engine.kernel import CHUNK
+
+    members = big_members(5, 3 * CHUNK)
+    members[2]["big"][CHUNK + 123] = np.nan
+    paths = []
+    for i, m in enumerate(members):
+        polyak.save(m, tmp_path / f"soup_{i}.safetensors")
+        paths.append(tmp_path / f"soup_{i}.safetensors")
+
+    def evaluate(state):
+        return {"validation": {"score": -float(np.abs(state["big"][:10]).sum())}}
+
+    with pytest.raises(polyak.NonFiniteError, match=r'soup_2\.safetensors: tensor "big" has NaN or Inf'):
+        polyak.greedy_soup(paths, evaluate, "score")
+
+
+def test_diagnose_refuses_a_member_with_inf_naming_it() -> None:
+    from polyak._engine.kernel import CHUNK
+
+    members = big_members(5, 2 * CHUNK + 5)
+    members[3]["big"][CHUNK + 7] = np.inf
+    with pytest.raises(polyak.NonFiniteError, match=r'member 3: tensor "big" has NaN or Inf'):
+        polyak.diagnose(members, warn=False)
+
+
+def test_sweep_refuses_nan_past_the_first_chunk() -> None:
+    from polyak._engine.kernel import CHUNK
+
+    members = big_members(4, 2 * CHUNK)
+    for m in members:
+        m["big"] = m["big"].astype(np.float16)
+    members[1]["big"][CHUNK + 99] = np.nan
+    with pytest.raises(polyak.NonFiniteError, match=r'member 1: tensor "big" has NaN or Inf'):
+        polyak.sweep(members, lambda s: {"x": 0.0}, schemes=["linear"])

@@ -181,8 +181,13 @@ def test_evaluator_loads_state_and_restores() -> None:
     assert m.training
     mse = evaluator(m, [(torch.ones(2, 4), torch.zeros(2, 3))])()
     assert set(mse) == {"loss"}
-    with pytest.raises(MismatchError, match="unknown"):
+    with pytest.raises(MismatchError, match='1 unexpected tensor.*"nope"'):
         evaluate({"nope": np.zeros(1)})
+    bad = dict(state, **{"1.running_mean": np.zeros(5, np.float32), "2.nope": np.zeros(1)})
+    with pytest.raises(MismatchError, match=r'(?s)2 problem.*"2.nope".*"1.running_mean" has shape \(5,\), the module has \(6,\)'):
+        evaluate(bad)
+    for k, v in m.state_dict().items():  # a refused state leaves the module as it was
+        torch.testing.assert_close(v, raw[k], rtol=0, atol=0)
 
 
 def test_saver_after_a_restart_keeps_the_newest_and_never_deletes_strangers(tmp_path: Path) -> None:

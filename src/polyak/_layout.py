@@ -103,6 +103,7 @@ def compare_layouts(
     found: Mapping[str, Any],
     labels: tuple[str, str] = ("expected", "found"),
     *,
+    shapes: bool = True,
     dtypes: bool = True,
     missing_ok: bool = False,
     unexpected_ok: bool = False,
@@ -113,7 +114,9 @@ def compare_layouts(
         expected: Name → value with ``shape``/``dtype`` (the reference).
         found: Name → value, compared with ``expected``.
         labels: How ``expected`` and ``found`` are named in messages.
-        dtypes: Also compare dtypes (names that both sides have).
+        shapes: Compare the shapes (and dtypes) of the names both sides have. ``False``
+            compares names only; the values may then be anything (``dict.fromkeys(names)``).
+        dtypes: Also compare dtypes (names that both sides have, when shapes agree).
         missing_ok: Names of ``expected`` absent from ``found`` are not a problem.
         unexpected_ok: Names of ``found`` absent from ``expected`` are not a problem.
 
@@ -131,19 +134,19 @@ def compare_layouts(
     """
     missing = [] if missing_ok else [n for n in expected if n not in found]
     unexpected = [] if unexpected_ok else sorted(n for n in found if n not in expected)
-    shapes, dts = [], []
+    conflicts, dts = [], []
     for name, exp in expected.items():
-        if name not in found:
+        if not shapes or name not in found:
             continue
         got = found[name]
         se, sf = shape_of(exp), shape_of(got)
         if se != sf:
-            shapes.append((name, se, sf))
+            conflicts.append((name, se, sf))
         elif dtypes:
             de, df = dtype_label(exp), dtype_label(got)
             if de is not None and df is not None and de != df:
                 dts.append((name, de, df))
-    return LayoutDiff(labels[0], labels[1], missing, unexpected, shapes, dts)
+    return LayoutDiff(labels[0], labels[1], missing, unexpected, conflicts, dts)
 
 
 def mismatch_error(what: str, problems: Iterable[str], *, fix: str, hints: Iterable[str] = ()) -> MismatchError:

@@ -412,13 +412,18 @@ def _upgrade_keras_01(old: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
-def check_saved_tensors(ours: Mapping[str, Any], saved: Mapping[str, Any], *, what: str, fix: str) -> None:
+def check_saved_tensors(ours: Mapping[str, Any], saved: Mapping[str, Any],
+                        labels: tuple[str, str] = ("this averager", "the saved state"), *, what: str, fix: str) -> None:
     """Raise one :class:`MismatchError` listing every name and shape the saved tensors differ in.
+
+    Dtypes are not compared: a saved average is converted into the accumulator's dtype
+    (or kept, when it is wider).
 
     Args:
         ours: Name → the averager's (or model's) tensor.
         saved: Name → the saved tensor.
+        labels: How ``ours`` and ``saved`` are named in the message.
         what: The first line of the message (what was being loaded).
         fix: The last line (what to do).
     """
-    compare_layouts(ours, saved, ("this averager", "the saved state"), dtypes=False).raise_if_any(what, fix=fix)
+    compare_layouts(ours, saved, labels, dtypes=False).raise_if_any(what, fix=fix)

@@ -13,19 +13,111 @@ scheme                    weight of member j           the tutorial's code (newe
 ========================  ===========================  =====================================
 
 Weights are normalised to sum to 1, as ``numpy.average`` does.
+
+Each scheme is one :class:`Scheme` in :data:`SCHEMES`: its name, its typed parameters with
+defaults and validation (:class:`Param`), its weights formula, and the running sums that
+let :func:`polyak.sweep` build the average of the newest n members for every n in one
+pass (:class:`RunningSum`). Adding a scheme is one :func:`register_scheme` call;
+``polyak.average``, ``polyak.scheme_weights``, ``polyak.sweep``, the provenance record and
+the command line's choices all read the registry.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ._errors import SchemeError
 
-__all__ = ["SCHEMES", "Scheme", "get_scheme", "scheme_names", "scheme_weights"]
+__all__ = [
+    "MEMBER",
+    "REQUIRED",
+    "SCHEMES",
+    "Param",
+    "RunningSum",
+    "Scheme",
+    "Update",
+    "get_scheme",
+    "register_scheme",
+    "scheme_names",
+    "scheme_weights",
+]
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+#: The default of a :class:`Param` that must be given.
+REQUIRED: Any = _Marker("REQUIRED")
+#: The source of an :class:`Update` that adds the member just read.
+MEMBER: Any = _Marker("MEMBER")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A typed keyword parameter of a scheme.
+
+    Attributes:
+        name: The keyword (``alpha``), also the key in the provenance record's ``params``.
+        default: The value when none is given; :data:`REQUIRED` when one must be.
+        check: Validates a given value and returns it converted (e.g. to ``float``);
+            raises :class:`~polyak.SchemeError` with a message that says what is wrong.
+        help: What the parameter means, for error messages and ``--help``.
+        recorded: Whether the provenance record lists it (custom weights are recorded as
+            the weights themselves).
+    """
+
+    name: str
+    default: Any
+    check: Callable[[Any], Any]
+    help: str
+    recorded: bool = True
+
+
+@dataclass(frozen=True)
+class Update:
+    """One step of a running sum: ``sums[target] += coef · source``.
+
+    ``source`` is :data:`MEMBER` (the member just read) or the key of another running sum
+    (as updated earlier in the same step). Keys are shared between schemes on purpose:
+    ``equal`` and ``linear`` both keep ``"S0"``, which a sweep of both holds once; schemes
+    that share a key must update it identically.
+    """
+
+    target: Hashable
+    coef: float = 1.0
+    source: Hashable = MEMBER
+
+
+@dataclass(frozen=True)
+class RunningSum:
+    """How a sweep keeps a scheme's average of the newest n members for every n at once.
+
+    Members are read newest first. When member ``j`` (0 = the newest) is read, the sweep
+    applies ``updates(j)`` in order; afterwards the sum ``result`` holds
+    ``Σ_{j<n} c_n(j) · x_j`` with coefficients proportional to the scheme's weights of the
+    newest ``n``. The sweep applies the same updates to ones to get ``Σ_{j<n} c_n(j)`` and
+    divides by it, so the coefficients need not be normalised; keep the newest member's
+    near 1 (coefficients below 1e-30 in float32 sums, 1e-290 in float64, are skipped:
+    they cannot change the sum and would be slow subnormal numbers).
+
+    Attributes:
+        result: The key of the sum that holds the unnormalised average.
+        updates: ``updates(j)``: the updates when member ``j`` is read; the same keys for
+            every ``j``.
+    """
+
+    result: Hashable
+    updates: Callable[[int], Sequence[Update]]
 
 
 @dataclass(frozen=True)
@@ -36,17 +128,118 @@ class Scheme:
         name: The name used by ``scheme=`` and ``--scheme``.
         summary: One line for ``--help`` and reports.
         formula: The unnormalised weight of member ``j`` (``j = 0`` is the newest).
-        parameters: Names of the keyword parameters the scheme takes.
         reference: Where the scheme comes from.
         raw: ``raw(n, **params)`` returns the unnormalised weights, oldest → newest.
+        params: The keyword parameters the scheme takes, with defaults and validation.
+            A sweep varies the one named ``alpha`` (its ``alphas=``); others keep their
+            defaults there.
+        running: ``running(**params)`` returns the scheme's :class:`RunningSum`, which is
+            what lets :func:`polyak.sweep` sweep it; ``None``: the scheme cannot be swept.
     """
 
     name: str
     summary: str
     formula: str
-    parameters: tuple[str, ...]
     reference: str
     raw: Callable[..., np.ndarray]
+    params: tuple[Param, ...] = ()
+    running: Callable[..., RunningSum] | None = None
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """Names of the keyword parameters the scheme takes."""
+        return tuple(p.name for p in self.params)
+
+    def param(self, name: str) -> Param:
+        """The parameter called ``name``.
+
+        Raises:
+            SchemeError: The scheme takes no such parameter.
+        """
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise SchemeError(f"scheme {self.name!r} has no parameter {name!r}; it takes {list(self.parameters)}")
+
+    def resolve(self, **given: Any) -> dict[str, Any]:
+        """The scheme's parameters, validated: the given ones, defaults for the rest.
+
+        Values of ``None`` count as not given, and keywords the scheme does not take are
+        ignored, so callers can pass every option they have (``alpha=`` to ``"equal"``).
+
+        Raises:
+            SchemeError: A value fails its check, or a required parameter is missing.
+
+        Example:
+            >>> get_scheme("exponential").resolve(alpha=4), get_scheme("equal").resolve(alpha=4)
+            ({'alpha': 4.0}, {})
+        """
+        out: dict[str, Any] = {}
+        for p in self.params:
+            value = given.get(p.name)
+            if value is not None:
+                out[p.name] = p.check(value)
+            elif p.default is REQUIRED:
+                raise SchemeError(f"scheme {self.name!r} needs {p.name}= ({p.help})")
+            else:
+                out[p.name] = p.default
+        return out
+
+    def record(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The resolved ``params`` as the provenance record lists them."""
+        return {p.name: params[p.name] for p in self.params if p.recorded}
+
+    def weights(self, n: int, **params: Any) -> np.ndarray:
+        """Normalised weights of the newest ``n`` members, oldest → newest (``params`` resolved)."""
+        raw = np.asarray(self.raw(_check_n(n), **params), dtype=np.float64)
+        return raw / raw.sum()
+
+
+#: The registry: name → :class:`Scheme`, in the order ``--help`` lists them.
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(scheme: Scheme, *, replace: bool = False) -> Scheme:
+    """Add a scheme to the registry (and so to ``average``, ``sweep`` and the command line).
+
+    Raises:
+        SchemeError: The name is taken (without ``replace``).
+    """
+    if scheme.name in SCHEMES and not replace:
+        raise SchemeError(f"a scheme named {scheme.name!r} is already registered; pass replace=True to replace it")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def check_alpha(alpha: object) -> float:
+    """Validate an exponential decay rate and return it as a float."""
+    try:
+        value = float(alpha)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SchemeError(f"alpha must be a positive number, got {alpha!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise SchemeError(
+            f"alpha must be a positive, finite number (the exponential decay rate), got {alpha!r}"
+        )
+    return value
+
+
+def _check_custom(weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SchemeError(f"custom weights must be numbers, got {weights!r}") from None
+    if w.ndim != 1:
+        raise SchemeError(f"custom weights must be a flat list of numbers, got shape {w.shape}")
+    if len(w) == 0:
+        raise SchemeError("custom weights are empty; give one weight per member")
+    if not np.all(np.isfinite(w)):
+        raise SchemeError(f"custom weights must be finite, got {w.tolist()}")
+    if np.any(w < 0):
+        raise SchemeError(f"custom weights must not be negative, got {w.tolist()}")
+    if not np.any(w > 0):
+        raise SchemeError("custom weights are all zero; at least one member needs a positive weight")
+    return w
 
 
 def _equal(n: int) -> np.ndarray:
@@ -63,43 +256,64 @@ def _exponential(n: int, alpha: float) -> np.ndarray:
     return np.exp(-(j + 1.0) / alpha)
 
 
-SCHEMES: dict[str, Scheme] = {
-    s.name: s
-    for s in (
-        Scheme(
-            "equal",
-            "Polyak–Ruppert average: every member counts the same",
-            "1",
-            (),
-            "Polyak & Juditsky 1992, doi:10.1137/0330046",
-            _equal,
-        ),
-        Scheme(
-            "linear",
-            "linearly decreasing weights: the newest member counts n times the oldest",
-            "n - j",
-            (),
-            "Brownlee 2018, 'Ensemble Neural Network Model Weights in Keras (Polyak Averaging)'",
-            _linear,
-        ),
-        Scheme(
-            "exponential",
-            "exponentially decreasing weights with decay rate alpha (larger alpha: flatter)",
-            "exp(-(j + 1) / alpha)",
-            ("alpha",),
-            "Brownlee 2018, 'Ensemble Neural Network Model Weights in Keras (Polyak Averaging)'",
-            _exponential,
-        ),
-        Scheme(
-            "custom",
-            "weights given by the caller, oldest → newest, normalised to sum to 1",
-            "w_j (given)",
-            ("weights",),
-            "—",
-            lambda n: np.ones(n),  # never called: custom weights are handled below
-        ),
-    )
-}
+def _custom(n: int, weights: np.ndarray) -> np.ndarray:
+    if len(weights) != n:
+        raise SchemeError(
+            f"got {len(weights)} custom weights for {n} members; give exactly one weight per member "
+            "(oldest → newest)"
+        )
+    return weights
+
+
+# Running sums (see polyak._choose.sweep): S0(n) = Σ_{j<n} x_j.
+def _equal_sums() -> RunningSum:
+    return RunningSum("S0", lambda j: (Update("S0"),))
+
+
+def _linear_sums() -> RunningSum:
+    # L(n) = Σ_{j<n} (n − j)·x_j = n·S0 − S1; L(n) − L(n−1) = S0(n) avoids that cancellation.
+    return RunningSum("L", lambda j: (Update("S0"), Update("L", source="S0")))
+
+
+def _exponential_sums(alpha: float) -> RunningSum:
+    # The common factor exp(−1/alpha) cancels after normalising: the newest member gets 1.
+    key = ("E", alpha)
+    return RunningSum(key, lambda j: (Update(key, math.exp(-j / alpha)),))
+
+
+register_scheme(Scheme(
+    name="equal",
+    summary="Polyak–Ruppert average: every member counts the same",
+    formula="1",
+    reference="Polyak & Juditsky 1992, doi:10.1137/0330046",
+    raw=_equal,
+    running=_equal_sums,
+))
+register_scheme(Scheme(
+    name="linear",
+    summary="linearly decreasing weights: the newest member counts n times the oldest",
+    formula="n - j",
+    reference="Brownlee 2018, 'Ensemble Neural Network Model Weights in Keras (Polyak Averaging)'",
+    raw=_linear,
+    running=_linear_sums,
+))
+register_scheme(Scheme(
+    name="exponential",
+    summary="exponentially decreasing weights with decay rate alpha (larger alpha: flatter)",
+    formula="exp(-(j + 1) / alpha)",
+    reference="Brownlee 2018, 'Ensemble Neural Network Model Weights in Keras (Polyak Averaging)'",
+    raw=_exponential,
+    params=(Param("alpha", 2.0, check_alpha, "the decay rate, > 0; larger is flatter"),),
+    running=_exponential_sums,
+))
+register_scheme(Scheme(
+    name="custom",
+    summary="weights given by the caller, oldest → newest, normalised to sum to 1",
+    formula="w_j (given)",
+    reference="—",
+    raw=_custom,
+    params=(Param("weights", REQUIRED, _check_custom, "one weight per member, oldest → newest", recorded=False),),
+))
 
 
 def scheme_names() -> list[str]:
@@ -128,47 +342,11 @@ def _check_n(n: object) -> int:
     return int(n)
 
 
-def check_alpha(alpha: object) -> float:
-    """Validate an exponential decay rate and return it as a float."""
-    try:
-        value = float(alpha)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise SchemeError(f"alpha must be a positive number, got {alpha!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise SchemeError(
-            f"alpha must be a positive, finite number (the exponential decay rate), got {alpha!r}"
-        )
-    return value
-
-
-def _check_custom(weights: Sequence[float] | np.ndarray, n: int | None) -> np.ndarray:
-    try:
-        w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise SchemeError(f"custom weights must be numbers, got {weights!r}") from None
-    if w.ndim != 1:
-        raise SchemeError(f"custom weights must be a flat list of numbers, got shape {w.shape}")
-    if n is not None and len(w) != n:
-        raise SchemeError(
-            f"got {len(w)} custom weights for {n} members; give exactly one weight per member "
-            "(oldest → newest)"
-        )
-    if len(w) == 0:
-        raise SchemeError("custom weights are empty; give one weight per member")
-    if not np.all(np.isfinite(w)):
-        raise SchemeError(f"custom weights must be finite, got {w.tolist()}")
-    if np.any(w < 0):
-        raise SchemeError(f"custom weights must not be negative, got {w.tolist()}")
-    if not np.any(w > 0):
-        raise SchemeError("custom weights are all zero; at least one member needs a positive weight")
-    return w
-
-
 def scheme_weights(
     scheme: str | Sequence[float] | np.ndarray,
     n: int | None = None,
     *,
-    alpha: float = 2.0,
+    alpha: float | None = None,
     weights: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Normalised weights of the newest ``n`` members, oldest → newest.
@@ -177,7 +355,8 @@ def scheme_weights(
         scheme: A registered scheme name (``"equal"``, ``"linear"``, ``"exponential"``,
             ``"custom"``) or, as a shortcut for ``"custom"``, the weights themselves.
         n: How many members. Optional for custom weights (their length is used).
-        alpha: Decay rate of ``"exponential"``; must be > 0. Default 2.0, as in the tutorial.
+        alpha: Decay rate of ``"exponential"``; must be > 0. Default (``None``): the
+            scheme's, 2.0, as in the tutorial. Ignored by schemes without ``alpha``.
         weights: The unnormalised weights for ``"custom"``, oldest → newest.
 
     Returns:
@@ -197,17 +376,11 @@ def scheme_weights(
     if not isinstance(scheme, str):
         weights, scheme = scheme, "custom"
     spec = get_scheme(scheme)
-    if spec.name == "custom":
-        if weights is None:
-            raise SchemeError('scheme "custom" needs weights=[...] (one per member, oldest → newest)')
-        raw = _check_custom(weights, None if n is None else _check_n(n))
-    else:
-        if weights is not None:
-            raise SchemeError(
-                f"weights= is only used with scheme 'custom', not with {spec.name!r}"
-            )
-        if n is None:
+    if weights is not None and "weights" not in spec.parameters:
+        raise SchemeError(f"weights= is only used with scheme 'custom', not with {spec.name!r}")
+    params = spec.resolve(alpha=alpha, weights=weights)
+    if n is None:
+        if "weights" not in params:
             raise SchemeError(f"scheme {spec.name!r} needs the number of members n")
-        count = _check_n(n)
-        raw = spec.raw(count, check_alpha(alpha)) if "alpha" in spec.parameters else spec.raw(count)
-    return raw / raw.sum()
+        n = len(params["weights"])
+    return spec.weights(n, **params)

@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import is_float
+from .._engine.kernel import CHUNK, check_finite, chunks, probe
 from .._engine.members import MemberLike, check_members, open_members, select_members
 from .._errors import PolyakWarning
 from .._schemes import scheme_weights
-from .metrics import mode_sign
+from .metrics import default_mode, mode_sign
 from .results import SweepResults
 
 __all__ = ["MAX_DISTANCE", "MAX_DROP", "MIN_COSINE", "AveragingWarning", "Diagnosis", "check_results", "diagnose"]
@@ -46,7 +47,6 @@ MIN_COSINE = 0.9
 MAX_DISTANCE = 0.5
 #: An average scoring this much (relative) worse than the mean of its members is flagged.
 MAX_DROP = 0.05
-_CHUNK = 1 << 16
 
 
 class AveragingWarning(PolyakWarning):
@@ -89,7 +89,7 @@ class Diagnosis:
         return "\n".join(lines)
 
 
-def check_results(results: SweepResults, metric: str, *, split: str | None = None, mode: str = "max",
+def check_results(results: SweepResults, metric: str, *, split: str | None = None, mode: str | None = None,
                   max_drop: float = MAX_DROP) -> list[str]:
     """Averages that score more than ``max_drop`` (relative) worse than the mean of their members.
 
@@ -97,7 +97,8 @@ def check_results(results: SweepResults, metric: str, *, split: str | None = Non
         results: A sweep with ``"single"`` rows.
         metric: The metric to compare.
         split: The split (default: the first in the results).
-        mode: ``"max"`` (higher is better) or ``"min"``.
+        mode: ``"max"`` (higher is better) or ``"min"``; default from the metric's name
+            (``"min"`` for loss/error-like names), as in :func:`polyak.select`.
         max_drop: Allowed relative drop; 0.05 is several times the sampling noise of an
             accuracy measured on 1,000 examples (≈ 1.3 points at 80 %), and far below
             what a failed average loses (near-chance accuracy, or 7 BLEU points).
@@ -105,7 +106,7 @@ def check_results(results: SweepResults, metric: str, *, split: str | None = Non
     Returns:
         One message per flagged (scheme, n), worst first; empty when all is well.
     """
-    sign = mode_sign(mode)
+    sign = mode_sign(mode if mode is not None else default_mode(metric))
     split = split or results.splits[0]
     results.check_metric(metric, split)
     singles = {r.n: r.value(metric, split) for r in results.rows if r.kind == "single"}
@@ -115,7 +116,7 @@ def check_results(results: SweepResults, metric: str, *, split: str | None = Non
             continue
         # The members' scores weighted as the average weights them (oldest → newest):
         # what the average "should" score if weight space were as good as score space.
-        w = scheme_weights(str(r.scheme), r.n, alpha=r.alpha if r.alpha is not None else 2.0)
+        w = scheme_weights(str(r.scheme), r.n, alpha=r.alpha)
         mean = float(np.dot(w, [singles[k] for k in range(r.n, 0, -1)]))
         v = r.value(metric, split)
         drop = sign * (mean - v) / max(abs(mean), 1e-12)
@@ -133,7 +134,7 @@ def diagnose(
     results: SweepResults | None = None,
     metric: str | None = None,
     split: str | None = None,
-    mode: str = "max",
+    mode: str | None = None,
     min_cosine: float = MIN_COSINE,
     max_distance: float = MAX_DISTANCE,
     format: str | None = None,
@@ -146,7 +147,9 @@ def diagnose(
     """Measure how far apart members are, and warn when they look unsafe to average.
 
     Reads every member once. The Gram matrix of the flattened floating weights is
-    accumulated in float64, chunk by chunk; distances and cosines follow from it.
+    accumulated in float64, chunk by chunk; distances and cosines follow from it. A
+    member holding NaN/Inf is refused: it would make every number NaN, and NaN passes
+    every threshold.
 
     Args:
         members: Checkpoint paths or in-memory states.
@@ -161,6 +164,9 @@ def diagnose(
     Returns:
         A :class:`Diagnosis`.
 
+    Raises:
+        NonFiniteError: A member holds NaN/Inf in a floating tensor (named, with the member).
+
     Example:
         >>> import numpy as np, polyak
         >>> a = {"w": np.array([1.0, 0.0])}; b = {"w": np.array([0.0, 1.0])}
@@ -174,17 +180,20 @@ def diagnose(
         infos = check_members(sources)
         n = len(sources)
         gram = np.zeros((n, n), np.float64)
-        block = np.empty((n, _CHUNK), np.float64)
+        block = np.empty((n, min(CHUNK, max([1, *(i.size for i in infos)]))), np.float64)
         for info in infos:
             if not is_float(info.dtype) or not info.size:
                 continue
             flats = [np.asarray(s.read(info.name)).reshape(-1) for s in sources]
-            for a in range(0, info.size, _CHUNK):
-                b = min(a + _CHUNK, info.size)
+            totals = [0.0] * n
+            for a, b in chunks(info.size):
                 x = block[:, : b - a]
                 for i, f in enumerate(flats):
                     np.copyto(x[i], f[a:b], casting="unsafe")
+                    totals[i] += probe(x[i])
                 gram += x @ x.T
+            for label, total, f in zip(labels, totals, flats):
+                check_finite(total, f, label=label, name=info.name)
             del flats
     norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
     mean_sq = gram.sum() / n**2

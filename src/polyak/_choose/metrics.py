@@ -2,21 +2,27 @@
 
 An evaluate function may return ``{"validation": {"accuracy": 0.81}, "test": {...}}`` or a
 flat ``{"accuracy": 0.8}``, which has evaluated one split, stored under the name
-:data:`DEFAULT_SPLIT` (``"eval"``). ``mode`` says which direction is better.
+:data:`DEFAULT_SPLIT` (``"eval"``). ``mode`` says which direction is better;
+:func:`default_mode` guesses it from the metric's name.
 """
 
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from .._errors import ConfigError
 
-__all__ = ["DEFAULT_SPLIT", "mode_sign", "normalize_metrics"]
+__all__ = ["DEFAULT_SPLIT", "default_mode", "mode_sign", "normalize_metrics"]
 
 #: Split name given to the metrics of an evaluate function that returns a flat dict.
 DEFAULT_SPLIT = "eval"
+
+#: Metric names for which lower is better.
+_LOWER_IS_BETTER = re.compile(r"loss|error|err\b|mse|mae|rmse|nll|perplexity|ppl|wer|cer", re.I)
+
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, int, float)):
@@ -71,3 +77,14 @@ def mode_sign(mode: str) -> float:
     if mode not in ("max", "min"):
         raise ConfigError(f"mode must be 'max' (higher is better) or 'min' (lower is better), got {mode!r}")
     return 1.0 if mode == "max" else -1.0
+
+
+def default_mode(metric: str) -> str:
+    """``"min"`` for metric names that read lower-is-better (loss, error, mse, mae, nll,
+    perplexity, wer, cer...), ``"max"`` otherwise.
+
+    Example:
+        >>> default_mode("val_loss"), default_mode("accuracy")
+        ('min', 'max')
+    """
+    return "min" if _LOWER_IS_BETTER.search(metric) else "max"

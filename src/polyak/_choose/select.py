@@ -3,6 +3,10 @@
 Choosing the best of many averages on the data you then report overstates how good the
 choice is (the tutorial picked n on its test set). :func:`select` chooses on one split and
 reports another; :func:`greedy_soup` builds a soup member by member on validation data.
+Both infer what is not given the same way for every caller (the command line included):
+the metric is the first one evaluate returned, its direction comes from its name
+(:func:`~polyak._choose.metrics.default_mode`), and ``on="auto"``/``report="auto"`` pick
+the validation and test splits when the results have them.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import accumulator_dtype, is_float
+from .._engine.kernel import CHUNK, member_chunks, scaled_copy
 from .._engine.members import MemberLike, check_members, open_members, select_members
 from .._errors import ConfigError, PolyakWarning
 from .._progress import Progress
 from ..formats import TensorInfo, TensorSource
-from .metrics import mode_sign, normalize_metrics
+from .metrics import default_mode, mode_sign, normalize_metrics
 from .results import SweepResults, SweepRow
-from .sweep import CHUNK, Evaluate
+from .sweep import Evaluate
 
 __all__ = ["Selection", "SelectionBiasWarning", "SoupResult", "greedy_soup", "select"]
 
@@ -83,29 +88,50 @@ class Selection:
         }
 
 
+#: ``on=``/``report=`` value that lets :func:`select` choose the split.
+AUTO = "auto"
+
+
+def _splits(results: SweepResults, on: str, report: str | None) -> tuple[str, str | None]:
+    splits = results.splits
+    if not splits and AUTO in (on, report):
+        raise ConfigError("the results hold no metrics: no split to select on")
+    if on == AUTO:
+        on = "validation" if "validation" in splits else splits[0]
+    if report == AUTO:
+        report = "test" if "test" in splits and on != "test" else None
+    return on, report
+
+
 def select(
     results: SweepResults,
-    metric: str,
+    metric: str | None = None,
     *,
     on: str = "validation",
     report: str | None = "test",
-    mode: str = "max",
+    mode: str | None = None,
     kinds: Sequence[str] = ("average",),
 ) -> Selection:
     """Choose (scheme, n, alpha) on the ``on`` split and report only that choice on ``report``.
 
     Args:
         results: What :func:`polyak.sweep` measured.
-        metric: The metric to compare, e.g. ``"accuracy"``.
-        on: The split to choose on (validation data).
+        metric: The metric to compare, e.g. ``"accuracy"``. Default: the first metric
+            evaluate returned.
+        on: The split to choose on (validation data). ``"auto"``: ``"validation"`` when
+            the results have it, else their first split (then there is no unbiased
+            report unless ``report`` names another split).
         report: The split whose score of the chosen model is reported (test data), or
-            ``None``.
+            ``None``. ``"auto"``: ``"test"`` when the results have it and ``on`` is
+            another split, else ``None``.
         mode: ``"max"`` (higher is better) or ``"min"`` (lower is better, e.g. loss).
+            Default: ``"min"`` for names like loss/error/mse/perplexity, else ``"max"``.
         kinds: Which rows compete: ``"average"`` (default), also ``"single"`` and
             ``"prediction_ensemble"``.
 
     Returns:
-        A :class:`Selection`. Ties go to the smallest n.
+        A :class:`Selection` (its ``metric``, ``on``, ``report`` and ``mode`` say what
+        was inferred). Ties go to the smallest n.
 
     Raises:
         ConfigError: The split or metric is not in the results.
@@ -119,14 +145,20 @@ def select(
         ...         for n, v, t in [(1, 0.70, 0.71), (2, 0.75, 0.72), (3, 0.74, 0.76)]]
         >>> str(select(SweepResults(rows, ["a", "b", "c"]), "acc"))
         'chose equal, n=2 on validation acc 0.75; test acc 0.72'
+        >>> select(SweepResults(rows, ["a", "b", "c"]), on="auto", report="auto").mode
+        'max'
     """
-    mode_sign(mode)
+    if mode is not None:
+        mode_sign(mode)
+    on, report = _splits(results, on, report)
     if on not in results.splits:
         raise ConfigError(
             f"no split {on!r} to select on; the results have {results.splits}. Return "
             "{'validation': {...}, 'test': {...}} from evaluate, or pass on= and report= "
             "explicitly (selecting and reporting on the same split is biased)"
         )
+    metric = metric if metric is not None else results.metric_names()[0]
+    mode = mode if mode is not None else default_mode(metric)
     results.check_metric(metric, on)
     if report is not None:
         results.check_metric(metric, report)
@@ -181,19 +213,26 @@ class _Pot:
         self.cand = {i.name: np.zeros(i.size, accumulator_dtype(i.dtype)) for i in floats}
         self.out = {i.name: np.zeros(i.shape, i.dtype) for i in floats}
         self.count = 0
+        chunk = min(CHUNK, max([1, *(i.size for i in floats)]))
+        dtypes = {accumulator_dtype(i.dtype) for i in floats}
+        self._cast = {dt: np.empty(chunk, dt) for dt in dtypes}
+        self._tmp = {dt: np.empty(chunk, dt) for dt in dtypes}
 
     def candidate(self, src: TensorSource) -> None:
-        """``cand = sum + x``; ``out = cand / (count + 1)``."""
+        """``cand = sum + x``; ``out = cand / (count + 1)``.
+
+        Raises:
+            NonFiniteError: The member holds NaN/Inf (named with the tensor).
+        """
         scale = 1.0 / (self.count + 1)
         for info in self.infos:
             if info.name not in self.sum:
                 continue
-            x = np.asarray(src.read(info.name)).reshape(-1)
             s, c, o = self.sum[info.name], self.cand[info.name], self.out[info.name].reshape(-1)
-            for a in range(0, info.size, CHUNK):
-                b = min(a + CHUNK, info.size)
-                np.add(s[a:b], x[a:b], out=c[a:b], casting="unsafe")
-                np.copyto(o[a:b], c[a:b] * c.dtype.type(scale), casting="unsafe")
+            tmp = self._tmp[c.dtype]
+            for a, b, xs in member_chunks(src.read(info.name), c.dtype, self._cast[c.dtype], label=src.label, name=info.name):
+                np.add(s[a:b], xs, out=c[a:b])
+                scaled_copy(o[a:b], c[a:b], c.dtype.type(scale), tmp[: b - a])
 
     def accept(self) -> None:
         self.sum, self.cand = self.cand, self.sum
@@ -212,7 +251,7 @@ def greedy_soup(
     metric: str,
     *,
     on: str = "validation",
-    mode: str = "max",
+    mode: str | None = None,
     results: SweepResults | None = None,
     format: str | None = None,
     key: str | None = None,
@@ -233,7 +272,7 @@ def greedy_soup(
         evaluate: See :class:`polyak.sweep`'s ``evaluate``; must measure the split ``on``.
         metric: The metric to compare.
         on: The split to choose on (default ``"validation"``).
-        mode: ``"max"`` or ``"min"``.
+        mode: ``"max"`` or ``"min"``; default from the metric's name, as in :func:`select`.
         results: A sweep of the same members with ``"single"`` rows, to skip re-evaluating
             each member alone.
         format, key, strip_prefix, order, last: As in :func:`polyak.average`.
@@ -244,11 +283,12 @@ def greedy_soup(
 
     Raises:
         ConfigError: ``evaluate`` does not return ``metric`` on ``on``.
+        NonFiniteError: A member holds NaN/Inf in a floating tensor.
 
     References:
         Wortsman et al. 2022, "Model soups", arXiv:2203.05482 (greedy soup, Recipe 1).
     """
-    sign = mode_sign(mode)
+    sign = mode_sign(mode if mode is not None else default_mode(metric))
     chosen = select_members(members, last=last, order=order)
 
     def value(metrics: Mapping[str, Mapping[str, float]]) -> float:

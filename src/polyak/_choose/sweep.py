@@ -1,7 +1,8 @@
 """Sweeps: evaluate the average of the newest n members for every n, scheme and decay rate.
 
 Members are walked newest → oldest, so that after reading member ``n − 1`` (``j = 0`` is
-the newest) the running sums hold the newest ``n`` members, and each member is read once:
+the newest) the running sums hold the newest ``n`` members, and each member is read once.
+Each scheme says how its sums are kept (:class:`polyak._schemes.RunningSum`):
 
 * equal: ``S0(n) = S0(n−1) + x_{n−1}``; average ``S0(n) / n``.
 * linear (weight ``n − j``): ``L(n) = Σ_j (n − j)·x_j = n·S0(n) − S1(n)``. Rather than
@@ -11,45 +12,46 @@ the newest) the running sums hold the newest ``n`` members, and each member is r
   after normalising, so ``E(n) = E(n−1) + exp(−(n−1)/alpha)·x_{n−1}`` and the average is
   ``E(n) / Σ_{j<n} exp(−j/alpha)``.
 
-Each update touches every weight once: O(N) tensor work per scheme. Memory, whatever N is:
-one model copy (float32, float64 for float64 tensors) per running sum — S0 for equal and
-linear, L for linear, one E per alpha — plus one output copy (members' dtype) per curve,
-plus one for the member alone when the single/prediction baselines are on.
+The divisors come from applying the same updates to ones. Each update touches every
+weight once: O(N) tensor work per scheme. Memory, whatever N is: one model copy (float32,
+float64 for float64 tensors) per running sum — S0 for equal and linear, L for linear, one
+E per alpha — plus one output copy (members' dtype) per curve, plus one for the member
+alone when the single/prediction baselines are on.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from .._dtypes import accumulator_dtype, is_float
+from .._engine.kernel import CHUNK, add_scaled, member_chunks, scaled_copy
 from .._engine.members import MemberLike, check_members, open_members, select_members
-from .._errors import ConfigError, NonFiniteError, SchemeError
+from .._errors import ConfigError, SchemeError
 from .._progress import Progress
-from .._schemes import check_alpha
+from .._schemes import MEMBER, SCHEMES, RunningSum, Scheme, Update
 from ..formats import TensorInfo, TensorSource
 from ..formats._memory import to_numpy
 from .metrics import normalize_metrics
 from .results import SweepResults, SweepRow
 
-__all__ = ["BASELINES", "SWEEP_SCHEMES", "Evaluate", "Predict", "Score", "sweep"]
+__all__ = ["BASELINES", "Evaluate", "Predict", "Score", "sweep", "sweep_schemes"]
 
-SWEEP_SCHEMES = ("equal", "linear", "exponential")
 BASELINES = ("single", "prediction_ensemble")
 
-#: Elements per chunk: a chunk of the member, of every running sum and of every output
-#: stay in the CPU cache while all are updated, so each is streamed from memory once.
-#: (2**18 measured fastest of 2**14..2**20 on the development machine.)
-CHUNK = 1 << 18
-
-#: Exponential terms whose weight relative to the newest member is below this are skipped:
-#: they cannot change a float32 sum (its resolution is 6e-8 relative), and multiplying by
-#: them would produce subnormal numbers, which are slow on most CPUs.
+#: Updates whose coefficient is below this are skipped: they cannot change a float32 sum
+#: (its resolution is 6e-8 relative to the newest member's coefficient, about 1), and
+#: multiplying by them would produce subnormal numbers, which are slow on most CPUs.
 _TINY = {np.dtype(np.float32): 1e-30, np.dtype(np.float64): 1e-290}
+
+
+def sweep_schemes() -> list[str]:
+    """The registered schemes a sweep can evaluate (those with running sums), in order."""
+    return [s.name for s in SCHEMES.values() if s.running is not None]
 
 
 class Evaluate(Protocol):
@@ -82,8 +84,17 @@ class Score(Protocol):
     def __call__(self, predictions: Any, /) -> Mapping[str, Any]: ...
 
 
-def _sum_key(scheme: str, alpha: float | None) -> Any:
-    return {"equal": "s0", "linear": "lin"}.get(scheme, ("exp", alpha))
+@dataclass(frozen=True)
+class _Curve:
+    """One swept average: a scheme, its ``alpha`` (if it takes one), its running sums."""
+
+    scheme: str
+    alpha: float | None
+    sums: RunningSum
+
+    @property
+    def key(self) -> tuple[str, float | None]:
+        return (self.scheme, self.alpha)
 
 
 class _Group:
@@ -106,7 +117,7 @@ class _Group:
 
 
 class _RunningSums:
-    """The running sums of every scheme, updated one member at a time.
+    """The running sums of every curve's scheme, updated one member at a time.
 
     Each curve (scheme, alpha) has its own output buffer, written in the same chunk loop
     that updates the sums, while the chunk is still in the CPU cache: a separate pass
@@ -114,55 +125,58 @@ class _RunningSums:
     copy of the member just read, for the single-member and prediction baselines.
     """
 
-    def __init__(self, infos: Sequence[TensorInfo], curves: Sequence[tuple[str, float | None]], *, member: bool) -> None:
+    def __init__(self, infos: Sequence[TensorInfo], curves: Sequence[_Curve], *, member: bool) -> None:
         self.infos = list(infos)
         self.curves = list(curves)
-        schemes = {s for s, _ in curves}
-        self.alphas = [a for s, a in curves if s == "exponential" and a is not None]
-        sums: list[Any] = []
-        if schemes & {"equal", "linear"}:
-            sums.append("s0")
-        if "linear" in schemes:
-            sums.append("lin")
-        sums += [("exp", a) for a in self.alphas]
-        outs: list[Any] = [*self.curves, *(["member"] if member else [])]
+        self.rules = [c.sums for c in curves]
+        first = self._updates(0)
+        keys = list(dict.fromkeys([u.target for u in first] + [r.result for r in self.rules]))
+        for u in first:
+            if u.source is not MEMBER and u.source not in keys:
+                raise SchemeError(f"a running sum adds {u.source!r}, which no scheme keeps; sources are MEMBER or a sum's key")
+        #: Σ of the coefficients each sum holds: the same updates applied to ones.
+        self.weight = dict.fromkeys(keys, 0.0)
+        outs: list[Any] = [*(c.key for c in self.curves), *(["member"] if member else [])]
         by_dtype: dict[np.dtype, list[TensorInfo]] = {}
         for info in self.infos:
             if is_float(info.dtype):
                 by_dtype.setdefault(np.dtype(info.dtype), []).append(info)
-        self.groups = [_Group(dt, lst, sums, outs) for dt, lst in by_dtype.items()]
+        self.groups = [_Group(dt, lst, keys, outs) for dt, lst in by_dtype.items()]
         self.group_of = {name: g for g in self.groups for name in g.offsets}
-        self.exp_weight_sum = dict.fromkeys(self.alphas, 0.0)
         self.count = 0
         chunk = min(CHUNK, max([1, *(i.size for i in self.infos)]))
         self._cast = {g.acc_dtype: np.empty(chunk, g.acc_dtype) for g in self.groups}
         self._tmp = {g.acc_dtype: np.empty(chunk, g.acc_dtype) for g in self.groups}
 
-    def _scales(self) -> list[tuple[Any, Any, float]]:
-        n = self.count
-        out = []
-        for scheme, alpha in self.curves:
-            if scheme == "equal":
-                scale = 1.0 / n
-            elif scheme == "linear":
-                scale = 2.0 / (n * (n + 1))
-            else:
-                scale = 1.0 / self.exp_weight_sum[alpha]  # type: ignore[index]
-            out.append(((scheme, alpha), _sum_key(scheme, alpha), scale))
-        return out
+    def _updates(self, j: int) -> list[Update]:
+        """Every curve's updates for member ``j``, in order, a shared sum's only once."""
+        done: dict[Hashable, tuple[Update, ...]] = {}
+        steps: list[Update] = []
+        for curve, rule in zip(self.curves, self.rules):
+            ups = tuple(rule.updates(j))
+            mine = {t: tuple(u for u in ups if u.target == t) for t in dict.fromkeys(u.target for u in ups)}
+            for t, own in mine.items():
+                if t in done and done[t] != own:
+                    raise SchemeError(
+                        f"scheme {curve.scheme!r} updates the running sum {t!r} differently from another "
+                        "scheme in this sweep; give its sum a key of its own"
+                    )
+            steps += [u for u in ups if u.target not in done]
+            for t, own in mine.items():
+                done.setdefault(t, own)
+        return steps
 
     def add(self, src: TensorSource, *, emit: bool) -> dict[str, np.ndarray]:
         """Add the next (older) member, and write every curve's average when ``emit``.
 
         Returns the member's integer/bool tensors (copies).
         """
+        steps = self._updates(self.count)
         self.count += 1
-        j = self.count - 1  # position from the newest
+        for u in steps:
+            self.weight[u.target] += u.coef * (1.0 if u.source is MEMBER else self.weight[u.source])
+        scales = [(c.key, r.result, 1.0 / self.weight[r.result]) for c, r in zip(self.curves, self.rules)] if emit else []
         ints: dict[str, np.ndarray] = {}
-        exp_w = {a: math.exp(-j / a) for a in self.alphas}
-        for a in self.alphas:
-            self.exp_weight_sum[a] += exp_w[a]
-        scales = self._scales() if emit else []
         for info in self.infos:
             x = src.read(info.name)
             if not is_float(info.dtype):
@@ -172,46 +186,25 @@ class _RunningSums:
             start, _ = g.offsets[info.name]
             flat = np.asarray(x).reshape(-1)
             acc_dt = g.acc_dtype
-            ws = [(g.sums[("exp", a)], acc_dt.type(exp_w[a])) for a in self.alphas if exp_w[a] >= _TINY.get(acc_dt, 0.0)]
-            s0, lin = g.sums.get("s0"), g.sums.get("lin")
+            tiny = _TINY.get(acc_dt, 0.0)
+            ops = [
+                (g.sums[u.target], None if u.source is MEMBER else g.sums[u.source], acc_dt.type(u.coef))
+                for u in steps if abs(u.coef) >= tiny
+            ]
             member = g.outs.get("member")
             emits = [(g.outs[c], g.sums[k], acc_dt.type(sc)) for c, k, sc in scales]
-            same = g.dtype == acc_dt
             tmp = self._tmp[acc_dt]
-            total = 0.0
-            for a in range(0, info.size, CHUNK):
-                b = min(a + CHUNK, info.size)
-                m = b - a
+            # The kernel probes each chunk for NaN/Inf while it is in cache and refuses the
+            # member after the tensor, before the NaN spreads into every average holding it.
+            for a, b, xs in member_chunks(flat, acc_dt, self._cast[acc_dt], label=src.label, name=info.name):
+                t = tmp[: b - a]
                 lo, hi = start + a, start + b
-                xs = flat[a:b]
                 if member is not None:
-                    member[lo:hi] = xs
-                if xs.dtype != acc_dt:
-                    c = self._cast[acc_dt][:m]
-                    np.copyto(c, xs, casting="unsafe")
-                    xs = c
-                # Cheap while the chunk is in cache: catches NaN/Inf in a member before
-                # it spreads into every average that contains it.
-                total += float(np.add.reduce(xs))
-                if s0 is not None:
-                    np.add(s0[lo:hi], xs, out=s0[lo:hi])
-                    if lin is not None:
-                        np.add(lin[lo:hi], s0[lo:hi], out=lin[lo:hi])
-                for acc, w in ws:
-                    np.multiply(xs, w, out=tmp[:m])
-                    np.add(acc[lo:hi], tmp[:m], out=acc[lo:hi])
+                    member[lo:hi] = flat[a:b]
+                for acc, source, w in ops:
+                    add_scaled(acc[lo:hi], xs if source is None else source[lo:hi], w, t)
                 for out, acc, sc in emits:
-                    if same:
-                        np.multiply(acc[lo:hi], sc, out=out[lo:hi])
-                    else:
-                        np.multiply(acc[lo:hi], sc, out=tmp[:m])
-                        np.copyto(out[lo:hi], tmp[:m], casting="unsafe")
-            if not math.isfinite(total) and not np.isfinite(flat.astype(np.float32)).all():
-                raise NonFiniteError(
-                    f"{src.label}: tensor \"{info.name}\" has NaN or Inf values. They would spread "
-                    "into every average that contains this member; drop it (e.g. with last=) or "
-                    "repair it first"
-                )
+                    scaled_copy(out[lo:hi], acc[lo:hi], sc, t)
         return ints
 
     def state(self, which: Any, ints: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -222,21 +215,33 @@ class _RunningSums:
         return out
 
 
-def _curves(schemes: Iterable[str], alphas: Iterable[float]) -> list[tuple[str, float | None]]:
-    if isinstance(schemes, str):
+def _sweepable(name: str) -> tuple[Scheme, Callable[..., RunningSum]]:
+    spec = SCHEMES.get(name)
+    if spec is None or spec.running is None:
+        raise SchemeError(f"cannot sweep scheme {name!r}; sweepable schemes: {', '.join(sweep_schemes())}")
+    return spec, spec.running
+
+
+def _curves(schemes: Iterable[str] | None, alphas: Iterable[float] | None) -> list[_Curve]:
+    if schemes is None:
+        schemes = sweep_schemes()
+    elif isinstance(schemes, str):
         schemes = [s.strip() for s in schemes.split(",") if s.strip()]
-    chosen = list(dict.fromkeys(schemes))
-    if not chosen:
-        raise SchemeError(f"no schemes to sweep; choose from {', '.join(SWEEP_SCHEMES)}")
-    for s in chosen:
-        if s not in SWEEP_SCHEMES:
-            raise SchemeError(f"cannot sweep scheme {s!r}; sweepable schemes: {', '.join(SWEEP_SCHEMES)}")
-    alist = list(dict.fromkeys(check_alpha(a) for a in alphas))
-    if "exponential" in chosen and not alist:
-        raise SchemeError("scheme 'exponential' needs at least one alpha")
-    curves: list[tuple[str, float | None]] = []
-    for s in chosen:
-        curves += [(s, a) for a in alist] if s == "exponential" else [(s, None)]
+    names = list(dict.fromkeys(schemes))
+    if not names:
+        raise SchemeError(f"no schemes to sweep; choose from {', '.join(sweep_schemes())}")
+    chosen = [_sweepable(name) for name in names]
+    alist = None if alphas is None else list(alphas)
+    curves: list[_Curve] = []
+    for spec, running in chosen:
+        if "alpha" not in spec.parameters:
+            curves.append(_Curve(spec.name, None, running(**spec.resolve())))
+            continue
+        values = [spec.param("alpha").default] if alist is None else alist
+        if not values:
+            raise SchemeError(f"scheme {spec.name!r} needs at least one alpha")
+        resolved = {float(p["alpha"]): p for p in (spec.resolve(alpha=a) for a in values)}
+        curves += [_Curve(spec.name, a, running(**p)) for a, p in resolved.items()]
     return curves
 
 
@@ -297,8 +302,8 @@ def sweep(
     members: Sequence[MemberLike],
     evaluate: Evaluate,
     *,
-    schemes: Iterable[str] = SWEEP_SCHEMES,
-    alphas: Iterable[float] = (2.0,),
+    schemes: Iterable[str] | None = None,
+    alphas: Iterable[float] | None = None,
     n: Iterable[int] | int | None = None,
     baselines: Iterable[str] = BASELINES,
     predict: Predict | None = None,
@@ -323,8 +328,10 @@ def sweep(
             after ``order``.
         evaluate: ``evaluate(state) -> {metric: number}`` or ``{split: {metric: number}}``
             (see :class:`Evaluate`). The arrays handed over are reused: do not keep them.
-        schemes: Any of ``"equal"``, ``"linear"``, ``"exponential"``.
-        alphas: Decay rates for ``"exponential"`` (each > 0).
+        schemes: Any of the registered schemes with running sums (default: all of them,
+            ``"equal"``, ``"linear"``, ``"exponential"``; see :func:`sweep_schemes`).
+        alphas: Decay rates for the schemes that take ``alpha`` (each > 0); one curve
+            per alpha. Default: the scheme's own (2.0 for ``"exponential"``).
         n: Which numbers of newest members to evaluate (default: 1..N).
         baselines: Any of ``"single"``, ``"prediction_ensemble"``.
         predict: ``predict(state) -> array`` (or ``{split: array}``) of outputs, for the
@@ -399,15 +406,15 @@ def sweep(
                         if step in wanted:
                             run("prediction_ensemble", step, score, mean)
                 if step in wanted:
-                    for scheme, alpha in curves:
-                        run("average", step, evaluate, sums.state((scheme, alpha), newest_ints), scheme=scheme, alpha=alpha)
+                    for c in curves:
+                        run("average", step, evaluate, sums.state(c.key, newest_ints), scheme=c.scheme, alpha=c.alpha)
                 bar.update(sum(i.nbytes for i in infos))
         finally:
             bar.close()
     return SweepResults(
         rows=rows,
         members=labels,
-        schemes=tuple(dict.fromkeys(s for s, _ in curves)),
-        alphas=tuple(a for s, a in curves if a is not None),
+        schemes=tuple(dict.fromkeys(c.scheme for c in curves)),
+        alphas=tuple(c.alpha for c in curves if c.alpha is not None),
         seconds=time.perf_counter() - t0,
     )

@@ -25,7 +25,7 @@ import numpy as np
 from .._atomic import check_output_path, cleanup_stale_temps, refuse_overlap
 from .._dtypes import dtype_from_name, dtype_name, is_float
 from .._errors import ConfigError
-from .._schemes import get_scheme, scheme_weights
+from .._schemes import get_scheme
 from .._version import __version__
 from ..formats import TensorInfo, WriteOptions, open_writer
 from ..formats import output_format as _output_format
@@ -52,6 +52,9 @@ class AverageResult:
         nbytes: Bytes of tensor data written.
         seconds: Wall time.
         metadata: The ``polyak`` metadata record stored in the output.
+        rank: This process's rank in a ``distributed`` average (0 otherwise). Every rank
+            returns a result; rank 0's is the job's (it writes the index), so print one
+            summary per job from rank 0.
     """
 
     out: Path
@@ -64,6 +67,7 @@ class AverageResult:
     nbytes: int
     seconds: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -116,7 +120,7 @@ def average(
     members: Sequence[MemberLike],
     *,
     scheme: str = "equal",
-    alpha: float = 2.0,
+    alpha: float | None = None,
     weights: Sequence[float] | None = None,
     last: int | None = None,
     order: str = "number",
@@ -146,8 +150,9 @@ def average(
     Args:
         members: Checkpoint paths (safetensors, sharded safetensors index, ``.npz``, ``.pt``,
             Keras files when ``polyak[keras]`` is installed) or mappings of name → array.
-        scheme: ``"equal"``, ``"linear"``, ``"exponential"`` or ``"custom"``.
-        alpha: Decay rate of ``"exponential"`` (> 0). Default 2.0.
+        scheme: ``"equal"``, ``"linear"``, ``"exponential"``, ``"custom"`` or another
+            registered scheme (see :func:`polyak.scheme_names`).
+        alpha: Decay rate of ``"exponential"`` (> 0). Default: the scheme's (2.0).
         weights: Custom weights, oldest → newest (implies ``scheme="custom"``).
         last: Keep only the newest ``last`` members.
         order: How to order paths: ``"number"`` (numbers in the file name; default),
@@ -196,9 +201,10 @@ def average(
     t0 = time.perf_counter()
     if weights is not None:
         scheme = "custom"
-    get_scheme(scheme)
+    spec = get_scheme(scheme)
+    params = spec.resolve(alpha=alpha, weights=weights)
     chosen = select_members(members, last=last, order=order)
-    w = scheme_weights(scheme, len(chosen), alpha=alpha, weights=weights)
+    w = spec.weights(len(chosen), **params)
     shard_bytes = None if shard_size is None else parse_size(shard_size)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be a whole number ≥ 1, got {workers!r}")
@@ -232,12 +238,11 @@ def average(
             TensorInfo(i.name, i.shape, out_dt if (out_dt is not None and is_float(i.dtype)) else i.dtype)
             for i in infos
         ]
-        params: dict[str, Any] = {"alpha": float(alpha)} if scheme == "exponential" else {}
         record = {
             "tool": f"polyak {__version__}",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "scheme": scheme,
-            "params": params,
+            "params": spec.record(params),
             "weights": [float(x) for x in w],
             "order": order,
             "members": [_member_record(m, lab, checksum) for m, lab in zip(chosen, labels)],
@@ -259,7 +264,8 @@ def average(
             finally:
                 if dist is not None:
                     close_distributed(dist)
-            return _result(out_path, files, labels, w, scheme, infos, out_infos, t0, record)
+            return _result(out_path, files, labels, w, scheme, infos, out_infos, t0, record,
+                           rank=0 if dist is None else dist.rank)
         writer = open_writer(
             out_path,
             out_infos,
@@ -281,6 +287,7 @@ def average(
 def _result(
     out_path: Path, files: list[Path], labels: list[str], w: np.ndarray, scheme: str,
     infos: list[TensorInfo], out_infos: list[TensorInfo], t0: float, record: dict[str, Any],
+    rank: int = 0,
 ) -> AverageResult:
     n_float = sum(1 for i in infos if is_float(i.dtype))
     return AverageResult(
@@ -294,4 +301,5 @@ def _result(
         nbytes=sum(i.nbytes for i in out_infos),
         seconds=time.perf_counter() - t0,
         metadata=record,
+        rank=rank,
     )

@@ -1,5 +1,10 @@
-"""The averaging engine's inner kernels: reused buffers, the chunked weighted sum, and the
-background writer.
+"""The engine's inner kernels: the one chunk loop, the chunked weighted sum, the NaN/Inf
+probe, reused buffers and the background writer.
+
+Every chunked numpy loop in polyak (the average here, the sweep's running sums, the greedy
+soup, the diagnostics' Gram matrix) walks tensors in :data:`CHUNK`-element pieces with
+:func:`chunks`, widens narrow dtypes with :func:`widen`, and checks each member for NaN/Inf
+with :func:`probe` while a chunk is in cache and :func:`check_finite` after the tensor.
 
 Kept apart from :mod:`polyak._engine.average` (which validates, plans and reports) because these
 are the hot paths whose shape the benchmarks measure (``benchmarks/bench_average.py``).
@@ -7,18 +12,146 @@ are the hot paths whose shape the benchmarks measure (``benchmarks/bench_average
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from .._errors import NonFiniteError
 from ..formats import TensorWriter
 
-__all__ = ["CHUNK", "PARALLEL_MIN", "Buffers", "WriteBehind", "accumulate", "accumulate_all"]
+__all__ = [
+    "CHUNK",
+    "PARALLEL_MIN",
+    "Buffers",
+    "WriteBehind",
+    "accumulate",
+    "accumulate_all",
+    "add_scaled",
+    "all_finite",
+    "check_finite",
+    "chunks",
+    "member_chunks",
+    "probe",
+    "scaled_copy",
+    "widen",
+]
 
-#: Elements per chunk: small enough that a chunk of every member and the accumulator stay
-#: in the CPU cache, large enough that Python overhead is negligible.
-CHUNK = 1 << 16
+#: Elements per chunk, for every chunk loop: small enough that a chunk of a member, of the
+#: accumulator (or the sweep's running sums and outputs) and the scratch stay in the CPU
+#: cache (L2/L3) while all are updated, so each is streamed from memory once; large enough
+#: that Python overhead is negligible. 2**18 measured fastest of 2**14..2**20 for the
+#: sweep (docs/benchmarks.md, "Sweep"); the average measured no slower with it than with 2**16.
+CHUNK = 1 << 18
+
+
+def chunks(size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of each :data:`CHUNK` of a flat tensor of ``size`` elements.
+
+    Example:
+        >>> list(chunks(CHUNK + 3)) == [(0, CHUNK), (CHUNK, CHUNK + 3)]
+        True
+    """
+    for a in range(0, size, CHUNK):
+        yield a, min(a + CHUNK, size)
+
+
+def widen(xs: np.ndarray, dtype: np.dtype, scratch: np.ndarray) -> np.ndarray:
+    """``xs`` in ``dtype``: itself when it already is, else a copy in ``scratch``'s head.
+
+    Narrow members (bfloat16, float16) are widened before any arithmetic so that products
+    and sums are computed at accumulator precision.
+    """
+    if xs.dtype == dtype:
+        return xs
+    out = scratch[: xs.size]
+    np.copyto(out, xs, casting="unsafe")
+    return out
+
+
+def add_scaled(dst: np.ndarray, x: np.ndarray, w: Any, tmp: np.ndarray) -> None:
+    """``dst += w · x`` in ``dst``'s dtype (a plain add when ``w == 1``; ``tmp`` is scratch)."""
+    if w == 1:
+        np.add(dst, x, out=dst)
+    else:
+        np.multiply(x, w, out=tmp)
+        np.add(dst, tmp, out=dst)
+
+
+def scaled_copy(dst: np.ndarray, x: np.ndarray, w: Any, tmp: np.ndarray) -> None:
+    """``dst ← w · x``, computed in ``x``'s dtype and rounded to ``dst``'s (``tmp``: scratch)."""
+    if dst.dtype == x.dtype:
+        np.multiply(x, w, out=dst)
+    else:
+        np.multiply(x, w, out=tmp)
+        np.copyto(dst, tmp, casting="unsafe")
+
+
+def probe(xs: np.ndarray) -> float:
+    """The sum of a chunk (in its own dtype), taken while it is in cache.
+
+    It is finite exactly when no element is NaN or Inf, or (rarely) when large finite
+    values overflow it; :func:`check_finite` then looks element by element. A float32
+    sum costs half a float64 one, and the check needs no more.
+    """
+    s = np.add.reduce(xs)
+    if xs.dtype.kind == "c":
+        return float(s.real) + float(s.imag)
+    return float(s)
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every element of ``x`` is finite (narrow float types checked in float32)."""
+    x = np.asarray(x)
+    return bool(np.isfinite(x if x.dtype.kind in "fc" else x.astype(np.float32)).all())
+
+
+def check_finite(total: float, x: np.ndarray, *, label: str, name: str) -> None:
+    """Refuse a member's tensor that holds NaN or Inf, naming the member and the tensor.
+
+    Args:
+        total: The sum of :func:`probe` over the tensor's chunks.
+        x: The tensor, looked at element by element only when ``total`` is not finite.
+        label: The member (its file name).
+        name: The tensor.
+
+    Raises:
+        NonFiniteError: ``x`` holds NaN or Inf.
+    """
+    if math.isfinite(total) or all_finite(x):
+        return
+    raise NonFiniteError(
+        f"{label}: tensor \"{name}\" has NaN or Inf values. They would spread into every average "
+        "that contains this member; drop it (e.g. with last=) or repair it first"
+    )
+
+
+def member_chunks(
+    x: np.ndarray, dtype: np.dtype, scratch: np.ndarray, *, label: str, name: str
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(start, stop, chunk)`` of a member's tensor, each chunk widened to ``dtype``.
+
+    Each chunk is probed for NaN/Inf while it is in cache; after the last one,
+    :func:`check_finite` raises :class:`~polyak.NonFiniteError` naming ``label`` and
+    ``name`` if the tensor holds any. ``scratch`` must hold :data:`CHUNK` elements of
+    ``dtype`` (or the tensor's size, when smaller); the chunk may live there, so use it
+    before asking for the next.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.arange(4, dtype=np.float16)
+        >>> [c.dtype.name for _, _, c in member_chunks(x, np.dtype(np.float32), np.empty(4, np.float32),
+        ...                                           label="m", name="w")]
+        ['float32']
+    """
+    flat = np.asarray(x).reshape(-1)
+    total = 0.0
+    for a, b in chunks(flat.size):
+        xs = widen(flat[a:b], dtype, scratch)
+        total += probe(xs)
+        yield a, b, xs
+    check_finite(total, flat, label=label, name=name)
 
 
 class Buffers:
@@ -58,8 +191,8 @@ def accumulate(
     buffers, so that parts can run in parallel threads).
 
     Returns:
-        The sum of ``acc`` (float64), taken chunk by chunk while each is in cache: it is
-        finite exactly when no element is NaN or Inf (or, rarely, when large finite
+        The :func:`probe` of ``acc``, summed over its chunks while each is in cache: it
+        is finite exactly when no element is NaN or Inf (or, rarely, when large finite
         values overflow the sum, which the caller then checks element by element).
     """
     n = acc.size
@@ -68,23 +201,15 @@ def accumulate(
     tmp = bufs.get(f"tmp{part}", acc.dtype, min(n, CHUNK))
     flats = [a.reshape(-1) for a in arrays]
     total = 0.0
-    for a in range(0, n, CHUNK):
-        b = min(a + CHUNK, n)
+    for a, b in chunks(n):
         dst = acc[a:b]
-        m = b - a
         for i, (x, w) in enumerate(zip(flats, ws)):
-            xs = x[a:b]
-            if xs.dtype != acc.dtype:
-                c = cast[:m]
-                np.copyto(c, xs, casting="unsafe")
-                xs = c
+            xs = widen(x[a:b], acc.dtype, cast)
             if i == 0 and first:
                 np.multiply(xs, w, out=dst)
             else:
-                t = tmp[:m]
-                np.multiply(xs, w, out=t)
-                np.add(dst, t, out=dst)
-        total += float(np.add.reduce(dst, dtype=np.float64).real if dst.dtype.kind != "c" else np.add.reduce(dst).real)
+                add_scaled(dst, xs, w, tmp[: b - a])
+        total += probe(dst)
     return total
 
 
@@ -109,7 +234,7 @@ def accumulate_all(
     n = acc.size
     if threads <= 1 or pool is None or n < PARALLEL_MIN:
         return accumulate(arrays, weights, acc, bufs, first=True)
-    step = -(-n // threads // CHUNK) * CHUNK  # whole chunks per part
+    step = -(-n // threads // 64) * 64  # equal parts, aligned to 256-byte lines
     bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
     for k, (lo, hi) in enumerate(bounds):  # allocate scratch buffers before the threads run
         bufs.get(f"cast{k}", acc.dtype, min(hi - lo, CHUNK))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 from .._engine.members import ORDERS
-from .._errors import ConfigError
-from .._schemes import SCHEMES
+from .._schemes import SCHEMES, get_scheme
 
 
 def _weights(text: str) -> list[float]:
@@ -41,8 +39,9 @@ avg.safetensors.index.json plus avg-00001-of-0000n.safetensors, ... beside the -
 (one shard per worker unless --shard-size is given); tensors are bit-identical to --workers 1.
 
 Members are ordered oldest → newest by the numbers in their names (model_9 before model_10);
-with j = 0 for the newest of the n members, the weights are equal: 1, linear: n - j,
-exponential: exp(-(j + 1) / alpha), normalised to sum to 1.
+with j = 0 for the newest of the n members, the weights are
+  {formulas},
+normalised to sum to 1.
 """
 
 
@@ -51,13 +50,16 @@ def register(sub: Any) -> None:
         "average",
         help="average checkpoints into a new checkpoint",
         description="Average the weights of checkpoints (safetensors, .npz, .pt, Keras files) into one.",
-        epilog=AVERAGE_EPILOG,
+        epilog=AVERAGE_EPILOG.format(
+            formulas=", ".join(f"{s.name}: {s.formula}" for s in SCHEMES.values() if s.name != "custom")
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (any order; see --order)")
     p.add_argument("-o", "--out", required=True, help="output file; its suffix picks the format")
     p.add_argument("--scheme", choices=[s for s in SCHEMES if s != "custom"], default="equal", help="weighting scheme (default: equal)")
-    p.add_argument("--alpha", type=float, default=2.0, help="decay rate of --scheme exponential (default: 2.0)")
+    alpha = get_scheme("exponential").param("alpha").default
+    p.add_argument("--alpha", type=float, help=f"decay rate of --scheme exponential (default: {alpha:g})")
     p.add_argument("--weights", type=_weights, help="custom weights, oldest → newest, e.g. 1,2,4 (replaces --scheme)")
     p.add_argument("--last", type=int, metavar="N", help="average only the newest N checkpoints")
     p.add_argument("--order", choices=ORDERS, default="number", help="how to order the checkpoints oldest → newest (default: number in the file name)")
@@ -93,8 +95,6 @@ def run_average(args: argparse.Namespace) -> int:
     from .._engine.average import average
     from .._progress import human_bytes
 
-    if args.last is not None and args.last < 1:
-        raise ConfigError(f"--last must be at least 1, got {args.last}")
     result = average(
         args.checkpoints,
         scheme=args.scheme,
@@ -117,9 +117,7 @@ def run_average(args: argparse.Namespace) -> int:
         workers=args.workers,
         distributed=args.distributed,
     )
-    if args.distributed and int(os.environ.get("RANK", "0")) != 0:
-        return 0  # one summary per job, from rank 0
-    if not args.quiet:
+    if not args.quiet and result.rank == 0:  # one summary per distributed job
         ws = ", ".join(f"{w:.4g}" for w in result.weights)
         print(f"averaged {len(result.members)} checkpoints ({result.scheme}; weights oldest → newest: {ws})")
         print(

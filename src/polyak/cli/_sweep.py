@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import inspect
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -33,9 +32,6 @@ examples:
   polyak sweep run/*.pt --key model --eval evals:evaluate --schemes exponential --alphas 0.5,1,2,4
 """
 
-_LOWER_IS_BETTER = re.compile(r"loss|error|err\b|mse|mae|rmse|nll|perplexity|ppl|wer|cer", re.I)
-
-
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -48,6 +44,9 @@ def _floats(text: str) -> list[float]:
 
 
 def register(sub: Any) -> None:
+    from .._choose.select import AUTO
+    from .._choose.sweep import BASELINES, sweep_schemes
+
     p = sub.add_parser(
         "sweep",
         help="evaluate averages of the newest n checkpoints for every n and scheme",
@@ -60,17 +59,17 @@ def register(sub: Any) -> None:
     p.add_argument("--eval", required=True, metavar="MODULE:NAME", help="evaluate function or factory (see below)")
     p.add_argument("--predict", metavar="MODULE:NAME", help="predict function or factory, for the prediction ensemble")
     p.add_argument("--score", metavar="MODULE:NAME", help="score function for averaged predictions")
-    p.add_argument("--schemes", type=_csv, default=["equal", "linear", "exponential"], help="comma-separated (default: equal,linear,exponential)")
-    p.add_argument("--alphas", type=_floats, default=[2.0], help="decay rates of exponential, e.g. 0.5,1,2 (default: 2)")
-    p.add_argument("--baselines", type=_csv, default=["single", "prediction_ensemble"], help="comma-separated: single, prediction_ensemble (default: both)")
+    p.add_argument("--schemes", type=_csv, help=f"comma-separated (default: {','.join(sweep_schemes())})")
+    p.add_argument("--alphas", type=_floats, help="decay rates of exponential, e.g. 0.5,1,2 (default: 2)")
+    p.add_argument("--baselines", type=_csv, default=list(BASELINES), help=f"comma-separated: {', '.join(BASELINES)} (default: all)")
     p.add_argument("--last", type=int, metavar="N", help="use only the newest N checkpoints")
     p.add_argument("--order", choices=ORDERS, default="number", help="how to order the checkpoints oldest → newest (default: number in the file name)")
     p.add_argument("--format", help="input format, instead of detecting it from the suffix")
     p.add_argument("--key", help="key of the state dict in nested .pt checkpoints (e.g. model)")
     p.add_argument("--strip-prefix", action="append", default=[], metavar="PREFIX", help="remove this prefix from tensor names (repeatable)")
     p.add_argument("--metric", help="metric to compare (default: the first one evaluate returns)")
-    p.add_argument("--on", help="split to choose on (default: validation, when evaluate returns it)")
-    p.add_argument("--report", help="split to report the choice on (default: test, when evaluate returns it)")
+    p.add_argument("--on", default=AUTO, help="split to choose on (default: validation when evaluate returns it, else the first)")
+    p.add_argument("--report", default=AUTO, help="split to report the choice on (default: test when evaluate returns it)")
     p.add_argument("--mode", choices=("max", "min"), help="higher or lower is better (default: min for names like loss/error, else max)")
     p.add_argument("--out", metavar="DIR", help="write results.json, results.csv, sweep.png, alphas.png here")
     p.add_argument("--no-plots", action="store_true", help="do not write figures")
@@ -139,11 +138,11 @@ def _is_factory(obj: Any) -> bool:
     return not required
 
 
-def _prepare_out(out: str, force: bool, names: list[str]) -> Path:
+def _check_out(out: str, force: bool, names: list[str]) -> Path:
+    """Refuse an --out that is a file or holds results (without --force), before the sweep."""
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--out {folder} is a file; give a folder")
-    folder.mkdir(parents=True, exist_ok=True)
     existing = [n for n in names if (folder / n).exists()]
     if existing and not force:
         raise OutputError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them")
@@ -156,10 +155,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from .._choose.select import select
     from .._choose.sweep import sweep
 
-    if args.last is not None and args.last < 1:
-        raise ConfigError(f"--last must be at least 1, got {args.last}")
     files = ["results.json", "results.csv"] + ([] if args.no_plots else ["sweep.png", "alphas.png"])
-    folder = _prepare_out(args.out, args.force, files) if args.out else None
+    folder = _check_out(args.out, args.force, files) if args.out else None
     evaluate = load_callable(args.eval, "--eval")
     predict = load_callable(args.predict, "--predict") if args.predict else None
     score = load_callable(args.score, "--score") if args.score else None
@@ -169,28 +166,25 @@ def run_sweep(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         results = sweep(args.checkpoints, evaluate, schemes=args.schemes, alphas=args.alphas,
                         baselines=args.baselines, predict=predict, score=score, progress=not args.quiet, **common)
-        splits = results.splits
-        metric = args.metric or results.metric_names(splits[0])[0]
-        mode = args.mode or ("min" if _LOWER_IS_BETTER.search(metric) else "max")
-        on = args.on or ("validation" if "validation" in splits else splits[0])
-        report = args.report or ("test" if "test" in splits and on != "test" else None)
-        selection = select(results, metric, on=on, report=report, mode=mode)
+        selection = select(results, args.metric, on=args.on, report=args.report, mode=args.mode)
+        metric, mode, on = selection.metric, selection.mode, selection.on
         diagnosis = None if args.no_diagnose else diagnose(args.checkpoints, warn=False, **common)
         issues = (diagnosis.issues if diagnosis else []) + check_results(results, metric, split=on, mode=mode)
         caught += [str(r.message) for r in records]
     results.notes.extend(issues)
     if not args.quiet:
-        for split in splits:
+        for split in results.splits:
             if metric in results.metric_names(split):
                 print(format_table(results, metric, split, mode=mode))
                 print()
         print(selection)
-        if report is None:
+        if selection.report is None:
             print(f"note: chosen and scored on the same split ({on}); return a separate validation split "
                   "from evaluate for an unbiased test score")
     for msg in caught + issues:
         print(f"polyak: warning: {msg}", file=sys.stderr)
     if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
         written = [
             write_json(results, folder / "results.json", extra={
                 "selection": selection.to_dict(),

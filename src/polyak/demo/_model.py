@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import MismatchError
+from .._layout import compare_layouts, quoted
 from ._data import Blobs
 
 __all__ = ["FRAMEWORK_NAMES", "Evaluator", "MLPParams", "accuracy", "mlp_params", "predict_proba"]
@@ -52,15 +52,15 @@ def mlp_params(state: Mapping[str, Any], framework: str) -> MLPParams:
         The tensors in Keras layout, as float32 numpy arrays.
 
     Raises:
-        MismatchError: A tensor is missing; the message lists what the state holds.
+        MismatchError: A tensor is missing (all listed); the message lists what the state
+            holds. Only names are checked: the hidden width is the recipe's choice.
     """
     names, transposed = FRAMEWORK_NAMES[framework]
-    missing = [n for n in names if n not in state]
-    if missing:
-        raise MismatchError(
-            f"the {framework} checkpoint lacks the demo MLP's tensor(s) {missing}; it holds "
-            f"{sorted(state)[:12]}. Was it saved by `polyak demo --framework {framework}`?"
-        )
+    compare_layouts(dict.fromkeys(names), state, ("the demo MLP", f"the {framework} checkpoint"),
+                    shapes=False, unexpected_ok=True).raise_if_any(
+        f"the {framework} checkpoint is not the demo MLP's",
+        fix=f"it holds {quoted(sorted(state), 12)}; was it saved by `polyak demo --framework {framework}`?",
+    )
     w1, b1, w2, b2 = (np.asarray(state[n], dtype=np.float32) for n in names)
     if transposed:
         w1, w2 = w1.T, w2.T

@@ -25,7 +25,9 @@ import numpy as np
 
 from .._engine.average import average as _average
 from .._engine.members import order_members
-from .._errors import ConfigError, MismatchError, PolyakError
+from .._errors import ConfigError, PolyakError
+from .._layout import compare_layouts, quoted
+from ..formats._memory import MappingSource
 from ._checkpoint import CheckpointCallback
 from ._ema import EMACallback
 from ._names import variable_names
@@ -72,6 +74,12 @@ def average_models(
     Floating weights are summed in float32 (float64 for float64) and stored in their own
     dtype; integer variables are copied from the newest model.
 
+    Weights are matched by name (their ``.weights.h5`` names, see :func:`variable_names`),
+    never by position, so models whose layers were created in another order still average
+    layer by layer, and models that differ are refused with every difference listed: names,
+    shapes and dtypes must agree across ``models``. The receiving model needs the same names
+    and shapes; its dtypes may differ (each average is cast when assigned).
+
     Sequential and Functional models are cloned from the newest with
     ``keras.models.clone_model`` (and compiled like it, if it was compiled); for subclassed
     models pass ``template`` (a built model of the same architecture that receives the
@@ -91,28 +99,20 @@ def average_models(
     Raises:
         PolyakError: A model has no weights yet (build it or call it on a batch first), or
             a subclassed model cannot be cloned (pass ``template`` or ``build_fn``).
-        MismatchError: The models' weights differ in number or shape (all listed).
+        MismatchError: The models' weights differ in names, shapes or dtypes, or the
+            receiving model's in names or shapes (all listed at once).
     """
     models = list(models)
     if not models:
         raise ConfigError("no models given")
     for i, m in enumerate(models):
         _require_built(m, f"model {i}")
-    lists = [m.get_weights() for m in models]
-    ref = lists[-1]
-    problems = []
-    for i, ws in enumerate(lists[:-1]):
-        if len(ws) != len(ref):
-            problems.append(f"model {i} has {len(ws)} weights, the newest has {len(ref)}")
-            continue
-        for k, (a, b) in enumerate(zip(ws, ref, strict=True)):
-            if a.shape != b.shape:
-                problems.append(f"model {i}, weight {k}: shape {a.shape}, newest {b.shape}")
-    if problems:
-        raise MismatchError("the models do not share one architecture:\n  " + "\n  ".join(problems))
-    members = [{f"{k:06d}": w for k, w in enumerate(ws)} for ws in lists]
+    # By name (the .weights.h5 names), never by position: check_members lists every difference.
+    members = [
+        MappingSource(dict(zip(variable_names(m), m.get_weights(), strict=True)), f"model {i} ({m.name})")
+        for i, m in enumerate(models)
+    ]
     avg = _average(members, scheme=scheme, alpha=alpha, weights=weights, order="given")
-    averaged = [avg[f"{k:06d}"] for k in range(len(ref))]
     newest = models[-1]
     if template is not None:
         target = template
@@ -131,10 +131,13 @@ def average_models(
             f"the model to receive the average ({target.name}) has no weights yet: pass a "
             "template or build_fn that returns a built model (call it on a batch first)"
         )
-    try:
-        target.set_weights(averaged)
-    except ValueError as exc:
-        raise MismatchError(f"the averaged weights do not fit {target.name}: {exc}") from None
+    names = variable_names(target)
+    compare_layouts(avg, dict(zip(names, target.weights, strict=True)), ("the average", target.name),
+                    dtypes=False).raise_if_any(
+        f"the averaged weights do not fit {target.name}",
+        fix="pass a template or build_fn that builds the models' architecture",
+    )
+    target.set_weights([avg[n] for n in names])
     if target is not template and getattr(newest, "compiled", False) and not getattr(target, "compiled", False):
         try:
             config = newest.get_compile_config()
@@ -213,12 +216,13 @@ def evaluator(
     ``.weights.h5`` files: ``layers/dense/vars/0``) into the compiled ``model``, runs
     ``model.evaluate``, restores the model's own weights and returns
     ``{metric: value}`` (all of ``evaluate``'s metrics, or those named in ``metrics``).
-    Variables absent from the state keep their value.
+    Variables absent from the state keep their value; each state array is cast to its
+    variable's dtype (a float32 average evaluates in a float16 model).
 
     Raises:
         PolyakError: The model is not built or not compiled.
         MismatchError: (when called) a state name the model does not have, or a shape
-            conflict.
+            conflict; all listed at once.
     """
     _require_built(model, "the model")
     if not getattr(model, "compiled", False):
@@ -228,14 +232,10 @@ def evaluator(
     by_name = dict(zip(names, variables, strict=True))
 
     def evaluate(state: Mapping[str, np.ndarray]) -> dict[str, float]:
-        unknown = [k for k in state if k not in by_name]
-        bad = [f"{k}: state {np.shape(v)}, model {tuple(by_name[k].shape)}" for k, v in state.items()
-               if k in by_name and tuple(np.shape(v)) != tuple(by_name[k].shape)]
-        if unknown or bad:
-            raise MismatchError(
-                f"the state does not fit {model.name}: unknown names {unknown[:10]}, shape conflicts {bad[:10]}; "
-                f"the model's names look like {names[:3]}"
-            )
+        compare_layouts(by_name, state, (model.name, "the state"), dtypes=False, missing_ok=True).raise_if_any(
+            f"the state does not fit {model.name}",
+            fix=f"name tensors as the model's .weights.h5 file does; its names look like {quoted(names, 3)}",
+        )
         saved = {k: keras.ops.convert_to_numpy(by_name[k]) for k in state}
         try:
             for k, v in state.items():

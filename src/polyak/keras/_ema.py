@@ -286,7 +286,8 @@ class EMACallback(keras.callbacks.Callback):
         if not saved:  # no arrays: averaging starts again from the current weights
             state.count = 0
             return
-        check_saved_tensors(dict(zip(self._names, self._vars, strict=True)), saved,
+        # Dtypes may differ: each average is converted to its accumulator's (from_numpy).
+        check_saved_tensors(dict(zip(self._names, self._vars, strict=True)), saved, ("this model", "the saved average"),
                             what="EMACallback.set_state: the saved average does not fit this model",
                             fix="restore the state of an EMACallback of the same model")
         ops = self._core.ops

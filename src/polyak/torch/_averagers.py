@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from .._errors import ConfigError, FormatError
+from .._layout import compare_layouts
 from .._online import (
     AveragerState,
     Cadence,
@@ -36,7 +37,6 @@ from ._common import (
     is_averaged,
     is_writer_rank,
     local_tensor,
-    match_names,
     named_slots,
     named_tensors,
 )
@@ -120,9 +120,11 @@ class _Averager:
         # Walk the module once; later steps re-read the same slots (a few µs per tensor).
         found = {name: slot for name, slot, _ in named_slots(target)}
         names = self.state.tensors
-        if len(found) != len(names) or any(n not in found for n in names):
-            match_names(names, found, what="the module's tensors and the averaged ones", where="the module",
-                        fix="average the same architecture (wrapper prefixes module./_orig_mod. are ignored)")
+        live = {name: local_tensor(container[key]) for name, (container, key) in found.items()}
+        # Names and shapes must match; dtypes need not (a bf16 module feeds a float32 average).
+        compare_layouts(names, live, ("the average", "the module"), dtypes=False).raise_if_any(
+            "the module's tensors do not match the averaged ones",
+            fix="average the same architecture (wrapper prefixes module./_orig_mod. are ignored)")
         slots = [found[n] for n in names]
         self._slots = (weakref.ref(target), slots)
         return [local_tensor(container[key]) for container, key in slots]
@@ -203,7 +205,7 @@ class _Averager:
             raise FormatError(f"the saved {self.kind} state has no 'tensors'; save it with state_dict() or save()")
         tensors = record["tensors"]
         ours = self.state.tensors
-        check_saved_tensors(ours, tensors, what="the saved state does not fit this averager",
+        check_saved_tensors(ours, tensors, what="the saved averaged tensors do not match this averager's",
                             fix="load the state of an averager of the same model")
         self._load_config(record["config"])
         with torch.no_grad():

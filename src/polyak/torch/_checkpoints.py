@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import torch
 
 from .._atomic import AtomicFile, cleanup_stale_temps
 from .._errors import ConfigError, MismatchError, whole_number
+from .._layout import compare_layouts
 from .._retention import Retention
 from ..formats import open_writer
 from ..formats._base import TensorInfo
@@ -173,7 +174,13 @@ class CheckpointSaver:
 
 @dataclass
 class LoadReport:
-    """What :func:`load_average` loaded: tensor names loaded, missing and unexpected."""
+    """What :func:`load_average` loaded.
+
+    Attributes:
+        loaded: Names of the module's tensors that received the average (module order).
+        missing: The module's tensors the average lacks (module order; left as they were).
+        unexpected: Averaged tensors the module lacks (sorted; ignored).
+    """
 
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -198,7 +205,8 @@ def load_average(
         scheme: ``"equal"``, ``"linear"``, ``"exponential"`` or ``"custom"`` (``weights=``).
         strict: Require the averaged names to equal the module's (prefixes ``module.`` and
             ``_orig_mod.`` ignored). With ``strict=False`` the common tensors are loaded
-            and the report lists the missing and unexpected ones.
+            and the report lists the missing and unexpected ones. Shapes must match
+            either way; dtypes need not (the average is cast into the module's dtypes).
         **kwargs: Passed to :func:`polyak.average` (``alpha``, ``weights``, ``last``,
             ``order``, ``key``, ...).
 
@@ -216,20 +224,17 @@ def load_average(
     averaged = average(list(checkpoints), scheme=scheme, **kwargs)
     averaged = {canonical_name(k): v for k, v in averaged.items()}
     live = {canonical_name(k): t for k, t in module.state_dict(keep_vars=True).items()}
-    missing = [k for k in live if k not in averaged]
-    unexpected = [k for k in averaged if k not in live]
-    if strict and (missing or unexpected):
-        raise MismatchError(
-            f"the averaged checkpoints and the module differ: missing {missing or 'none'}, "
-            f"unexpected {unexpected or 'none'}; pass strict=False to load the common tensors"
-        )
-    shapes = [f"{k!r}: checkpoint {tuple(averaged[k].shape)}, module {tuple(t.shape)}"
-              for k, t in live.items() if k in averaged and tuple(averaged[k].shape) != tuple(t.shape)]
-    if shapes:
-        raise MismatchError(f"shape differences between the averaged checkpoints and the module: {'; '.join(shapes)}")
+    # Dtypes are not compared: the average is cast into the module's dtypes (bf16, fp16).
+    diff = compare_layouts(live, averaged, ("the module", "the averaged checkpoints"), dtypes=False)
+    names_differ = bool(diff.missing or diff.unexpected)
+    (diff if strict else replace(diff, missing=[], unexpected=[])).raise_if_any(
+        "the averaged checkpoints do not fit the module",
+        fix=("pass strict=False to load the common tensors (their shapes must still match)" if strict and names_differ
+             else "average checkpoints of this module's architecture"),
+    )
     loaded = []
     for k, t in live.items():
         if k in averaged:
             t.copy_(numpy_to_tensor(np.asarray(averaged[k])))
             loaded.append(k)
-    return LoadReport(loaded, missing, unexpected)
+    return LoadReport(loaded, diff.missing, diff.unexpected)

@@ -8,7 +8,7 @@ only needs a different implementation here.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,6 @@ __all__ = [
     "is_averaged",
     "is_writer_rank",
     "local_tensor",
-    "match_names",
     "move_batch",
     "named_slots",
     "named_tensors",
@@ -111,28 +110,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     if dtensor is not None and isinstance(t, dtensor):
         return t.to_local()
     return t
-
-
-def match_names(
-    expected: Iterable[str], found: Iterable[str], *, what: str, where: str, fix: str
-) -> None:
-    """Raise one :class:`MismatchError` listing every missing and unexpected name."""
-    exp, got = list(expected), set(found)
-    missing = [n for n in exp if n not in got]
-    extra = sorted(got - set(exp))
-    if not missing and not extra:
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing from {where}: {_quoted(missing)}")
-    if extra:
-        parts.append(f"{len(extra)} unexpected in {where}: {_quoted(extra)}")
-    raise MismatchError(f"{what} do not match by name ({'; '.join(parts)}); {fix}")
-
-
-def _quoted(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def is_writer_rank() -> bool:

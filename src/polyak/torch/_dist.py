@@ -37,6 +37,7 @@ import torch
 
 from .._atomic import TEMP_MARK, fsync_dir, temp_path_for
 from .._errors import ConfigError, FormatError, OutputError
+from .._layout import compare_layouts
 from ._common import META_KEY, canonical_name, local_tensor
 
 __all__ = ["export", "is_sharded", "load_sharded", "local_tensor", "save_sharded"]
@@ -178,12 +179,16 @@ def load_sharded(averager: Any, path: str | os.PathLike[str]) -> None:
     entry = meta.get(RECORD_KEY)
     if entry is None or not hasattr(entry, "size"):
         raise FormatError(f"{folder}: no averager record; it was not written by polyak.torch save_sharded()")
-    saved = {k[len(TENSORS_KEY) + 1:] for k in meta if k.startswith(TENSORS_KEY + ".")}
-    from ._common import match_names
-
-    match_names(averager.state.tensors, saved, what="the saved averaged tensors and this averager's",
-                where=str(folder), fix="load the state of an averager of the same model")
+    # Global shapes on both sides (meta tensors: no memory); dtypes may differ, as in
+    # load_state_dict (the saved average is cast into this averager's).
+    saved = {
+        k[len(TENSORS_KEY) + 1:]: torch.empty(tuple(getattr(v, "size", ())), device="meta")
+        for k, v in meta.items()
+        if k.startswith(TENSORS_KEY + ".")
+    }
     targets = _as_global(averager)
+    compare_layouts(targets, saved, ("this averager", str(folder)), dtypes=False).raise_if_any(
+        "the saved averaged tensors do not match this averager's", fix="load the state of an averager of the same model")
     record = torch.zeros(tuple(entry.size), dtype=torch.uint8)
     state: dict[str, Any] = {TENSORS_KEY: targets, RECORD_KEY: record}
     with _quiet_no_dist():

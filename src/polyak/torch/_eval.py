@@ -8,7 +8,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .._errors import ConfigError, MismatchError
+from .._errors import ConfigError
+from .._layout import compare_layouts
 from ..formats.torch_pt import numpy_to_tensor
 from ._common import canonical_name, feed, move_batch
 
@@ -117,7 +118,10 @@ def evaluator(
     Each call loads ``state`` (tensor name → numpy array, e.g. an average) into ``module``,
     runs ``loader`` in eval mode under ``torch.no_grad()``, and puts the module's own
     weights and train/eval modes back, also on errors. ``evaluate()`` with no state
-    evaluates the module as it is.
+    evaluates the module as it is. The state may hold a subset of the module's tensors
+    (the others keep their values); every name it holds must be the module's, with the
+    same shape, and is cast to the module tensor's dtype (a float32 average evaluates in a
+    bf16 module).
 
     Args:
         module: The model to evaluate (names match with ``module.``/``_orig_mod.`` ignored).
@@ -133,6 +137,10 @@ def evaluator(
 
     Returns:
         The evaluate function.
+
+    Raises:
+        MismatchError: (when called) a state name the module does not have, or a shape
+            conflict; all listed at once.
     """
     run = call or _default_call
     score = metric or default_metric
@@ -141,11 +149,10 @@ def evaluator(
     def evaluate(state: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
         live = {canonical_name(k): t for k, t in module.state_dict(keep_vars=True).items()}
         given = {} if state is None else {canonical_name(k): v for k, v in state.items()}
-        unknown = sorted(set(given) - set(live))
-        shapes = [f"{k!r}: {tuple(np.shape(v))} vs module {tuple(live[k].shape)}"
-                  for k, v in given.items() if k in live and tuple(np.shape(v)) != tuple(live[k].shape)]
-        if unknown or shapes:
-            raise MismatchError(f"the state does not fit the module: unknown tensors {unknown}; shapes {shapes}")
+        compare_layouts(live, given, ("the module", "the state"), dtypes=False, missing_ok=True).raise_if_any(
+            "the state does not fit the module",
+            fix="evaluate states of this module's architecture (names as in its state_dict; module./_orig_mod. ignored)",
+        )
         backup = {k: live[k].detach().clone() for k in given}
         modes = {m: m.training for m in module.modules()}
         try:
