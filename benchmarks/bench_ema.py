@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from polyak import _online_torch as _torch_plan
 from polyak.torch import EMA
-from polyak.torch import _plan as _torch_plan
 
 DECAY = 0.999
 

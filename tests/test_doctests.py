@@ -19,6 +19,9 @@ CORE = [
     "polyak._layout",
     "polyak._engine.inspect",
     "polyak._progress",
+    "polyak._errors",
+    "polyak._online",
+    "polyak._retention",
 ]
 
 

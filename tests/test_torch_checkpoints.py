@@ -188,3 +188,23 @@ def test_evaluator_loads_state_and_restores() -> None:
         evaluate(bad)
     for k, v in m.state_dict().items():  # a refused state leaves the module as it was
         torch.testing.assert_close(v, raw[k], rtol=0, atol=0)
+
+
+def test_saver_after_a_restart_keeps_the_newest_and_never_deletes_strangers(tmp_path: Path) -> None:
+    m = make_model()
+    first = CheckpointSaver(tmp_path, keep_last=2)
+    for epoch in range(3):
+        first.save(m, epoch=epoch)
+    strangers = ["ckpt_epoch_best.safetensors", "ckpt_epoch_007.safetensors", "ckpt_step_9.safetensors",
+                 "ckpt_epoch_1.pt", "other_epoch_1.safetensors"]
+    for name in strangers:
+        (tmp_path / name).write_text("not a checkpoint of this saver")
+    restarted = CheckpointSaver(tmp_path, keep_last=2)  # a new process
+    restarted.save(m, epoch=3)
+    assert [p.name for p in restarted.files()] == ["ckpt_epoch_2.safetensors", "ckpt_epoch_3.safetensors"]
+    # A run rolled back to epoch 1 never deletes the checkpoint it has just written.
+    restarted.save(m, epoch=1)
+    assert [p.name for p in restarted.files()] == ["ckpt_epoch_1.safetensors", "ckpt_epoch_2.safetensors",
+                                                   "ckpt_epoch_3.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == sorted([*strangers, "ckpt_epoch_1.safetensors",
+                                                   "ckpt_epoch_2.safetensors", "ckpt_epoch_3.safetensors"])

@@ -224,20 +224,36 @@ def test_wrapped_module_names_match() -> None:
         ema.update(torch.nn.Linear(4, 8))
 
 
+def test_step_that_jumps_over_a_due_step_averages_in_its_place() -> None:
+    m = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(m, decay=0.5, start=2, every=4)  # due steps 2, 6, 10, ...
+    values = {}
+    for step in (1, 3, 5, 7, 8, 12):
+        set_all(m, float(step))
+        ema.update(step=step)
+        values[step] = float(ema.state.tensors["weight"])
+    # 1 copies (before start); 3 stands in for 2 (the first averaged update: a copy);
+    # nothing is due in (3, 5] or (7, 8]; 7 stands in for 6, 12 for 10.
+    assert values == {1: 1.0, 3: 3.0, 5: 3.0, 7: 0.5 * 3 + 0.5 * 7, 8: 5.0, 12: 0.5 * 5 + 0.5 * 12}
+    assert (ema.state.step, ema.state.count) == (12, 3)
+
+
 def test_invalid_options() -> None:
     m = torch.nn.Linear(1, 1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="give exactly one of decay= or half_life="):
         EMA(m)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"decay must be in \[0, 1\), got 1.0"):
         EMA(m, decay=1.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="weighting must be one of"):
         SWA(m, weighting="cubic")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="every must be a whole number"):
         EMA(m, decay=0.9, every=0)
+    with pytest.raises(ConfigError, match="start must be a whole number ≥ 0, got -1"):
+        SWA(m, start=-1)
 
 
 def test_staged_chunks_match_direct_lerp(monkeypatch: pytest.MonkeyPatch) -> None:
-    from polyak.torch import _plan as _torch_plan
+    from polyak import _online_torch as _torch_plan
 
     monkeypatch.setattr(_torch_plan, "STAGE_ELEMENTS_CPU", 40)  # many small chunks
     m = make_model(6, torch.bfloat16)
@@ -251,7 +267,7 @@ def test_staged_chunks_match_direct_lerp(monkeypatch: pytest.MonkeyPatch) -> Non
         current = {k: v.detach().float() for k, v in m.state_dict().items()}
         for k in reference:
             reference[k] = current[k].clone() if step == 0 else torch.lerp(reference[k], current[k], 1 - d)
-    assert len(staged._plan.groups[0].chunks) >= 3  # type: ignore[union-attr]
+    assert len(staged._core.ops._plan.groups[0].chunks) >= 3  # type: ignore[union-attr]
     for k, v in reference.items():
         torch.testing.assert_close(staged.state.tensors[k], v, rtol=0, atol=0)
 

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import polyak  # noqa: E402
-from polyak import ConfigError, MismatchError  # noqa: E402
+from polyak import ConfigError, FormatError, MismatchError  # noqa: E402
 from polyak.torch import EMA, SWA  # noqa: E402
 
 
@@ -123,3 +123,44 @@ def test_compiled_prefix_is_ignored(tmp_path: Path) -> None:
 
     restored = EMA.load(path, Compiled(make_model(1)))  # type: ignore[arg-type]
     assert set(restored.state.tensors) == set(ema.state.tensors)
+
+
+def test_01_state_dict_still_loads() -> None:
+    # A state_dict() as polyak 0.1 wrote it (written out by hand, not by today's code).
+    old = {
+        "kind": "ema", "step": 7, "count": 5,
+        "config": {"start": 2, "every": 1, "include_buffers": True,
+                   "schedule": {"name": "constant", "decay": 0.5, "min_decay": 0.0, "warmup_gamma": 1.0,
+                                "warmup_power": 2.0 / 3.0, "half_life_steps": None, "every": 1}},
+        "tensors": {"weight": torch.full((1, 2), 1.0), "bias": torch.zeros(1)},
+    }
+    m = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        m.weight.fill_(3.0)
+        m.bias.fill_(1.0)
+    ema = EMA(m, decay=0.9, start=0)
+    ema.load_state_dict(old)
+    assert (ema.schedule.decay, ema.start, ema.every) == (0.5, 2, 1)
+    assert (ema.state.step, ema.state.count) == (7, 5)
+    ema.update()  # step 8: avg ← 0.5·avg + 0.5·x
+    assert ema.state.tensors["weight"].tolist() == [[2.0, 2.0]] and ema.state.tensors["bias"].tolist() == [0.5]
+    assert ema.state_dict()["config"] == {**old["config"], "start": 2}  # the same layout back
+    with pytest.raises(FormatError, match="has no 'tensors'"):
+        ema.load_state_dict({k: v for k, v in old.items() if k != "tensors"})
+
+
+def test_update_after_loading_wider_averages_updates_them() -> None:
+    # The update plan is built for the first averages; a load that replaces them (a float32
+    # average into a bfloat16 averager) must not leave it writing into the old ones.
+    model = make_model().to(torch.bfloat16)
+    target = EMA(model, decay=0.9, dtype=torch.bfloat16)
+    target.update()
+    target.update()
+    saved = {k: v.float() + 0.5 if v.is_floating_point() else v.clone() for k, v in target.state.tensors.items()}
+    target.load_state_dict({**target.state_dict(), "tensors": saved})
+    target.update()
+    for name, t in target.state.tensors.items():
+        if t.is_floating_point():
+            assert t.dtype == torch.float32
+            expected = 0.9 * saved[name] + 0.1 * dict(model.state_dict())[name].float()
+            torch.testing.assert_close(t, expected, rtol=1e-6, atol=1e-6)

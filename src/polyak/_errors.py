@@ -41,6 +41,18 @@ class OutputError(PolyakError, OSError):
     """The output cannot be written (exists, read-only folder, equal to an input, disk full)."""
 
 
+def whole_number(value: object, what: str, minimum: int = 0) -> int:
+    """``value`` if it is an ``int`` (not a bool) of at least ``minimum``, else a :class:`ConfigError`.
+
+    Example:
+        >>> whole_number(3, "every", 1)
+        3
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{what} must be a whole number ≥ {minimum}, got {value!r}")
+    return value
+
+
 class PolyakWarning(UserWarning):
     """Base class of every warning polyak gives (averaging that looks unsafe, biased selection)."""
 
@@ -55,4 +67,5 @@ __all__ = [
     "PolyakWarning",
     "SchemeError",
     "UnsafeFileError",
+    "whole_number",
 ]

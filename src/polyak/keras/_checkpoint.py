@@ -13,7 +13,8 @@ from typing import Any
 import keras
 
 from .._atomic import cleanup_stale_temps, commit_many, fsync_file, temp_path_for
-from .._errors import ConfigError, OutputError
+from .._errors import ConfigError, OutputError, whole_number
+from .._retention import Retention
 
 __all__ = ["CheckpointCallback"]
 
@@ -85,9 +86,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         directory: Folder for the checkpoints (created if missing).
         start_epoch: First epoch (0-based, as Keras counts) to save.
         every: Save every ``every`` epochs from ``start_epoch``.
-        keep_last: Keep only the newest ``keep_last`` files this callback wrote (``None``:
-            keep all). Works with early stopping: the newest files are always the last
-            epochs actually trained.
+        keep_last: Keep only the newest ``keep_last`` files named like this callback's
+            (``None``: keep all), also those written before a restart by an earlier run;
+            the file just written is never deleted, other files never touched (the policy
+            of ``polyak.torch.CheckpointSaver``). Works with early stopping: the newest
+            files are always the last epochs actually trained.
         format: ``".keras"`` (whole model, loadable with ``keras.models.load_model``) or
             ``".weights.h5"`` (weights only, smaller).
         prefix: File-name prefix.
@@ -111,13 +114,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         super().__init__()
         if format not in FORMATS:
             raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
-        for label, value, low in (("start_epoch", start_epoch, 0), ("every", every, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{label} must be a whole number ≥ {low}, got {value!r}")
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-            raise ConfigError(f"keep_last must be None or a whole number ≥ 1, got {keep_last!r}")
-        if not prefix or "/" in prefix or os.sep in prefix:
-            raise ConfigError(f"prefix must be a plain file-name prefix, got {prefix!r}")
+        self._retention = Retention(prefix, format, start=whole_number(start_epoch, "start_epoch", 0),
+                                    every=every, keep_last=keep_last)
         self.directory = Path(directory)
         self.start_epoch = start_epoch
         self.every = every
@@ -129,14 +127,18 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def path_for(self, epoch: int) -> Path:
         """The file the checkpoint of ``epoch`` (0-based) is written to."""
-        return self.directory / f"{self.prefix}_{epoch}{self.format}"
+        return self.directory / self._retention.name_for(epoch)
+
+    def files(self) -> list[Path]:
+        """This callback's checkpoints on disk (also those of earlier runs), oldest first."""
+        return self._retention.files(self.directory)
 
     def on_train_begin(self, logs: Any = None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         cleanup_stale_temps(self.directory)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if epoch < self.start_epoch or (epoch - self.start_epoch) % self.every:
+        if not self._retention.due(epoch):
             return
         step = None
         optimizer = getattr(self.model, "optimizer", None)
@@ -148,8 +150,5 @@ class CheckpointCallback(keras.callbacks.Callback):
         if target in self.saved:
             self.saved.remove(target)
         self.saved.append(target)
-        if self.keep_last is not None:
-            while len(self.saved) > self.keep_last:
-                old = self.saved.pop(0)
-                with contextlib.suppress(FileNotFoundError):
-                    old.unlink()
+        gone = set(self._retention.prune(self.directory, keep=target))
+        self.saved = [p for p in self.saved if p not in gone]

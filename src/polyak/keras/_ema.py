@@ -5,89 +5,35 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import keras
 import numpy as np
 
-from .._errors import ConfigError, PolyakError
-from .._layout import compare_layouts
+from .._dtypes import dtype_from_name
+from .._errors import PolyakError, whole_number
+from .._online import Cadence, EMAWeights, OnlineAverage, check_saved_tensors, read_record
 from .._schedules import DecaySchedule, make_schedule
 from ._checkpoint import save_model_atomic
 from ._names import variable_names
+from ._ops import backend_ops
 
 __all__ = ["EMACallback"]
-
-
-def _torch_backend() -> bool:
-    return keras.backend.backend() == "torch"
-
-
-class _TorchOps:
-    """Multi-tensor updates on the variables' own torch tensors (one kernel per list)."""
-
-    def __init__(self) -> None:
-        import torch
-
-        self.torch = torch
-
-    def values(self, variables: list[Any]) -> list[Any]:
-        return [v.value for v in variables]
-
-    def clone(self, tensors: list[Any]) -> list[Any]:
-        with self.torch.no_grad():
-            return [t.detach().clone() for t in tensors]
-
-    def copy_(self, dst: list[Any], src: list[Any]) -> None:
-        if dst:
-            with self.torch.no_grad():
-                self.torch._foreach_copy_(dst, src)
-
-    def lerp_(self, avg: list[Any], cur: list[Any], weight: float) -> None:
-        if avg:
-            with self.torch.no_grad():
-                self.torch._foreach_lerp_(avg, cur, weight)
-
-    def to_numpy(self, t: Any) -> np.ndarray:
-        return keras.ops.convert_to_numpy(t)
-
-    def from_numpy(self, arr: np.ndarray, like: Any) -> Any:
-        return self.torch.as_tensor(np.asarray(arr), device=like.device).to(like.dtype).clone()
-
-
-class _KerasOps:
-    """Backend-neutral updates through ``keras.ops`` (JAX, TensorFlow)."""
-
-    def values(self, variables: list[Any]) -> list[Any]:
-        return [v.value for v in variables]
-
-    def clone(self, tensors: list[Any]) -> list[Any]:
-        return [keras.ops.copy(t) for t in tensors]
-
-    def copy_(self, dst: list[Any], src: list[Any]) -> None:  # dst: variables
-        for v, s in zip(dst, src, strict=True):
-            v.assign(s)
-
-    def lerp_(self, avg: list[Any], cur: list[Any], weight: float) -> None:
-        for i, (a, c) in enumerate(zip(avg, cur, strict=True)):
-            avg[i] = keras.ops.add(a, keras.ops.multiply(keras.ops.subtract(c, a), keras.ops.cast(weight, a.dtype)))
-
-    def to_numpy(self, t: Any) -> np.ndarray:
-        return keras.ops.convert_to_numpy(t)
-
-    def from_numpy(self, arr: np.ndarray, like: Any) -> Any:
-        return keras.ops.convert_to_tensor(np.asarray(arr), dtype=like.dtype)
 
 
 class EMACallback(keras.callbacks.Callback):
     """Keep an exponential moving average (EMA) of the model's weights during ``fit``.
 
-    After every ``every`` optimizer steps (counted from ``optimizer.iterations``, so
-    ``steps_per_execution`` is honoured) the average is updated as
-    ``average ← d · average + (1 − d) · weights``, with ``d`` from
-    :func:`polyak.make_schedule` (the same schedules as ``polyak.torch``): the first update
-    copies the weights, later ones use the constant ``decay`` (or ``half_life``), with an
-    optional ``"timm"`` / ``"tf"`` warmup. Validation inside ``fit`` (and ``predict``
+    After optimizer steps (counted by ``optimizer.iterations``, so ``steps_per_execution``
+    is honoured) the average is updated as ``average ← d · average + (1 − d) · weights``,
+    with ``d`` from :func:`polyak.make_schedule` (the same schedules as ``polyak.torch``):
+    the first averaged update copies the weights, later ones use the constant ``decay``
+    (or ``half_life``), with an optional ``"timm"`` / ``"tf"`` warmup. Steps are counted
+    as in ``polyak.torch.EMA`` (one core, :mod:`polyak._online`): before the start step
+    the average follows the weights (a copy); the first optimizer step of epoch
+    ``start_epoch`` is the start step, and the steps ``start``, ``start + every``, ...
+    are averaged, also in later ``fit`` calls (a step that jumps over one of them, with
+    ``steps_per_execution``, stands in for it). Validation inside ``fit`` (and ``predict``
     called from other callbacks during ``fit``) runs on the average: it is swapped in at
     ``on_test_begin`` / ``on_predict_begin`` and the raw weights are put back at the
     matching ``*_end``, so training continues from the raw weights. After ``fit`` the model
@@ -95,8 +41,10 @@ class EMACallback(keras.callbacks.Callback):
     :meth:`average_weights`, :meth:`average_state` and :meth:`save`. Passing the callback
     to ``model.evaluate(..., callbacks=[ema])`` or ``predict`` evaluates the average.
 
-    On the torch backend updates run as one multi-tensor ``torch._foreach_lerp_`` over the
-    variables' own tensors; on other backends through ``keras.ops``.
+    Averages of bfloat16/float16 variables are kept in float32 on every backend. On the
+    torch backend updates run as grouped multi-tensor ``torch._foreach_lerp_`` calls over
+    the variables' own tensors (the kernels of ``polyak.torch``); on other backends through
+    ``keras.ops``.
 
     Differences from the optimizer's ``use_ema=True``: that one averages trainable weights
     only, overwrites the model's weights with the average at the end of ``fit``, has no
@@ -108,9 +56,9 @@ class EMACallback(keras.callbacks.Callback):
         decay: Decay per update once warm, in ``[0, 1)``. Give this or ``half_life``.
         half_life: Optimizer steps after which a step's weight in the average has halved.
         warmup: ``None``, ``"timm"`` or ``"tf"`` (see :func:`polyak.make_schedule`).
-        start_epoch: First epoch (0-based) whose steps update the average; the first
-            update after it copies the weights.
-        every: Optimizer steps between updates.
+        start_epoch: First epoch (0-based) whose steps are averaged; its first optimizer
+            step is the start step, whose update copies the weights.
+        every: Optimizer steps between averaged updates.
         include_non_trainable: Also average non-trainable floating variables (BatchNorm
             moving statistics); non-float variables are never averaged.
         apply_at_end: Leave the average in the model after ``fit``.
@@ -136,23 +84,46 @@ class EMACallback(keras.callbacks.Callback):
         save_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        self.schedule: DecaySchedule = make_schedule(decay, half_life=half_life, warmup=warmup, every=every)
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
-            raise ConfigError(f"start_epoch must be a whole number ≥ 0, got {start_epoch!r}")
-        self.start_epoch = start_epoch
+        schedule = make_schedule(decay, half_life=half_life, warmup=warmup, every=every)
+        self.start_epoch = whole_number(start_epoch, "start_epoch", 0)
         self.include_non_trainable = bool(include_non_trainable)
         self.apply_at_end = bool(apply_at_end)
         self.save_path = None if save_path is None else Path(save_path)
-        self.count = 0  # updates applied
-        self.last_step = -1  # optimizer step of the last update
+        # The start step is fixed by the first step of start_epoch (None until then).
+        self._core: OnlineAverage[Any, Any] = OnlineAverage(
+            EMAWeights(schedule), Cadence(None, schedule.every), backend_ops())
         self._epoch = 0
-        self._ops: Any = _TorchOps() if _torch_backend() else _KerasOps()
-        self._vars: list[Any] = []  # averaged variables (floats)
+        self._vars: list[Any] = []  # averaged variables (floats), in the order of the state
         self._names: list[str] = []
-        self._avg: list[Any] | None = None
         self._backup: list[Any] | None = None
         self._swapped = False
         self._pending: dict[str, Any] | None = None
+
+    # -- settings and counters (held by the core) ----------------------------------------
+    @property
+    def schedule(self) -> DecaySchedule:
+        """The decay schedule (:func:`polyak.make_schedule`)."""
+        return cast(EMAWeights, self._core.weights).schedule
+
+    @property
+    def every(self) -> int:
+        """Optimizer steps between averaged updates."""
+        return self._core.cadence.every
+
+    @property
+    def start(self) -> int | None:
+        """The optimizer step averaging started at (the first step of ``start_epoch``), once known."""
+        return self._core.cadence.start
+
+    @property
+    def count(self) -> int:
+        """Averaging updates applied (0: the average still follows the weights)."""
+        return self._core.state.count
+
+    @property
+    def last_step(self) -> int:
+        """The last optimizer step seen."""
+        return self._core.state.step
 
     # -- which variables ------------------------------------------------------------------
     def _collect(self) -> None:
@@ -172,11 +143,14 @@ class EMACallback(keras.callbacks.Callback):
         self._vars = [v for v in everything if id(v) in ids]
         self._names = [n for v, n in zip(everything, names, strict=True) if id(v) in ids]
 
+    def _start_averages(self) -> None:
+        self._core.reset(self._names, self._vars, [True] * len(self._vars))
+
     # -- callback hooks -------------------------------------------------------------------
     def on_train_begin(self, logs: Any = None) -> None:
         before = [id(v) for v in self._vars]
         self._collect()
-        if self._avg is not None and before != [id(v) for v in self._vars]:
+        if self._core.state.tensors and before != [id(v) for v in self._vars]:
             raise PolyakError(
                 "EMACallback: this callback already holds an average of another model; "
                 "create a new EMACallback for each model"
@@ -184,55 +158,46 @@ class EMACallback(keras.callbacks.Callback):
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
+        elif not self._core.state.tensors:
+            self._start_averages()
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        if self._epoch < self.start_epoch:
-            return
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if self.last_step >= 0 and step - self.last_step < self.schedule.every:
-            return
-        self.update(step=step)
+        self.update(step=int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
 
     def update(self, *, step: int | None = None) -> None:
-        """Fold the model's current weights into the average (called by the hooks)."""
-        if not self._vars:
+        """Fold the model's current weights into the average (called after each optimizer step).
+
+        Args:
+            step: The optimizer step just completed (default: one more than the last).
+                Before the start step the average follows the weights (copy); the first
+                step seen in epoch ``start_epoch`` or later fixes the start step, which
+                is averaged (a copy); then the steps ``start + k·every`` (a step that
+                jumps over one of them, as with ``steps_per_execution``, stands in for it).
+        """
+        if not self._core.state.tensors:
             self._collect()
-        current = self._ops.values(self._vars)
-        if self._avg is None or self.count == 0:
-            self._avg = self._ops.clone(current)
-        else:
-            d = self.schedule(self.count)
-            self._ops.lerp_(self._avg, current, 1.0 - d)
-        self.count += 1
-        if step is not None:
-            self.last_step = step
+            self._start_averages()
+        cadence = self._core.cadence
+        if cadence.start is None and self._epoch >= self.start_epoch:
+            now = self._core.state.step + 1 if step is None else whole_number(step, "step", 0)
+            self._core.cadence = Cadence(now, cadence.every)
+        self._core.update(lambda: self._vars, step=step)
 
     def _swap_in(self) -> None:
-        if self._swapped or self._avg is None:
+        if self._swapped or not self._core.state.tensors:
             return
-        current = self._ops.values(self._vars)
-        if self._backup is None or isinstance(self._ops, _KerasOps):
-            self._backup = self._ops.clone(current)
-        else:
-            self._ops.copy_(self._backup, current)
-        self._assign(self._avg)
+        self._backup = self._core.ops.backup(self._vars, self._backup)
+        self._core.ops.assign(self._vars, self._core.averages())
         self._swapped = True
 
     def _swap_out(self) -> None:
         if not self._swapped or self._backup is None:
             return
-        self._assign(self._backup)
+        self._core.ops.assign(self._vars, self._backup)
         self._swapped = False
-
-    def _assign(self, tensors: list[Any]) -> None:
-        if isinstance(self._ops, _TorchOps):
-            self._ops.copy_(self._ops.values(self._vars), tensors)
-        else:
-            for v, t in zip(self._vars, tensors, strict=True):
-                v.assign(t)
 
     def on_test_begin(self, logs: Any = None) -> None:
         self._swap_in()
@@ -248,28 +213,31 @@ class EMACallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs: Any = None) -> None:
         self._swap_out()
-        if self.save_path is not None and self._avg is not None:
+        if self.save_path is not None and self._core.state.tensors:
             self.save(self.save_path)
-        if self.apply_at_end and self._avg is not None:
-            self._assign(self._avg)
+        if self.apply_at_end and self._core.state.tensors:
+            self._core.ops.assign(self._vars, self._core.averages())
 
     # -- results --------------------------------------------------------------------------
     def _require_average(self) -> list[Any]:
-        if self._avg is None:
-            raise PolyakError("EMACallback: no average yet; it is built by the first training step of fit()")
-        return self._avg
+        if not self._core.state.tensors:
+            raise PolyakError("EMACallback: no average yet; it is built when fit() begins")
+        return self._core.averages()
 
     def average_weights(self) -> list[np.ndarray]:
-        """The averaged model weights as a list like ``model.get_weights()`` (variables
-        that are not averaged hold their current value)."""
+        """The averaged model weights as a list like ``model.get_weights()``, in the variables'
+        dtypes (variables that are not averaged hold their current value)."""
         avg = self._require_average()
-        by_id = {id(v): self._ops.to_numpy(a) for v, a in zip(self._vars, avg, strict=True)}
+        ops = self._core.ops
+        by_id = {id(v): np.asarray(ops.to_numpy(a)).astype(dtype_from_name(keras.backend.standardize_dtype(v.dtype)))
+                 for v, a in zip(self._vars, avg, strict=True)}
         return [by_id[id(v)] if id(v) in by_id else keras.ops.convert_to_numpy(v) for v in self.model.weights]
 
     def average_state(self) -> dict[str, np.ndarray]:
-        """The averaged variables by ``.weights.h5`` tensor name (``layers/dense/vars/0``)."""
+        """The averaged variables by ``.weights.h5`` tensor name (``layers/dense/vars/0``), in
+        the accumulator dtype (float32 for bfloat16/float16 variables)."""
         avg = self._require_average()
-        return {n: self._ops.to_numpy(a) for n, a in zip(self._names, avg, strict=True)}
+        return {n: np.asarray(self._core.ops.to_numpy(a)) for n, a in zip(self._names, avg, strict=True)}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the model with the averaged weights to ``path`` (``.weights.h5`` or
@@ -284,41 +252,44 @@ class EMACallback(keras.callbacks.Callback):
                 self._swap_out()
 
     def get_state(self, *, arrays: bool = True) -> dict[str, Any]:
-        """Plain-data state for resuming: schedule, counters and (with ``arrays``) the
-        averaged arrays by tensor name."""
-        state: dict[str, Any] = {
-            "schedule": self.schedule.to_dict(),
-            "count": self.count,
-            "last_step": self.last_step,
-            "start_epoch": self.start_epoch,
-            "include_non_trainable": self.include_non_trainable,
-        }
-        if arrays:
-            state["averages"] = self.average_state() if self._avg is not None else {}
-        return state
+        """Plain-data state for resuming, in the layout of ``polyak.torch``'s ``state_dict()``.
+
+        ``{"kind": "ema", "step", "count", "config", "tensors"}``: ``config`` holds
+        ``start`` (the start step, ``None`` before ``start_epoch``), ``every``, the
+        ``schedule``, ``start_epoch`` and ``include_non_trainable``; ``tensors`` (with
+        ``arrays``) the averages by tensor name as numpy arrays.
+        """
+        config = self._core.config(start_epoch=self.start_epoch, include_non_trainable=self.include_non_trainable)
+        if not arrays:
+            return self._core.record(config)
+        return self._core.record(config, self.average_state() if self._core.state.tensors else {})
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`get_state`; applied now if the model is known, else at ``fit``."""
-        self.schedule = DecaySchedule.from_dict(state["schedule"])
-        self.start_epoch = int(state.get("start_epoch", self.start_epoch))
-        self.include_non_trainable = bool(state.get("include_non_trainable", self.include_non_trainable))
+        """Restore :meth:`get_state` (also a 0.1 ``get_state()`` dict); applied now if the
+        model is known, else when ``fit`` begins."""
+        record = read_record(state, kind=self._core.kind)
+        config = record["config"]
+        self._core.configure(config)
+        self.start_epoch = whole_number(config.get("start_epoch", self.start_epoch), "start_epoch", 0)
+        self.include_non_trainable = bool(config.get("include_non_trainable", self.include_non_trainable))
         if getattr(self, "_model", None) is not None:
             self._collect()
-            self._apply_state(state)
+            self._apply_state(record)
         else:
-            self._pending = dict(state)
+            self._pending = record
 
-    def _apply_state(self, state: Mapping[str, Any]) -> None:
-        averages = dict(state.get("averages") or {})
-        self.count = int(state["count"])
-        self.last_step = int(state["last_step"])
-        if not averages:
-            self._avg = None
-            self.count = 0
+    def _apply_state(self, record: Mapping[str, Any]) -> None:
+        saved = dict(record.get("tensors") or {})
+        self._start_averages()
+        state = self._core.state
+        state.step, state.count = record["step"], record["count"]
+        if not saved:  # no arrays: averaging starts again from the current weights
+            state.count = 0
             return
-        # Dtypes may differ: each average is converted to its variable's (from_numpy).
-        compare_layouts(dict(zip(self._names, self._vars, strict=True)), averages, ("this model", "the saved average"),
-                        dtypes=False).raise_if_any("EMACallback.set_state: the saved average does not fit this model",
-                                                   fix="restore the state of an EMACallback of the same model")
-        current = self._ops.values(self._vars)
-        self._avg = [self._ops.from_numpy(averages[n], c) for n, c in zip(self._names, current, strict=True)]
+        # Dtypes may differ: each average is converted to its accumulator's (from_numpy).
+        check_saved_tensors(dict(zip(self._names, self._vars, strict=True)), saved, ("this model", "the saved average"),
+                            what="EMACallback.set_state: the saved average does not fit this model",
+                            fix="restore the state of an EMACallback of the same model")
+        ops = self._core.ops
+        self._core.set_tensors({n: ops.from_numpy(saved[n], like) for n, like in state.tensors.items()},
+                               self._core.averaged)

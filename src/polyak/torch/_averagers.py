@@ -1,8 +1,11 @@
-"""The machinery shared by the online averagers (:class:`~polyak.torch.EMA`, ``SWA``).
+"""The torch shell of the online averagers (:class:`~polyak.torch.EMA`, ``SWA``).
 
-State is plain data (:class:`AveragerState`: step, count, averaged tensors); the averager
-objects hold it together with their settings and the module they follow. Subclasses only
-say how much weight an update gets (``_weight``) and which settings they save.
+What an update does, with which weight and when, and the saved layout live in the
+framework-free core (:mod:`polyak._online`); the tensor work in its torch kernels
+(:class:`polyak._online_torch.TorchOps`). This shell binds them to a module: it finds the
+module's tensors by canonical name (wrapper prefixes ignored, slots cached), decides which
+are averaged (floating parameters; floating buffers unless ``include_buffers=False``),
+and saves/loads files. Subclasses only choose the weights and which settings they save.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import json
 import os
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -20,6 +22,15 @@ import torch
 
 from .._errors import ConfigError, FormatError
 from .._layout import compare_layouts
+from .._online import (
+    AveragerState,
+    Cadence,
+    OnlineAverage,
+    Weights,
+    check_saved_tensors,
+    read_record,
+)
+from .._online_torch import TorchOps
 from ._common import (
     META_KEY,
     Slot,
@@ -29,35 +40,10 @@ from ._common import (
     named_slots,
     named_tensors,
 )
-from ._plan import UpdatePlan, build_plan
 
 __all__ = ["AveragerState", "read_averager_file"]
 
-#: Key of the averager record in a saved file's safetensors metadata.
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 A = TypeVar("A", bound="_Averager")
-
-
-@dataclass
-class AveragerState:
-    """The state of an online averager (plain data).
-
-    Attributes:
-        step: Training steps seen (``update()`` calls, or the last ``step=`` given).
-        count: Averaging updates applied since ``start`` (0: nothing averaged yet).
-        tensors: Canonical name → stored tensor: the average of floating tensors (in the
-            accumulator dtype) and a copy of integer/bool ones.
-    """
-
-    step: int = 0
-    count: int = 0
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def _whole(value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{what} must be a whole number ≥ {minimum}, got {value!r}")
-    return value
 
 
 class _Averager:
@@ -69,6 +55,7 @@ class _Averager:
         self,
         module: torch.nn.Module,
         *,
+        weights: Weights,
         start: int,
         every: int,
         include_buffers: bool,
@@ -78,42 +65,45 @@ class _Averager:
         if not isinstance(module, torch.nn.Module):
             raise ConfigError(f"expected a torch.nn.Module, got {type(module).__name__}")
         self.module = module
-        self.start = _whole(start, "start", 0)
-        self.every = _whole(every, "every", 1)
         self.include_buffers = bool(include_buffers)
         if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
             raise ConfigError(f"dtype must be a floating dtype such as torch.float32, got {dtype}")
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
+        self._core: OnlineAverage[torch.Tensor, torch.Tensor] = OnlineAverage(
+            weights, Cadence(start, every), TorchOps(dtype=dtype, device=self.device))
         self._params: set[str] = set()
-        tensors: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, t, is_param in named_tensors(module):
-                if is_param:
-                    self._params.add(name)
-                dev = self.device or t.device
-                target = self._target_dtype(t) if self._averages(name, t) else t.dtype
-                tensors[name] = t.detach().to(device=dev, dtype=target, copy=True)
-        self.state = AveragerState(tensors=tensors)
-        self._plan: UpdatePlan | None = None
+        names, live = [], []
+        for name, t, is_param in named_tensors(module):
+            if is_param:
+                self._params.add(name)
+            names.append(name)
+            live.append(t)
+        self._core.reset(names, live, [self._averages(n, t) for n, t in zip(names, live, strict=True)])
         self._slots: tuple[weakref.ref[torch.nn.Module], list[Slot]] | None = None
+
+    # -- settings and state (held by the core) -------------------------------------------
+    @property
+    def state(self) -> AveragerState[torch.Tensor]:
+        """The plain-data state: ``step``, ``count`` and the averaged ``tensors``."""
+        return self._core.state
+
+    @property
+    def start(self) -> int:
+        """First averaged step; before it the average copies the weights."""
+        return int(self._core.cadence.start or 0)
+
+    @property
+    def every(self) -> int:
+        """Steps between averaged updates."""
+        return self._core.cadence.every
 
     # -- what is averaged --------------------------------------------------------------
     def _averages(self, name: str, t: torch.Tensor) -> bool:
         return is_averaged(t) and (name in self._params or self.include_buffers)
 
-    def _target_dtype(self, t: torch.Tensor) -> torch.dtype:
-        if t.is_complex():
-            return t.dtype
-        if self.dtype is not None:
-            return self.dtype
-        return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
-
-    def _weight(self, count: int) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def _config(self) -> dict[str, Any]:
-        return {"start": self.start, "every": self.every, "include_buffers": self.include_buffers}
+        return self._core.config(include_buffers=self.include_buffers)
 
     # -- updating ------------------------------------------------------------------------
     def _current(self, module: torch.nn.Module | None) -> list[torch.Tensor]:
@@ -139,7 +129,6 @@ class _Averager:
         self._slots = (weakref.ref(target), slots)
         return [local_tensor(container[key]) for container, key in slots]
 
-    @torch.no_grad()
     def update(self, module: torch.nn.Module | None = None, *, step: int | None = None) -> None:
         """Fold the module's current weights into the average; call after each optimizer step.
 
@@ -148,32 +137,16 @@ class _Averager:
                 modules (DDP ``module.``, ``torch.compile`` ``_orig_mod.``) match by name.
             step: The training step just completed (default: one more than the last).
                 Before ``start`` the average follows the weights (copy); from ``start`` on,
-                every ``every``-th step is averaged and the first such update copies.
+                the steps ``start``, ``start + every``, ... are averaged and the first such
+                update copies. A ``step=`` that jumps over one of those steps averages in
+                its place.
         """
-        st = self.state
-        now = st.step + 1 if step is None else _whole(step, "step", 0)
-        averaging = now >= self.start
-        if averaging and (now - self.start) % self.every != 0:
-            st.step = now
-            return
-        # Before start the average follows the weights (weight 1 copies exactly).
-        weight = self._weight(st.count) if averaging else 1.0
-        current = self._current(module)
-        plan = self._plan
-        if plan is None or not plan.fits(current):
-            stored = list(st.tensors.values())
-            flags = [self._averages(n, t) for n, t in st.tensors.items()]
-            plan = self._plan = build_plan(current, stored, flags)
-        plan.apply(weight)
-        st.step = now
-        st.count += averaging
+        self._core.update(lambda: self._current(module), step=step)
 
     # -- using the average ---------------------------------------------------------------
-    @torch.no_grad()
     def copy_to(self, module: torch.nn.Module | None = None) -> None:
         """Write the average into ``module`` (default: the followed one), in its dtypes."""
-        for dst, src in zip(self._current(module), self.state.tensors.values(), strict=True):
-            dst.copy_(src)
+        self._core.ops.assign(self._current(module), self._core.averages())
 
     @contextlib.contextmanager
     def average_parameters(self, module: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
@@ -192,34 +165,28 @@ class _Averager:
         """
         target = module if module is not None else self.module
         current = self._current(target)
-        with torch.no_grad():
-            backup = [t.detach().clone() for t in current]
-            for dst, src in zip(current, self.state.tensors.values(), strict=True):
-                dst.copy_(src)
+        ops = self._core.ops
+        backup = ops.backup(current)
+        ops.assign(current, self._core.averages())
         try:
             yield target
         finally:
-            with torch.no_grad():
-                for dst, raw in zip(current, backup, strict=True):
-                    dst.copy_(raw)
+            ops.assign(current, backup)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """``{"kind", "step", "count", "config", "tensors"}``; tensors are not copied."""
-        return {
-            "kind": self.kind,
-            "step": self.state.step,
-            "count": self.state.count,
-            "config": self._config(),
-            "tensors": dict(self.state.tensors),
-        }
+        """``{"kind", "step", "count", "config", "tensors"}``; tensors are not copied.
+
+        The layout of :mod:`polyak._online`, shared with ``polyak.keras.EMACallback``:
+        ``config`` holds ``start``, ``every``, the ``schedule`` (EMA) or ``weighting``
+        (SWA) and ``include_buffers``.
+        """
+        return self._core.record(self._config(), self.state.tensors)
 
     def _load_config(self, config: Mapping[str, Any]) -> None:
-        self.start = _whole(config.get("start", self.start), "start", 0)
-        self.every = _whole(config.get("every", self.every), "every", 1)
+        self._core.configure(config)
         self.include_buffers = bool(config.get("include_buffers", self.include_buffers))
 
-    @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any] | str | os.PathLike[str]) -> None:
         """Restore a :meth:`state_dict` (or a file written by :meth:`save`) exactly.
 
@@ -233,26 +200,25 @@ class _Averager:
         """
         if isinstance(state, (str, os.PathLike)):
             state = read_averager_file(state)
-        kind = state.get("kind")
-        if kind != self.kind:
-            raise ConfigError(f"this state is from a {kind!r} averager, not {self.kind!r}; load it with that class")
-        tensors = state["tensors"]
+        record = read_record(state, kind=self.kind)
+        if "tensors" not in record:
+            raise FormatError(f"the saved {self.kind} state has no 'tensors'; save it with state_dict() or save()")
+        tensors = record["tensors"]
         ours = self.state.tensors
-        # Dtypes may differ: a saved average is cast into ours, or kept when it is wider (below).
-        compare_layouts(ours, tensors, ("this averager", "the saved state"), dtypes=False).raise_if_any(
-            "the saved averaged tensors do not match this averager's", fix="load the state of an averager of the same model")
-        self._load_config(state.get("config", {}))
-        for name, mine in list(ours.items()):
-            saved = tensors[name]
-            wider = (saved.dtype != mine.dtype and is_averaged(saved) and is_averaged(mine)
-                     and saved.dtype.itemsize > mine.dtype.itemsize)
-            if wider:  # never downcast a saved average: keep its precision
-                ours[name] = saved.detach().to(device=mine.device, copy=True)
-            else:
-                mine.copy_(saved)
-        self.state.step = _whole(int(state.get("step", 0)), "step", 0)
-        self.state.count = _whole(int(state.get("count", 0)), "count", 0)
-        self._plan = None
+        check_saved_tensors(ours, tensors, what="the saved averaged tensors do not match this averager's",
+                            fix="load the state of an averager of the same model")
+        self._load_config(record["config"])
+        with torch.no_grad():
+            for name, mine in list(ours.items()):
+                saved = tensors[name]
+                wider = (saved.dtype != mine.dtype and is_averaged(saved) and is_averaged(mine)
+                         and saved.dtype.itemsize > mine.dtype.itemsize)
+                if wider:  # never downcast a saved average: keep its precision
+                    ours[name] = saved.detach().to(device=mine.device, copy=True)
+                else:
+                    mine.copy_(saved)
+        self.state.step, self.state.count = record["step"], record["count"]
+        self._core.set_tensors(ours, [self._averages(n, t) for n, t in ours.items()])
 
     def save(self, path: str | os.PathLike[str]) -> Path | None:
         """Write the average to a standalone safetensors file, settings in its metadata.
@@ -275,7 +241,7 @@ class _Averager:
             )
         if not is_writer_rank():
             return None
-        record = {"kind": self.kind, "step": self.state.step, "count": self.state.count, "config": self._config()}
+        record = self._core.record(self._config())
         meta = {META_KEY: json.dumps(record), "format": "pt"}
         save_state(dict(self.state.tensors), out, metadata=meta, force=True)
         return out

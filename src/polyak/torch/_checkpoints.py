@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -17,8 +15,9 @@ import numpy as np
 import torch
 
 from .._atomic import AtomicFile, cleanup_stale_temps
-from .._errors import ConfigError, MismatchError
+from .._errors import ConfigError, MismatchError, whole_number
 from .._layout import compare_layouts
+from .._retention import Retention
 from ..formats import open_writer
 from ..formats._base import TensorInfo
 from ..formats.torch_pt import numpy_to_tensor, tensor_to_numpy
@@ -50,14 +49,18 @@ class CheckpointSaver:
     step, epoch and wall time in its metadata (safetensors ``__metadata__``; for ``.pt`` the
     file holds ``{"state_dict": ..., "polyak": {...}}``). With ``keep_last`` the oldest
     files are deleted only after the new one is safely on disk, so early stopping needs no
-    epoch count known in advance. Only rank 0 writes when ``torch.distributed`` runs.
+    epoch count known in advance. Which files are this saver's and which to delete is the
+    policy shared with Keras' ``CheckpointCallback`` (:class:`polyak._retention.Retention`):
+    files of earlier runs in the folder count (a restarted run still keeps the newest K),
+    other files are never touched. Only rank 0 writes when ``torch.distributed`` runs.
 
     Args:
         directory: Folder for the checkpoints (created if missing).
         every: Save every ``every`` epochs (or steps).
         unit: ``"epoch"`` or ``"step"``: which counter decides and names the file.
         start: First epoch (step) to save; saves at ``start``, ``start + every``, ...
-        keep_last: Keep only the newest this many files of this saver (None: keep all).
+        keep_last: Keep only the newest this many files named like this saver's, earlier
+            runs' included (None: keep all); the file just written is never deleted.
         format: ``".safetensors"`` (default) or ``".pt"``.
         prefix: File name prefix.
 
@@ -88,37 +91,27 @@ class CheckpointSaver:
         fmt = format if format.startswith(".") else "." + format
         if fmt not in _FORMATS:
             raise ConfigError(f"format must be one of {list(_FORMATS)}, got {format!r}")
-        for what, value, low in (("every", every, 1), ("start", start, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{what} must be a whole number ≥ {low}, got {value!r}")
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-            raise ConfigError(f"keep_last must be None or a whole number ≥ 1, got {keep_last!r}")
-        if not prefix or "/" in prefix or os.sep in prefix:
-            raise ConfigError(f"prefix must be a plain file-name prefix, got {prefix!r}")
+        self._retention = Retention(prefix, fmt, unit=unit, start=start, every=every, keep_last=keep_last)
         self.directory = Path(directory)
         self.every, self.unit, self.start, self.keep_last = every, unit, start, keep_last
         self.format, self.prefix = fmt, prefix
-        self._pattern = re.compile(rf"^{re.escape(prefix)}_{unit}_(\d+){re.escape(fmt)}$")
         if is_writer_rank():
             self.directory.mkdir(parents=True, exist_ok=True)
             cleanup_stale_temps(self.directory)
 
     def path_for(self, number: int) -> Path:
         """The file name used for epoch (step) ``number``."""
-        return self.directory / f"{self.prefix}_{self.unit}_{int(number)}{self.format}"
+        return self.directory / self._retention.name_for(number)
 
     def _number(self, step: int | None, epoch: int | None) -> int:
         value = epoch if self.unit == "epoch" else step
         if value is None:
             raise ConfigError(f"this saver counts {self.unit}s: pass {self.unit}=")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{self.unit} must be a whole number ≥ 0, got {value!r}")
-        return value
+        return whole_number(value, self.unit, 0)
 
     def due(self, *, step: int | None = None, epoch: int | None = None) -> bool:
         """Whether :meth:`maybe_save` would save at this step/epoch."""
-        n = self._number(step, epoch)
-        return n >= self.start and (n - self.start) % self.every == 0
+        return self._retention.due(self._number(step, epoch))
 
     def maybe_save(self, module: torch.nn.Module, *, step: int | None = None, epoch: int | None = None) -> Path | None:
         """Save if this epoch (step) is due; returns the path written, else ``None``."""
@@ -150,7 +143,7 @@ class CheckpointSaver:
                 for name in writer.order:
                     writer.write(name, arrays[name])
                 writer.commit()
-        self._prune()
+        self._prune(target)
         return target
 
     @staticmethod
@@ -172,21 +165,11 @@ class CheckpointSaver:
         f.commit()
 
     def files(self) -> list[Path]:
-        """This saver's checkpoints on disk, oldest (smallest number) first."""
-        found = []
-        with contextlib.suppress(OSError):
-            for entry in self.directory.iterdir():
-                m = self._pattern.match(entry.name)
-                if m:
-                    found.append((int(m.group(1)), entry))
-        return [p for _, p in sorted(found)]
+        """This saver's checkpoints on disk (also those of earlier runs), oldest first."""
+        return self._retention.files(self.directory)
 
-    def _prune(self) -> None:
-        if self.keep_last is None:
-            return
-        for old in self.files()[: -self.keep_last]:
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
+    def _prune(self, written: Path) -> None:
+        self._retention.prune(self.directory, keep=written)
 
 
 @dataclass

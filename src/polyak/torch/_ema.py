@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from .._errors import ConfigError, FormatError
+from .._errors import ConfigError
+from .._online import EMAWeights, SWAWeights, weights_from_config
 from .._schedules import DecaySchedule, make_schedule
 from ._averagers import _Averager
 
@@ -76,16 +77,17 @@ class EMA(_Averager):
                 raise ConfigError("give either schedule= or decay=/half_life=/warmup=, not both")
             if every is not None and every != schedule.every:
                 raise ConfigError(f"every={every} differs from the schedule's every={schedule.every}")
-            self.schedule = schedule
         else:
-            self.schedule = make_schedule(decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
-                                          warmup_gamma=warmup_gamma, warmup_power=warmup_power,
-                                          every=1 if every is None else every)
-        super().__init__(module, start=start, every=self.schedule.every, include_buffers=include_buffers,
-                         dtype=dtype, device=device)
+            schedule = make_schedule(decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
+                                     warmup_gamma=warmup_gamma, warmup_power=warmup_power,
+                                     every=1 if every is None else every)
+        super().__init__(module, weights=EMAWeights(schedule), start=start, every=schedule.every,
+                         include_buffers=include_buffers, dtype=dtype, device=device)
 
-    def _weight(self, count: int) -> float:
-        return 1.0 - self.schedule(count)
+    @property
+    def schedule(self) -> DecaySchedule:
+        """The decay schedule (:func:`polyak.make_schedule`)."""
+        return cast(EMAWeights, self._core.weights).schedule
 
     @property
     def decay(self) -> float:
@@ -106,25 +108,12 @@ class EMA(_Averager):
         """One line for logs: schedule, decay, half-life, window and progress."""
         return f"{self.schedule.describe()}; {self.state.count} updates, step {self.state.step}"
 
-    def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "schedule": self.schedule.to_dict()}
-
-    def _load_config(self, config: Mapping[str, Any]) -> None:
-        super()._load_config(config)
-        if "schedule" in config:
-            self.schedule = DecaySchedule.from_dict(config["schedule"])
-            self.every = self.schedule.every
-
     @classmethod
     def _from_config(cls, module: torch.nn.Module, config: Mapping[str, Any], *,
                      device: torch.device | str | None) -> EMA:
-        if "schedule" not in config:
-            raise FormatError("the saved EMA record has no schedule")
-        return cls(module, schedule=DecaySchedule.from_dict(config["schedule"]), start=int(config.get("start", 0)),
+        schedule = cast(EMAWeights, weights_from_config(cls.kind, config)).schedule
+        return cls(module, schedule=schedule, start=int(config.get("start", 0)),
                    include_buffers=bool(config.get("include_buffers", True)), device=device)
-
-
-_WEIGHTINGS = ("equal", "linear")
 
 
 class SWA(_Averager):
@@ -164,28 +153,17 @@ class SWA(_Averager):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if weighting not in _WEIGHTINGS:
-            raise ConfigError(f"weighting must be one of {list(_WEIGHTINGS)}, got {weighting!r}")
-        self.weighting = weighting
-        super().__init__(module, start=start, every=every, include_buffers=include_buffers, dtype=dtype, device=device)
+        super().__init__(module, weights=SWAWeights(weighting), start=start, every=every,
+                         include_buffers=include_buffers, dtype=dtype, device=device)
 
-    def _weight(self, count: int) -> float:
-        n = count + 1
-        return 1.0 / n if self.weighting == "equal" else 2.0 / (n + 1)
+    @property
+    def weighting(self) -> str:
+        """``"equal"`` or ``"linear"``."""
+        return cast(SWAWeights, self._core.weights).weighting
 
     def describe(self) -> str:
         """One line for logs."""
         return f"{self.weighting} SWA from step {self.start} every {self.every}; {self.state.count} updates"
-
-    def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "weighting": self.weighting}
-
-    def _load_config(self, config: Mapping[str, Any]) -> None:
-        super()._load_config(config)
-        weighting = config.get("weighting", self.weighting)
-        if weighting not in _WEIGHTINGS:
-            raise ConfigError(f"saved SWA weighting {weighting!r} is not one of {list(_WEIGHTINGS)}")
-        self.weighting = weighting
 
     @classmethod
     def _from_config(cls, module: torch.nn.Module, config: Mapping[str, Any], *,
