@@ -43,6 +43,13 @@ def test_every_module_of_the_package_has_a_layer():
     assert not missing, f"the layers contract names modules that do not exist: {missing}"
 
 
+def test_every_module_below_the_faces_is_kept_free_of_frameworks():
+    (forbidden,) = [c for c in _contracts() if c["type"] == "forbidden"]
+    below = {name for name in _layered() if name not in FACES}
+    sources = {m.removeprefix("polyak.") for m in forbidden["source_modules"]}
+    assert sources == below, f"the forbidden contract's source_modules must be every module below the faces: add {sorted(below - sources)}"
+
+
 def _module_level_imports(tree: ast.Module) -> list[tuple[int, str]]:
     """Imports executed when the module is imported: not inside a function body."""
     found: list[tuple[int, str]] = []
