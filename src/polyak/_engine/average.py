@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ from .stream import average_sources, output_infos
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["AverageOptions", "AverageResult", "average", "parse_size"]
+__all__ = ["AverageOptions", "AverageResult", "average", "average_weighted", "parse_size"]
 
 
 @dataclass
@@ -316,6 +317,52 @@ def average(
     params = spec.resolve(alpha=alpha, weights=weights)
     chosen = select_members(members, last=last, order=order)
     w = spec.weights(len(chosen), **params)
+    return average_weighted(
+        chosen, w, scheme=scheme, params=spec.record(params), order=order, out=out, format=format,
+        out_format=out_format, key=key, strip_prefix=strip_prefix, dtype=dtype, int_policy=int_policy,
+        checksum=checksum, shard_size=shard_size, keep_optimizer=keep_optimizer, force=force, progress=progress,
+        workers=workers, distributed=distributed, started=t0,
+    )
+
+
+def average_weighted(
+    chosen: Sequence[MemberLike],
+    w: np.ndarray,
+    *,
+    scheme: str,
+    params: dict[str, Any],
+    order: str = "given",
+    out: str | os.PathLike[str] | None = None,
+    format: str | None = None,
+    out_format: str | None = None,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    dtype: str | None = None,
+    int_policy: str = "newest",
+    checksum: bool = False,
+    shard_size: int | str | None = None,
+    keep_optimizer: bool = False,
+    force: bool = False,
+    progress: bool = False,
+    workers: int = 1,
+    distributed: bool = False,
+    drop_metadata: Sequence[str] = (),
+    started: float | None = None,
+) -> dict[str, np.ndarray] | AverageResult:
+    """The steps of :func:`average` after the weights are known: ``Σ w_i · member_i``.
+
+    ``chosen`` are the members, oldest → newest (integer tensors come from the last);
+    ``w`` their weights, which must sum to 1 but may be negative: :func:`average` passes a
+    scheme's weights (never negative, users' custom weights included: ``_schemes``
+    refuses those), :func:`polyak.posthoc` the signed coefficients of a post-hoc EMA.
+    ``scheme`` and ``params`` are recorded in the output's provenance; the newest
+    member's metadata is copied into it except the keys in ``drop_metadata``. The other
+    options are :func:`average`'s.
+    """
+    t0 = time.perf_counter() if started is None else started
+    w = np.asarray(w, dtype=np.float64)
+    if len(w) != len(chosen) or not np.all(np.isfinite(w)) or not math.isclose(float(w.sum()), 1.0, abs_tol=1e-9):
+        raise ConfigError(f"need {len(chosen)} finite weights that sum to 1, got {w.tolist()}")
     shard_bytes = None if shard_size is None else parse_size(shard_size)
     split = _check_split(workers, distributed, out)
     with contextlib.ExitStack() as stack:
@@ -333,10 +380,11 @@ def average(
         out_infos = output_infos(infos, dtype)
         labels = [s.label for s in sources]
         record = _provenance(
-            chosen, labels, w, scheme=scheme, params=spec.record(params), order=order, int_policy=int_policy, dtype=dtype,
+            chosen, labels, w, scheme=scheme, params=params, order=order, int_policy=int_policy, dtype=dtype,
             checksum=checksum,
         )
-        metadata = {**sources[-1].metadata(), "polyak": json.dumps(record, ensure_ascii=False)}
+        kept = {k: v for k, v in sources[-1].metadata().items() if k not in drop_metadata}
+        metadata = {**kept, "polyak": json.dumps(record, ensure_ascii=False)}
         if split:
             refuse_overlap([out_path, shard_paths(out_path, 1)[0]], _input_files(sources))
             files = average_parallel(

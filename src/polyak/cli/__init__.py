@@ -20,6 +20,7 @@ from .._version import __version__
 SUBCOMMANDS = (
     "polyak.cli._average",
     "polyak.cli._sweep",
+    "polyak.cli._posthoc",
     "polyak.demo._cli",
 )
 
@@ -28,6 +29,7 @@ examples:
   polyak average runs/ckpt_*.safetensors -o final.safetensors --scheme exponential --alpha 2 --last 10
   polyak average epoch_*.pt -o avg.pt --scheme linear --key model
   polyak inspect final.safetensors
+  polyak posthoc run/posthoc --sigma-rel 0.08 -o ema.safetensors
   polyak demo
 
 Run `polyak COMMAND --help` for the options of each command.

@@ -31,10 +31,12 @@ from ..formats._memory import MappingSource
 from ._checkpoint import CheckpointCallback
 from ._ema import EMACallback
 from ._names import variable_names
+from ._posthoc import PostHocEMACallback
 
 __all__ = [
     "CheckpointCallback",
     "EMACallback",
+    "PostHocEMACallback",
     "average_models",
     "evaluator",
     "load_models",

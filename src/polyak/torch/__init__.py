@@ -7,6 +7,8 @@ Importing this module imports torch (the core ``polyak`` package never does).
 * :class:`EMA`, :class:`SWA`: online averagers with one interface: ``update()``,
   ``copy_to(model)``, ``average_parameters(model)`` (swap in, restore on exit),
   ``state_dict()``/``load_state_dict()`` (exact resume), ``save(path)``/``load(path, model)``.
+* :class:`PostHocEMA`: power-function EMAs with snapshots on disk, to choose the EMA
+  width after training (:func:`polyak.posthoc`, :func:`polyak.posthoc_sweep`).
 * :func:`load_average`: fill a module with the average of saved checkpoints.
 * :func:`update_bn`: recompute BatchNorm statistics after averaging.
 * :func:`evaluator`: an ``evaluate(state) -> metrics`` function for :func:`polyak.sweep`.
@@ -43,6 +45,7 @@ from ._eval import Evaluate as Evaluate
 from ._eval import default_metric as default_metric
 from ._eval import evaluator as evaluator
 from ._eval import update_bn as update_bn
+from ._posthoc import PostHocEMA as PostHocEMA
 
 __all__ = [
     "EMA",
@@ -52,6 +55,7 @@ __all__ = [
     "CheckpointSaver",
     "Evaluate",
     "LoadReport",
+    "PostHocEMA",
     "canonical_name",
     "default_metric",
     "evaluator",

@@ -220,12 +220,17 @@ class _Averager:
         self.state.step, self.state.count = record["step"], record["count"]
         self._core.set_tensors(ours, [self._averages(n, t) for n, t in ours.items()])
 
-    def save(self, path: str | os.PathLike[str]) -> Path | None:
+    def save(self, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None) -> Path | None:
         """Write the average to a standalone safetensors file, settings in its metadata.
 
         The file can be inspected and averaged with the CLI (``polyak inspect``,
         ``polyak average``) and restored with :meth:`load` or :meth:`load_state_dict`.
         Written atomically, on rank 0 only (returns ``None`` on other ranks).
+
+        Args:
+            path: A ``.safetensors`` file (replaced if it exists).
+            metadata: More string entries for the file's metadata (the averager's own
+                record and ``format`` win over entries of the same name).
         """
         from .._engine.inspect import save as save_state
 
@@ -242,7 +247,7 @@ class _Averager:
         if not is_writer_rank():
             return None
         record = self._core.record(self._config())
-        meta = {META_KEY: json.dumps(record), "format": "pt"}
+        meta = {**(metadata or {}), META_KEY: json.dumps(record), "format": "pt"}
         save_state(dict(self.state.tensors), out, metadata=meta, force=True)
         return out
 

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,8 @@ def load_sharded(averager: Any, path: str | os.PathLike[str]) -> None:
 
 
 @torch.no_grad()
-def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path | None:
+def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
+           metadata: Mapping[str, str] | None = None) -> Path | None:
     """Write the full averaged model as one safetensors file, from rank 0.
 
     Call on every rank: each sharded tensor is gathered (``full_tensor()``, a collective) one
@@ -215,6 +217,7 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
         averager: A :class:`polyak.torch.EMA` or :class:`polyak.torch.SWA`.
         path: A ``.safetensors`` file.
         dtype: Cast floating tensors to this dtype (default: as averaged, e.g. float32).
+        metadata: More string entries for the file's metadata.
 
     Returns:
         ``path`` on rank 0, ``None`` on other ranks.
@@ -233,7 +236,7 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
     infos = [TensorInfo(name, tuple(t.shape), numpy_dtype(torch.empty(0, dtype=out_dtype(t)))) for name, t in tensors.items()]
-    meta = {META_KEY: json.dumps(_record(averager)), "format": "pt"}
+    meta = {**(metadata or {}), META_KEY: json.dumps(_record(averager)), "format": "pt"}
     writer = SafetensorsWriter(out, infos, metadata=meta) if rank == 0 else None
     order = writer.order if writer is not None else _order(infos)
     dtensor = _dtensor_type()
