@@ -266,6 +266,9 @@ class SnapshotRecord:
         run: An identifier shared by every snapshot of one training run.
         every: Updates between snapshots.
         framework: ``"torch"`` or ``"keras"``.
+        copied: Floating tensors copied from the model rather than averaged (BatchNorm
+            statistics with ``include_buffers=False``): a rebuild copies them from the
+            newest snapshot, as integer tensors.
         version: The record layout's version.
     """
 
@@ -278,12 +281,14 @@ class SnapshotRecord:
     run: str
     every: int
     framework: str
+    copied: tuple[str, ...] = ()
     version: int = RECORD_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
         data["names"] = list(self.names)
+        data["copied"] = list(self.copied)
         if not data["extra"]:
             del data["extra"]
         return json.dumps(data, ensure_ascii=False)
@@ -310,7 +315,8 @@ class SnapshotRecord:
                 sigma_rel=float(data["sigma_rel"]), gamma=float(data["gamma"]), t=int(data["t"]),
                 step=int(data["step"]), count=int(data["count"]), names=tuple(str(n) for n in data["names"]),
                 run=str(data["run"]), every=int(data["every"]), framework=str(data["framework"]),
-                version=version, extra=dict(data.get("extra") or {}),
+                copied=tuple(str(n) for n in data.get("copied", ())), version=version,
+                extra=dict(data.get("extra") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"{label}: the {SNAPSHOT_KEY!r} record lacks or garbles {exc}") from None

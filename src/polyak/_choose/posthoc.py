@@ -110,7 +110,7 @@ def posthoc_sweep(
         bar = Progress(len(plans) + len(at_step), "post-hoc EMA", enabled=progress, unit="model")
         try:
             for p in plans:
-                state = average_sources(sources, p.coefficients, infos=infos, dtype=dtype)
+                state = average_sources(sources, p.coefficients, infos=infos, dtype=dtype, copy=members[-1].record.copied)
                 run("posthoc", state, p.sigma_rel, len(members))
                 bar.update()
             by_path = {m.path: src for m, src in zip(members, sources, strict=True)}

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -347,6 +347,7 @@ def average_weighted(
     workers: int = 1,
     distributed: bool = False,
     drop_metadata: Sequence[str] = (),
+    copy: Collection[str] = (),
     started: float | None = None,
 ) -> dict[str, np.ndarray] | AverageResult:
     """The steps of :func:`average` after the weights are known: ``Σ w_i · member_i``.
@@ -356,8 +357,9 @@ def average_weighted(
     scheme's weights (never negative, users' custom weights included: ``_schemes``
     refuses those), :func:`polyak.posthoc` the signed coefficients of a post-hoc EMA.
     ``scheme`` and ``params`` are recorded in the output's provenance; the newest
-    member's metadata is copied into it except the keys in ``drop_metadata``. The other
-    options are :func:`average`'s.
+    member's metadata is copied into it except the keys in ``drop_metadata``; the floating
+    tensors named in ``copy`` are copied from the newest member, as integers are. The
+    other options are :func:`average`'s.
     """
     t0 = time.perf_counter() if started is None else started
     w = np.asarray(w, dtype=np.float64)
@@ -365,6 +367,8 @@ def average_weighted(
         raise ConfigError(f"need {len(chosen)} finite weights that sum to 1, got {w.tolist()}")
     shard_bytes = None if shard_size is None else parse_size(shard_size)
     split = _check_split(workers, distributed, out)
+    if split and copy:
+        raise ConfigError("copied floating tensors are not supported with workers/distributed")
     with contextlib.ExitStack() as stack:
         dist = _join_distributed(stack) if distributed else None
         out_path = None
@@ -376,7 +380,8 @@ def average_weighted(
         sources = stack.enter_context(open_members(chosen, format=format, key=key, strip_prefix=strip_prefix))
         infos = check_members(sources, int_policy=int_policy)
         if out_path is None:
-            return average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, progress=progress)
+            return average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, progress=progress,
+                                   copy=copy)
         out_infos = output_infos(infos, dtype)
         labels = [s.label for s in sources]
         record = _provenance(
@@ -399,9 +404,10 @@ def average_weighted(
             # Inputs are known file by file only now (shards of an index): the output must not
             # replace any of them, under any spelling.
             refuse_overlap(writer.targets, _input_files(sources))
-            average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress)
+            average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress,
+                            copy=copy)
             files = writer.commit()
-    n_float = sum(1 for i in infos if is_float(i.dtype))
+    n_float = sum(1 for i in infos if is_float(i.dtype) and i.name not in copy)
     return AverageResult(
         out=out_path,
         files=files,

@@ -366,7 +366,7 @@ def posthoc(
     result = average_weighted(
         [m.path for m in p.members], fit.coefficients, scheme="posthoc", params=params, order="given", out=out,
         out_format=out_format, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
-        drop_metadata=(SNAPSHOT_KEY, AVERAGER_META_KEY), started=t0,
+        drop_metadata=(SNAPSHOT_KEY, AVERAGER_META_KEY), copy=p.members[-1].record.copied, started=t0,
     )
     if isinstance(result, dict):
         return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypedDict, overload
 
@@ -56,6 +56,7 @@ class StreamOptions(TypedDict, total=False):
     progress: bool
     check_finite: bool
     threads: int | None
+    copy: Collection[str]
 
 
 class _Collect:
@@ -92,8 +93,12 @@ def average_sources(
     progress: bool = False,
     check_finite: bool = True,
     threads: int | None = None,
+    copy: Collection[str] = (),
 ) -> dict[str, np.ndarray] | None:
     """Average opened sources with given normalised weights (oldest → newest).
+
+    Integer and bool tensors, and the floating tensors named in ``copy`` (a post-hoc EMA
+    snapshot's copied BatchNorm statistics), are copied from the newest member.
 
     With ``writer`` the tensors are streamed to it in its order (written in a background
     thread while the next tensor is averaged) and ``None`` is returned; otherwise a dict of
@@ -129,8 +134,11 @@ def average_sources(
         sink: WriteBehind | _Collect = stack.enter_context(WriteBehind(writer)) if writer is not None else _Collect()
         for name in order:
             info = ref_infos[name]
-            if not is_float(info.dtype):
-                sink.put(name, newest.read(name))
+            if not is_float(info.dtype) or name in copy:
+                value = newest.read(name)
+                if out_dtype is not None and is_float(info.dtype):
+                    value = np.asarray(value).astype(out_dtype)
+                sink.put(name, value)
                 bar.update(info.nbytes * len(sources))
                 continue
             acc_dt = accumulator_dtype(info.dtype)

@@ -181,13 +181,18 @@ class PostHocEMACallback(keras.callbacks.Callback):
             schedule = core.weights.schedule  # type: ignore[attr-defined]
             record = SnapshotRecord(sigma_rel=s, gamma=float(schedule.gamma), t=self.count, step=self.last_step,
                                     count=self.count, names=tuple(self._names), run=self.run, every=self.every,
-                                    framework="keras")
+                                    framework="keras", copied=self._copied())
             meta = {SNAPSHOT_KEY: record.to_json(), AVERAGER_META_KEY: json.dumps(core.record(self._config()))}
             path = self.folder / snapshot_name(s, self.last_step)
             save(self._arrays(core), path, metadata=meta, force=True)
             written.append(path)
         self._written = self.count
         return written
+
+    def _copied(self) -> tuple[str, ...]:
+        """Floating variables kept as copies (non-trainable ones unless ``include_non_trainable``)."""
+        return tuple(n for n, v, a in zip(self._names, self._vars, self._averaged, strict=True)
+                     if not a and keras.backend.is_float_dtype(v.dtype))
 
     def _arrays(self, core: OnlineAverage[Any, Any]) -> dict[str, np.ndarray]:
         ops = core.ops

@@ -173,7 +173,7 @@ class PostHocEMA:
             schedule = avg.schedule
             record = SnapshotRecord(
                 sigma_rel=s, gamma=float(schedule.gamma or 0.0), t=self.count, step=self.step, count=self.count,
-                names=names, run=self.run, every=self.every, framework="torch",
+                names=names, run=self.run, every=self.every, framework="torch", copied=self._copied(avg),
             )
             path = self.folder / snapshot_name(s, self.step)
             meta = {SNAPSHOT_KEY: record.to_json()}
@@ -185,6 +185,12 @@ class PostHocEMA:
 
     def _names(self) -> tuple[str, ...]:
         return tuple(self.averagers[0].state.tensors)
+
+    @staticmethod
+    def _copied(avg: EMA) -> tuple[str, ...]:
+        """Floating tensors kept as copies (buffers with ``include_buffers=False``)."""
+        return tuple(n for (n, t), a in zip(avg.state.tensors.items(), avg._core.averaged, strict=True)
+                     if not a and (t.is_floating_point() or t.is_complex()))
 
     def snapshots(self) -> list[Path]:
         """The snapshot files of this run in the folder, oldest → newest."""
