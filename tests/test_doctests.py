@@ -22,6 +22,7 @@ CORE = [
     "polyak._errors",
     "polyak._online",
     "polyak._retention",
+    "polyak._posthoc",
 ]
 
 

@@ -398,3 +398,13 @@ def test_killed_while_writing_leaves_complete_snapshots_and_resumes(tmp_path):
         warnings.filterwarnings("ignore", message=".*taken after update")
         ph.update()  # continues the run, and removes the killed write's temporary file
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name", ["polyak.torch._posthoc", "polyak.torch._ema"])
+def test_docstring_examples(name, tmp_path, monkeypatch):
+    import doctest
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

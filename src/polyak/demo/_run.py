@@ -120,7 +120,9 @@ def run_demo(
         first, last = Path(rep["files"][0]).name, Path(rep["files"][-1]).name
         echo(
             f"files: {out}/ — results.json, {len(figures)} figures ({', '.join(p.name for p in figures)}), "
-            f"{len(rep['files'])} checkpoints (checkpoints/{first} … {last}) [{time.perf_counter() - t0:.1f} s]"
+            f"{len(rep['files'])} checkpoints (checkpoints/{first} … {last})"
+            + (f", {rep['posthoc']['snapshots']} post-hoc EMA snapshots (checkpoints/posthoc/)" if "posthoc" in rep else "")
+            + f" [{time.perf_counter() - t0:.1f} s]"
         )
         return data
     seeds = list(range(seed, seed + repeats))

@@ -124,7 +124,11 @@ def summary_text(summary: dict[str, Any], *, framework: str) -> str:
         for s in summary["posthoc_chosen_sigma_rels"]:
             counts[s] = counts.get(s, 0) + 1
         lines += ["", "post-hoc EMA: sigma_rel chosen on validation (times): "
-                  + ", ".join(f"{k:g} ({v})" for k, v in sorted(counts.items()))]
+                  + ", ".join(f"{k:g} ({v})" for k, v in sorted(counts.items())),
+                  f"post-hoc EMA (sigma_rel chosen on validation) on test versus (better / tie / worse, in "
+                  f"{summary['runs']} runs):"]
+        for label, c in summary["posthoc_versus"].items():
+            lines.append(f"  {label:<36} {c['better']:>2} / {c['tie']:>2} / {c['worse']:>2}")
     return "\n".join(lines)
 
 

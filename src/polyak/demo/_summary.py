@@ -109,8 +109,15 @@ def summarise(reps: Sequence[Rep]) -> dict[str, Any]:
         spread[label] = float(np.mean([np.std([a["holdout"] for a in r["averages"][label]]) for r in reps]))
     out_posthoc: dict[str, Any] = {}
     if "posthoc" in reps[0]:
-        chosen = [r["posthoc"]["chosen"]["sigma_rel"] for r in reps]
-        out_posthoc = {"posthoc_chosen_sigma_rels": chosen}
+        chosen_t = [r["posthoc"]["chosen"]["test"] for r in reps]
+        against = {f"tracked EMA sigma_rel={t['sigma_rel']:g}": [r["posthoc"]["tracked"][i]["test"] for r in reps]
+                   for i, t in enumerate(reps[0]["posthoc"]["tracked"])}
+        against["scheme and n chosen on validation"] = [r["chosen"]["overall"]["test"] for r in reps]
+        out_posthoc = {
+            "posthoc_chosen_sigma_rels": [r["posthoc"]["chosen"]["sigma_rel"] for r in reps],
+            # the post-hoc EMA chosen on validation against what needs no choice of width
+            "posthoc_versus": {label: _compare(chosen_t, ref) for label, ref in against.items()},
+        }
     return {
         **out_posthoc,
         "runs": len(reps),

@@ -57,7 +57,7 @@ class EMA(_Averager):
         >>> round(ema.half_life)
         693
         >>> EMA(model, sigma_rel=0.1).describe()
-        'power EMA, sigma_rel 0.1 (gamma 6.94): weights ∝ τ^gamma over the run so far; 0 updates, step 0'
+        'power EMA, sigma_rel 0.1 (gamma 6.937): weights ∝ τ^gamma over the run so far; 0 updates, step 0'
     """
 
     kind = "ema"

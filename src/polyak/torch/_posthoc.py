@@ -77,7 +77,7 @@ class PostHocEMA:
         >>> phema = PostHocEMA(model, folder, sigma_rels=(0.05, 0.10), every=5)
         >>> for _ in range(20):
         ...     with torch.no_grad():
-        ...         model.weight.add_(0.01)  # an optimizer step
+        ...         _ = model.weight.add_(0.01)  # an optimizer step
         ...     phema.update()
         >>> len(phema.snapshots())  # 4 steps × 2 widths
         8
