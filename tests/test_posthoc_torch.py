@@ -249,27 +249,44 @@ def _copy_some(src: Path, dst: Path, names: list[str]) -> None:
         (dst / n).write_bytes((src / n).read_bytes())
 
 
-def test_mixed_folders_are_refused(run, tmp_path):
-    model, steps = _noisy_quadratic(200, seed=1)
-    other = PostHocEMA(model, tmp_path / "other", every=100)
-    for _ in steps:
-        other.update()
-    mixed = tmp_path / "mixed"
-    _copy_some(run["folder"], mixed, ["posthoc_sigma0.05_step000000100.safetensors", "posthoc_sigma0.1_step000000100.safetensors"])
-    (mixed / "posthoc_sigma0.05_step000000300.safetensors").write_bytes(
-        (tmp_path / "other" / "posthoc_sigma0.05_step000000200.safetensors").read_bytes())
-    with pytest.raises(ConfigError, match="mixes snapshots of 2 training runs"):
-        polyak.posthoc(mixed, sigma_rel=0.08)
-    # another model's snapshots
-    small = torch.nn.Linear(6, 5)
-    other_model = PostHocEMA(small, tmp_path / "small", every=1)
-    other_model.update()
-    data = json.loads(polyak.inspect(tmp_path / "small" / "posthoc_sigma0.05_step000000001.safetensors").metadata["polyak_posthoc"])
-    assert data["names"] == ["weight", "bias"]
-    # a file named like a snapshot without a record
-    polyak.save({"w": np.zeros(2, np.float32)}, mixed / "posthoc_sigma0.1_step000000200.safetensors")
+def _synthetic(folder: Path, step: int, sigma_rel: float, **changes) -> None:
+    """A snapshot file written by hand: the record fields of ``changes`` replaced."""
+    from polyak._posthoc import SNAPSHOT_KEY, SnapshotRecord, sigma_rel_to_gamma, snapshot_name
+
+    fields = dict(sigma_rel=sigma_rel, gamma=sigma_rel_to_gamma(sigma_rel), t=step, step=step, count=step,
+                  names=("w",), run="r1", every=100, framework="torch")
+    fields.update(changes)
+    folder.mkdir(exist_ok=True)
+    polyak.save({n: np.full(3, float(step), np.float32) for n in fields["names"]}, folder / snapshot_name(sigma_rel, step),
+                metadata={SNAPSHOT_KEY: SnapshotRecord(**fields).to_json()})
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [({"run": "r2"}, ConfigError, "mixes snapshots of 2 training runs"),
+     ({"names": ("w", "v")}, MismatchError, "snapshots of different models"),
+     ({"framework": "keras"}, ConfigError, "mixes snapshots with framework keras, torch"),
+     ({"every": 50}, ConfigError, "mixes snapshots with every 100, 50"),
+     ({"t": 50}, ConfigError, "counts fewer updates than an earlier snapshot")],
+)
+def test_mixed_folders_are_refused(tmp_path, capsys, changes, error, match):
+    for step in (100, 200):
+        _synthetic(tmp_path / "f", step, 0.05)
+    _synthetic(tmp_path / "f", 300, 0.1, **changes)
+    with pytest.raises(error, match=match):
+        polyak.posthoc(tmp_path / "f", sigma_rel=0.08)
+    assert match in _one_line_error(["posthoc", str(tmp_path / "f"), "--sigma-rel", "0.08", "-o", str(tmp_path / "o.npz")], capsys)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_a_file_named_like_a_snapshot_needs_its_record(tmp_path):
+    _synthetic(tmp_path / "f", 100, 0.05)
+    polyak.save({"w": np.zeros(3, np.float32)}, tmp_path / "f" / "posthoc_sigma0.1_step000000200.safetensors")
+    (tmp_path / "f" / "notes.safetensors").write_bytes(b"not a snapshot: ignored")
     with pytest.raises(polyak.FormatError, match="no 'polyak_posthoc' record"):
-        polyak.posthoc(mixed, sigma_rel=0.08)
+        polyak.posthoc(tmp_path / "f", sigma_rel=0.08)
+    (tmp_path / "f" / "posthoc_sigma0.1_step000000200.safetensors").unlink()
+    assert polyak.posthoc(tmp_path / "f", sigma_rel=0.05)["w"].tolist() == [100.0] * 3
 
 
 def test_another_runs_folder_is_refused_at_the_first_update(run, tmp_path):
