@@ -240,7 +240,7 @@ def test_step_that_jumps_over_a_due_step_averages_in_its_place() -> None:
 
 def test_invalid_options() -> None:
     m = torch.nn.Linear(1, 1)
-    with pytest.raises(ConfigError, match="give exactly one of decay= or half_life="):
+    with pytest.raises(ConfigError, match="give exactly one of decay=, half_life= or sigma_rel="):
         EMA(m)
     with pytest.raises(ConfigError, match=r"decay must be in \[0, 1\), got 1.0"):
         EMA(m, decay=1.0)
