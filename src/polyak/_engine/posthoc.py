@@ -43,7 +43,7 @@ from ..formats import open_source
 from .average import AverageResult, average_weighted
 
 __all__ = ["MAX_RESIDUAL", "PosthocFitWarning", "PosthocPlan", "PosthocResult", "Snapshot", "SnapshotFolder",
-           "plan", "posthoc", "read_folder", "scan_folder"]
+           "check_run", "plan", "posthoc", "read_folder", "resume_point", "scan_folder"]
 
 #: Above this relative profile mismatch a rebuild warns: the wanted EMA lies outside what
 #: the tracked profiles express well (narrower than the narrowest, or far wider than the
@@ -191,6 +191,55 @@ def read_folder(folder: str | os.PathLike[str]) -> SnapshotFolder:
         sigma_rels=tuple(sorted({s.record.sigma_rel for s in snaps})),
         steps=tuple(sorted({s.record.step for s in snaps})),
     )
+
+
+def check_run(folder: str | os.PathLike[str], run: str, *, resume_hint: str) -> list[Snapshot]:
+    """Before a capture's first update: ``folder`` must hold no other run's snapshots.
+
+    Returns this run's snapshots already there (a resumed run's).
+
+    Raises:
+        ConfigError: Another run's snapshots are in the folder (``resume_hint`` says how
+            to continue that run instead).
+    """
+    found = scan_folder(folder)
+    if any(s.record.run != run for s in found):
+        raise ConfigError(
+            f"{folder} already holds post-hoc EMA snapshots of another run ({len(found)} files); use an "
+            f"empty folder, or continue that run with {resume_hint}"
+        )
+    return found
+
+
+def resume_point(folder: str | os.PathLike[str], sigma_rels: Sequence[float], *, every: int,
+                 framework: str) -> dict[float, Snapshot] | None:
+    """The snapshots to resume a capture from: the newest step with one of every width.
+
+    Returns:
+        ``σ_rel → snapshot`` (every width of ``sigma_rels``), or ``None`` for a folder
+        without snapshots (a fresh run).
+
+    Raises:
+        ConfigError: The folder's snapshots are another framework's, were taken with
+            another ``every``, or no step has every width.
+    """
+    if not scan_folder(folder):
+        return None
+    snaps = read_folder(folder)
+    if snaps.framework != framework:
+        raise ConfigError(f"{folder} holds snapshots of a {snaps.framework} run; resume it there")
+    for step in reversed(snaps.steps):
+        at = {round(s.record.sigma_rel, 12): s for s in snaps.at(step)}
+        if all(round(s, 12) in at for s in sigma_rels):
+            break
+    else:
+        raise ConfigError(f"{folder}: no step has a snapshot of every tracked sigma_rel {list(sigma_rels)} "
+                          f"(tracked there: {list(snaps.sigma_rels)}); resume with the sigma_rels of that run")
+    chosen = {s: at[round(s, 12)] for s in sigma_rels}
+    found = next(iter(chosen.values())).record.every
+    if found != every:
+        raise ConfigError(f"{folder} was written with every={found}, not every={every}; resume with every={found}")
+    return chosen
 
 
 @dataclass(frozen=True)

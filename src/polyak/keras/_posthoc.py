@@ -211,14 +211,9 @@ class PostHocEMACallback(keras.callbacks.Callback):
         raise ConfigError(f"no tracked EMA of sigma_rel={sigma_rel!r}; tracked: {list(self.sigma_rels)}")
 
     def _check_folder(self) -> None:
-        from .._engine.posthoc import scan_folder
+        from .._engine.posthoc import check_run
 
-        found = scan_folder(self.folder)
-        if any(s.record.run != self.run for s in found):
-            raise ConfigError(
-                f"{self.folder} already holds post-hoc EMA snapshots of another run ({len(found)} files); use an "
-                "empty folder, or continue that run with PostHocEMACallback(..., resume=True) or set_state()"
-            )
+        check_run(self.folder, self.run, resume_hint="PostHocEMACallback(..., resume=True) or set_state()")
 
     # -- state --------------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
@@ -262,27 +257,15 @@ class PostHocEMACallback(keras.callbacks.Callback):
         core.state.step, core.state.count = record["step"], record["count"]
 
     def _resume_from_folder(self) -> None:
-        from .._engine.posthoc import read_folder, scan_folder
+        from .._engine.posthoc import resume_point
         from ..formats import open_source
 
-        if not scan_folder(self.folder):
+        chosen = resume_point(self.folder, self.sigma_rels, every=self.every, framework="keras")
+        if chosen is None:
             return
-        snaps = read_folder(self.folder)
-        if snaps.framework != "keras":
-            raise ConfigError(f"{self.folder} holds snapshots of a {snaps.framework} run; resume it there")
-        for step in reversed(snaps.steps):
-            at = {round(s.record.sigma_rel, 12): s for s in snaps.at(step)}
-            if all(round(s, 12) in at for s in self.sigma_rels):
-                break
-        else:
-            raise ConfigError(f"{self.folder}: no step has a snapshot of every tracked sigma_rel "
-                              f"{list(self.sigma_rels)} (tracked there: {list(snaps.sigma_rels)})")
-        first = at[round(self.sigma_rels[0], 12)].record
-        if first.every != self.every:
-            raise ConfigError(f"{self.folder} was written with every={first.every}, not every={self.every}; resume "
-                              f"with every={first.every}")
+        first = chosen[self.sigma_rels[0]].record
         for s, core in zip(self.sigma_rels, self._cores, strict=True):
-            snap = at[round(s, 12)]
+            snap = chosen[s]
             with open_source(snap.path) as src:
                 raw = src.metadata().get(AVERAGER_META_KEY)
                 if raw is None:

@@ -204,15 +204,9 @@ class PostHocEMA:
         self._checked = True
         if not is_writer_rank():
             return
-        from .._engine.posthoc import scan_folder
+        from .._engine.posthoc import check_run
 
-        found = scan_folder(self.folder)
-        foreign = sorted({s.record.run for s in found if s.record.run != self.run})
-        if foreign:
-            raise ConfigError(
-                f"{self.folder} already holds post-hoc EMA snapshots of another run ({len(found)} files); use an "
-                "empty folder, or continue that run with PostHocEMA(..., resume=True) or load_state_dict()"
-            )
+        found = check_run(self.folder, self.run, resume_hint="PostHocEMA(..., resume=True) or load_state_dict()")
         later = [s for s in found if s.record.t > self.count]
         if later:
             warnings.warn(
@@ -273,29 +267,15 @@ class PostHocEMA:
         self._written = int(state.get("written", -1))
 
     def _resume_from_folder(self) -> None:
-        from .._engine.posthoc import read_folder, scan_folder
-
-        if not scan_folder(self.folder):
-            return  # nothing to resume: a fresh run
-        snaps = read_folder(self.folder)
-        if snaps.framework != "torch":
-            raise ConfigError(f"{self.folder} holds snapshots of a {snaps.framework} run; resume it there")
-        for step in reversed(snaps.steps):
-            at = {round(s.record.sigma_rel, 12): s for s in snaps.at(step)}
-            if all(round(s, 12) in at for s in self.sigma_rels):
-                break
-        else:
-            raise ConfigError(f"{self.folder}: no step has a snapshot of every tracked sigma_rel "
-                              f"{list(self.sigma_rels)} (tracked there: {list(snaps.sigma_rels)}); resume with the "
-                              "sigma_rels of that run")
-        first = at[round(self.sigma_rels[0], 12)].record
-        if first.every != self.every:
-            raise ConfigError(f"{self.folder} was written with every={first.every}, not every={self.every}; resume "
-                              f"with every={first.every}")
+        from .._engine.posthoc import resume_point
         from ._dist import is_sharded
 
+        chosen = resume_point(self.folder, self.sigma_rels, every=self.every, framework="torch")
+        if chosen is None:
+            return  # nothing to resume: a fresh run
+        first = chosen[self.sigma_rels[0]].record
         for s, avg in zip(self.sigma_rels, self.averagers, strict=True):
-            path = at[round(s, 12)].path
+            path = chosen[s].path
             state = read_averager_file(path)
             if is_sharded(self.module):
                 state["tensors"] = _local_shards(self.module, state["tensors"], path)
