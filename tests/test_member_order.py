@@ -31,7 +31,7 @@ def test_order_comes_from_the_folder_that_differs(tmp_path: Path) -> None:
     paths = _trainer_layout(tmp_path / "out", [5, 10, 15, 20, 25, 30, 35, 40])
     given = sorted(str(p) for p in paths.values())  # what a shell glob gives: string order
     assert [Path(p).parent.name for p in given][:3] == ["checkpoint-10", "checkpoint-15", "checkpoint-20"]
-    assert polyak.order_members(given) == [str(paths[n]) for n in (5, 10, 15, 20, 25, 30, 35, 40)]
+    assert polyak.order_members(given) == [paths[n] for n in (5, 10, 15, 20, 25, 30, 35, 40)]
     # --last 3 is checkpoints 30, 35, 40 (polyak 0.1 took 35, 40 and 5), and linear weights
     # give the newest the most: numpy.average with weights 1, 2, 3.
     got = polyak.average(given, last=3, scheme="linear")["w"]

@@ -266,7 +266,7 @@ def choose_members(
 
     Example:
         >>> c = choose_members(["b_10.npz", "b_9.npz", "b_11.npz"], scheme="linear", last=2)
-        >>> c.members, c.weights.round(3).tolist()
+        >>> [str(m) for m in c.members], c.weights.round(3).tolist()
         (['b_10.npz', 'b_11.npz'], [0.333, 0.667])
     """
     if weights is not None:

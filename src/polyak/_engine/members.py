@@ -71,7 +71,6 @@ def _common_span(parts: Sequence[tuple[str, ...]]) -> tuple[int, int]:
 class _Member:
     """A path member and what ordering needs of it."""
 
-    member: MemberLike
     path: Path
     differ: tuple[str, ...]  # the components that differ between the members
     name: str  # from the first differing component down: how summaries name it
@@ -90,11 +89,7 @@ def _describe(members: Sequence[MemberLike]) -> list[_Member]:
     paths = [Path(m) for m in members]  # type: ignore[arg-type]
     parts = [Path(os.path.abspath(p)).parts for p in paths]
     lead, trail = _common_span(parts)
-    out = []
-    for m, p, ps in zip(members, paths, parts):
-        name = "/".join(ps[lead:]) or p.name or str(p)
-        out.append(_Member(m, p, ps[lead:len(ps) - trail], name))
-    return out
+    return [_Member(p, ps[lead:len(ps) - trail], "/".join(ps[lead:]) or p.name or str(p)) for p, ps in zip(paths, parts)]
 
 
 def member_names(members: Sequence[MemberLike]) -> list[str]:
@@ -166,7 +161,7 @@ def _order(members: Sequence[MemberLike], order: str) -> tuple[list[MemberLike],
         described.sort(key=lambda d: ("/".join(d.differ), str(d.path)))
     else:
         described.sort(key=lambda d: (_mtime(d.path), d.numbers, d.fallback))
-    return [d.member for d in described], described, ties
+    return [d.path for d in described], described, ties
 
 
 def order_members(members: Sequence[MemberLike], order: str = "number") -> list[MemberLike]:
@@ -174,6 +169,9 @@ def order_members(members: Sequence[MemberLike], order: str = "number") -> list[
 
     Args:
         members: Paths (or in-memory states, which keep their given order).
+
+    Returns:
+        The members oldest → newest; paths as :class:`~pathlib.Path` objects.
         order: ``"number"`` (by the numbers in the part of the paths that differs between
             the members, at any depth: ``model_9`` before ``model_10``, and
             ``checkpoint-5/model.safetensors`` before ``checkpoint-40/model.safetensors``),
@@ -186,7 +184,7 @@ def order_members(members: Sequence[MemberLike], order: str = "number") -> list[
         ConfigError: Unknown order, or a file-based order asked for in-memory states.
 
     Example:
-        >>> order_members(["out/checkpoint-40", "out/checkpoint-5", "out/checkpoint-10"])
+        >>> [str(p) for p in order_members(["out/checkpoint-40", "out/checkpoint-5", "out/checkpoint-10"])]
         ['out/checkpoint-5', 'out/checkpoint-10', 'out/checkpoint-40']
     """
     return _order(members, order)[0]
