@@ -27,6 +27,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+
 from bench_average import SAMPLER, warm
 
 MODULE = """

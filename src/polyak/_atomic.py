@@ -30,6 +30,7 @@ __all__ = [
     "AtomicFolder",
     "atomic_write_bytes",
     "check_folder_output",
+    "check_output_folder",
     "check_output_path",
     "cleanup_stale_temps",
     "fsync_dir",
@@ -343,12 +344,22 @@ def check_output_path(
         raise OutputError(f"the output {path} is a folder; give a file name such as {path / 'avg.safetensors'}")
     if path.exists() and not force:
         raise OutputError(f"the output {path} already exists; pass --force (force=True) to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
+    check_output_folder(path.parent)
+    return path
+
+
+def check_output_folder(folder: str | os.PathLike[str]) -> Path:
+    """Refuse an output folder that is missing or not writable.
+
+    Raises:
+        OutputError: Naming the folder and the fix.
+    """
+    parent = Path(folder) if str(folder) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"the output folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"the output folder {parent} is not writable")
-    return path
+    return parent
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -402,11 +413,7 @@ def check_folder_output(
             raise OutputError(
                 f"the output folder {path} already exists and is not empty; pass --force (force=True) to replace it"
             )
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"the folder {parent} (where the output folder goes) does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"the folder {parent} (where the output folder goes) is not writable")
+    check_output_folder(path.parent)
     return path
 
 

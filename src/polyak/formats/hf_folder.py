@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .._atomic import AtomicFolder, fsync_file
 from .._errors import FormatError, OutputError
@@ -229,18 +230,9 @@ class FolderWriter(TensorWriter):
     ``format: pt`` when the members' has none (``from_pretrained`` requires it).
     """
 
-    def __init__(
-        self,
-        path: Path,
-        infos: Sequence[TensorInfo],
-        *,
-        metadata: Mapping[str, str],
-        template: SourceTemplate | None = None,
-        aliases: Mapping[str, str] | None = None,
-        options: WriteOptions | None = None,
-    ) -> None:
-        super().__init__(path, infos, metadata=metadata, template=template, aliases=aliases, options=options)
-        tpl = template if isinstance(template, FolderTemplate) else None
+    def __init__(self, path: Path, infos: Sequence[TensorInfo], **kwargs: Any) -> None:
+        super().__init__(path, infos, **kwargs)
+        tpl = self.template if isinstance(self.template, FolderTemplate) else None
         self._tpl = tpl
         stored = [i for i in infos if i.name not in self.aliases]
         # The layout: --shard-size decides when given, else the newest member's.
