@@ -20,26 +20,26 @@ from polyak._engine.kernel import CHUNK  # noqa: E402
 from polyak.torch import load_average, update_bn  # noqa: E402
 
 #: Large enough that the biggest tensor spans several chunks and is split over two threads.
-WIDE = 6 * CHUNK // 256
+WIDE = 2 * CHUNK // 256
 
 
 class Net(torch.nn.Module):
     """A tied embedding/head pair, a wide layer and a BatchNorm (an integer buffer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, wide: int = WIDE) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(16, 8)
-        self.wide = torch.nn.Linear(256, WIDE)
+        self.wide = torch.nn.Linear(256, wide)
         self.norm = torch.nn.BatchNorm1d(8)
         self.head = torch.nn.Linear(8, 16, bias=False)
         self.head.weight = self.embed.weight
 
 
-def states(n: int, dtype: type = np.float32) -> list[dict[str, np.ndarray]]:
+def states(n: int, dtype: type = np.float32, wide: int = WIDE) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
-        st = {name: rng.normal(size=t.shape).astype(dtype) for name, t in Net().state_dict().items()
+        st = {name: rng.normal(size=t.shape).astype(dtype) for name, t in Net(wide).state_dict().items()
               if t.is_floating_point() and name != "head.weight"}  # a tied tensor is stored once
         st["norm.num_batches_tracked"] = np.array(10 * i, np.int64)
         out.append(st)
@@ -87,9 +87,9 @@ def test_streamed_average_equals_numpy(tmp_path: Path, module_dtype: torch.dtype
 
 
 def test_extra_memory_is_a_few_chunks_not_the_model(tmp_path: Path) -> None:
-    members = states(4)
+    members = states(4, wide=3 * WIDE)
     paths = saved(tmp_path, members)
-    module = Net()
+    module = Net(3 * WIDE)
     largest = module.wide.weight.numel() * 4
     tracemalloc.start()  # numpy's allocations are traced (torch's are not: the module is torch's)
     try:
@@ -125,7 +125,8 @@ def test_a_tie_needs_agreeing_values(tmp_path: Path) -> None:
     for m in members:
         m["head.weight"] = m["embed.weight"].copy()  # both names stored (polyak's own .safetensors of a .pt)
     module = Net()
-    load_average(module, saved(tmp_path / "ok", members) if (tmp_path / "ok").mkdir() is None else [])
+    (tmp_path / "ok").mkdir()
+    load_average(module, saved(tmp_path / "ok", members))
     np.testing.assert_allclose(module.head.weight.detach().numpy(), reference(members, [1, 1])["embed.weight"],
                                rtol=1e-6, atol=1e-7)
     members[1]["head.weight"] += 1.0  # an untied checkpoint into a tied module
@@ -170,3 +171,21 @@ def test_update_bn_drops_the_labels_of_dict_batches() -> None:
     # the same rule as evaluator's: the first of labels/label/targets/target/y holds the targets
     update_bn(ours, [{"x": x, "target": y} for x, y in pairs])
     torch.testing.assert_close(ours.net[1].running_var, ref[1].running_var)
+
+
+def test_tensors_the_engine_cannot_sum_into_are_copied(tmp_path: Path) -> None:
+    """Non-contiguous (and, on a GPU, device) tensors get the finished average by copy_."""
+
+    class Strided(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("t", torch.zeros(4, 6, dtype=torch.bfloat16).t())  # a (6, 4) view
+
+    rng = np.random.default_rng(5)
+    members = [{"t": rng.normal(size=(6, 4)).astype(np.float32)} for _ in range(3)]
+    module = Strided()
+    assert not module.t.is_contiguous()
+    load_average(module, saved(tmp_path, members), scheme="linear")
+    assert not module.t.is_contiguous() and module.t.dtype == torch.bfloat16
+    expected = reference(members, [1, 2, 3])["t"]
+    np.testing.assert_allclose(module.t.float().numpy(), expected, rtol=8e-3, atol=8e-3)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .._atomic import AtomicFolder, fsync_file
 from .._errors import FormatError, OutputError
 from ._base import (
@@ -270,8 +272,8 @@ class FolderWriter(TensorWriter):
     def targets(self) -> list[Path]:
         return [self.path]
 
-    def write(self, name: str, array: object) -> None:
-        self._inner.write(name, array)  # type: ignore[arg-type]
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._inner.write(name, array)
 
     def commit(self) -> list[Path]:
         try:
