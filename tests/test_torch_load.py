@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from torch.optim.swa_utils import update_bn as torch_update_bn  # noqa: E402
 
 import polyak  # noqa: E402
+from _helpers import write_members  # noqa: E402
 from polyak import ConfigError, MismatchError, NonFiniteError  # noqa: E402
 from polyak._engine.kernel import CHUNK  # noqa: E402
 from polyak.torch import load_average, update_bn  # noqa: E402
@@ -51,15 +52,6 @@ def reference(members: list[dict[str, np.ndarray]], weights: list[float]) -> dic
             for k in members[-1] if members[-1][k].dtype.kind == "f" or members[-1][k].dtype == ml_dtypes.bfloat16}
 
 
-def saved(tmp_path: Path, members: list[dict[str, np.ndarray]], suffix: str = ".safetensors") -> list[Path]:
-    paths = []
-    for i, st in enumerate(members):
-        p = tmp_path / f"ckpt_{i}{suffix}"
-        polyak.save(st, p)
-        paths.append(p)
-    return paths
-
-
 @pytest.mark.parametrize(("module_dtype", "member_dtype", "suffix", "rtol"), [
     (torch.float32, np.float32, ".safetensors", 1e-6),   # summed straight into the module's tensors
     (torch.bfloat16, np.float32, ".safetensors", 8e-3),  # chunk by chunk, cast into bfloat16
@@ -72,7 +64,7 @@ def test_streamed_average_equals_numpy(tmp_path: Path, module_dtype: torch.dtype
     members = states(3, member_dtype)
     module = Net().to(module_dtype)
     ids = {name: id(t) for name, t in module.state_dict(keep_vars=True).items()}
-    report = load_average(module, saved(tmp_path, members, suffix), scheme="linear")
+    report = load_average(module, write_members(tmp_path, members, suffix), scheme="linear")
     assert report.missing == [] and report.unexpected == []
     assert report.loaded == list(module.state_dict())  # every name, the tied head's too
     assert {name: id(t) for name, t in module.state_dict(keep_vars=True).items()} == ids  # same tensors
@@ -88,7 +80,7 @@ def test_streamed_average_equals_numpy(tmp_path: Path, module_dtype: torch.dtype
 
 def test_extra_memory_is_a_few_chunks_not_the_model(tmp_path: Path) -> None:
     members = states(4, wide=3 * WIDE)
-    paths = saved(tmp_path, members)
+    paths = write_members(tmp_path, members)
     module = Net(3 * WIDE)
     largest = module.wide.weight.numel() * 4
     tracemalloc.start()  # numpy's allocations are traced (torch's are not: the module is torch's)
@@ -115,7 +107,7 @@ def test_names_and_shapes_are_checked_before_the_module_is_touched(tmp_path: Pat
     members[0]["wide.bias"] = np.zeros(5, np.float32)
     with pytest.raises(MismatchError, match=r'(?s)missing 2 tensor\(s\) that the module has: "embed.weight", '
                                             r'"head.weight".*"wide.bias" has shape \(5,\), the module has'):
-        load_average(module, saved(tmp_path, members))
+        load_average(module, write_members(tmp_path, members))
     for k, v in module.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
@@ -126,20 +118,20 @@ def test_a_tie_needs_agreeing_values(tmp_path: Path) -> None:
         m["head.weight"] = m["embed.weight"].copy()  # both names stored (polyak's own .safetensors of a .pt)
     module = Net()
     (tmp_path / "ok").mkdir()
-    load_average(module, saved(tmp_path / "ok", members))
+    load_average(module, write_members(tmp_path / "ok", members))
     np.testing.assert_allclose(module.head.weight.detach().numpy(), reference(members, [1, 1])["embed.weight"],
                                rtol=1e-6, atol=1e-7)
     members[1]["head.weight"] += 1.0  # an untied checkpoint into a tied module
     (tmp_path / "bad").mkdir()
     with pytest.raises(MismatchError, match="the module ties 'head.weight' to 'embed.weight'.*different values"):
-        load_average(module, saved(tmp_path / "bad", members))
+        load_average(module, write_members(tmp_path / "bad", members))
 
 
 def test_nonfinite_member_and_unknown_options(tmp_path: Path) -> None:
     members = states(2)
     members[0]["wide.weight"][5, 7] = np.inf
     with pytest.raises(NonFiniteError, match=r'"wide.weight" has NaN or Inf values in: .*ckpt_0.safetensors'):
-        load_average(Net(), saved(tmp_path, members))
+        load_average(Net(), write_members(tmp_path, members))
     with pytest.raises(ConfigError, match="does not take dtype, workers: it fills a module in place"):
         load_average(Net(), [], dtype="float16", workers=2)
     with pytest.raises(ConfigError, match=r"polyak.average\(out=...\)"):
@@ -185,7 +177,7 @@ def test_tensors_the_engine_cannot_sum_into_are_copied(tmp_path: Path) -> None:
     members = [{"t": rng.normal(size=(6, 4)).astype(np.float32)} for _ in range(3)]
     module = Strided()
     assert not module.t.is_contiguous()
-    load_average(module, saved(tmp_path, members), scheme="linear")
+    load_average(module, write_members(tmp_path, members), scheme="linear")
     assert not module.t.is_contiguous() and module.t.dtype == torch.bfloat16
     expected = reference(members, [1, 2, 3])["t"]
     np.testing.assert_allclose(module.t.float().numpy(), expected, rtol=8e-3, atol=8e-3)
