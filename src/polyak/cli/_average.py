@@ -74,7 +74,7 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", help="output dtype of floating tensors (default: as the input), e.g. float32")
     p.add_argument("--int-policy", choices=("newest", "error"), default="newest", help="integer/bool tensors: copy from the newest member (default) or refuse")
     p.add_argument("--checksum", action="store_true", help="record each member's SHA-256 in the output metadata (an extra read pass)")
-    p.add_argument("--shard-size", help="split a safetensors output into shards of at most this size, e.g. 5GB")
+    p.add_argument("--shard-size", help="split a safetensors output into shards of at most this size, e.g. 5GB (a folder output is otherwise sharded like its newest member)")
     p.add_argument("--keep-optimizer", action="store_true", help="Keras archives: copy the newest member's optimizer state instead of dropping it")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="split the tensors across N worker threads; the output becomes <stem>.safetensors.index.json + shards (default: 1)")
