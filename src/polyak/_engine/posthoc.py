@@ -6,7 +6,7 @@ updates, each with a :class:`~polyak._posthoc.SnapshotRecord` in its metadata). 
 any other ``σ_rel`` at any snapshot step ``T`` is ``Σ x_i · snapshot_i`` over the snapshots
 taken at or before ``T``, with the signed coefficients of
 :func:`~polyak._posthoc.solve_coefficients`: a weighted checkpoint average, streamed
-through the engine (:func:`~.average.average_weighted`) like any other, one tensor at a
+through the engine (:func:`~.average.average_chosen`) like any other, one tensor at a
 time, so never all snapshots in memory. Integer tensors come from the newest snapshot at
 or before ``T``.
 
@@ -40,7 +40,8 @@ from .._posthoc import (
     solve_coefficients,
 )
 from ..formats import open_source
-from .average import AverageResult, average_weighted
+from .average import AverageResult, Chosen, average_chosen
+from .members import MemberLike
 
 __all__ = ["MAX_RESIDUAL", "PosthocFitWarning", "PosthocPlan", "PosthocResult", "Snapshot", "SnapshotFolder",
            "check_run", "plan", "posthoc", "read_folder", "resume_point", "scan_folder"]
@@ -412,10 +413,11 @@ def posthoc(
     fit = p.fit
     params = {"sigma_rel": fit.sigma_rel, "gamma": fit.gamma, "step": p.step, "t": fit.t, "residual": fit.residual,
               "tracked_sigma_rels": list(p.folder.sigma_rels)}
-    result = average_weighted(
-        [m.path for m in p.members], fit.coefficients, scheme="posthoc", params=params, order="given", out=out,
-        out_format=out_format, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
-        drop_metadata=(SNAPSHOT_KEY, AVERAGER_META_KEY), copy=p.members[-1].record.copied, started=t0,
+    pick = Chosen(list[MemberLike]([m.path for m in p.members]), fit.coefficients, "posthoc", params)
+    result = average_chosen(
+        pick, order="given", out=out, out_format=out_format, dtype=dtype, shard_size=shard_size, force=force,
+        progress=progress, drop_metadata=(SNAPSHOT_KEY, AVERAGER_META_KEY), copy=p.members[-1].record.copied,
+        started=t0,
     )
     if isinstance(result, dict):
         return result

@@ -233,7 +233,7 @@ class PostHocEMA:
 
         state = posthoc(self.folder, sigma_rel=sigma_rel, step=step)
         if module is not None:
-            from ._checkpoints import load_average
+            from ._load import load_average
 
             load_average(module, [state], order="given")
         return state
