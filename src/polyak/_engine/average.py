@@ -30,16 +30,24 @@ from typing import TYPE_CHECKING, Any, TypedDict, overload
 
 import numpy as np
 
-from .._atomic import check_output_path, cleanup_stale_temps, refuse_overlap
-from .._dtypes import dtype_from_name, dtype_name, is_float
+from .._atomic import check_output_folder, check_outputs, cleanup_stale_temps
+from .._dtypes import dtype_name, is_float, output_dtype
 from .._errors import ConfigError
 from .._schemes import get_scheme
 from .._version import __version__
-from ..formats import TensorSource, WriteOptions, open_writer
+from ..formats import TensorInfo, TensorSource, WriteOptions, open_writer, output_files
 from ..formats import output_format as _output_format
+from ..formats._base import check_storable
 from ..formats.safetensors import shard_paths
 from .members import MemberLike, check_members, open_members, select_members
-from .parallel import DistContext, average_parallel, close_distributed, init_distributed
+from .parallel import (
+    DistContext,
+    ShardPlan,
+    average_parallel,
+    close_distributed,
+    init_distributed,
+    plan_parallel,
+)
 from .stream import average_sources, output_infos
 
 if TYPE_CHECKING:
@@ -133,21 +141,63 @@ def _prepare_output(
     force: bool,
     sharded: bool,
     split: bool,
-    clean: bool,
 ) -> Path:
-    """Check the output path (format, overwrite, overlap with the inputs) before any work."""
+    """Check the output before any member is opened: the format and mode, the folder, and
+    the path itself when it is sure to be written. The full plan (every shard, the index)
+    is checked by :func:`_plan_output` once the tensors are known."""
     fmt = _output_format(out, out_format)
     safetensors = fmt.name in ("safetensors", "safetensors-index")
     if (sharded or split) and not safetensors:
         raise ConfigError("--shard-size, --workers and --distributed write safetensors outputs only")
+    out_path = Path(out)
     inputs = [m for m in members if isinstance(m, (str, os.PathLike))]
-    out_path = check_output_path(out, force=force, inputs=inputs)
-    if safetensors and (sharded or out_path.name.endswith(".safetensors.index.json")):
-        # A sharded output is judged by its index (the shards are renamed before it).
-        check_output_path(shard_paths(out_path, 1)[0], force=force, inputs=inputs)
-    if clean:
-        cleanup_stale_temps(out_path.parent)
+    if split or (safetensors and out_path.name.endswith(".safetensors.index.json")):
+        sure = [shard_paths(out_path, 1)[0]]  # the index
+    elif sharded:
+        sure = []  # one file or shards + index: known from the tensors' sizes
+    else:
+        sure = [out_path]
+    check_outputs(sure, force=force, inputs=inputs)
+    check_output_folder(out_path.parent)
     return out_path
+
+
+def _plan_output(
+    out_path: Path,
+    out_infos: list[TensorInfo],
+    metadata: dict[str, str],
+    sources: Sequence[TensorSource],
+    *,
+    force: bool,
+    parts: int | None,
+    out_format: str | None,
+    options: WriteOptions,
+    clean: bool,
+) -> tuple[list[Path], ShardPlan | None]:
+    """Every file the average will create or replace, checked before anything is written.
+
+    The one output policy of every mode (one file, ``shard_size``, an index name,
+    ``workers``, ``distributed``): the names and metadata must be storable, and each planned
+    file must not be an input (any spelling, the shards of input indexes included), must be
+    a regular file or absent, and may exist only with ``force``
+    (:func:`polyak._atomic.check_outputs`). Then stale temporaries of killed runs are
+    removed from the output folders (never an input).
+
+    Returns:
+        The planned files, and the parallel plan when ``parts`` (workers or ranks) is given.
+    """
+    check_storable(out_infos, metadata, out_path)
+    plan = None
+    if parts is not None:
+        plan = plan_parallel(out_infos, out_path, parts=parts, shard_size=options.shard_size)
+        files = plan.files
+    else:
+        files = output_files(out_path, out_infos, format=out_format, template=sources[-1], options=options)
+    check_outputs(files, force=force, inputs=options.inputs)
+    if clean:
+        for folder in dict.fromkeys(f.parent for f in files):
+            cleanup_stale_temps(folder, keep=options.inputs)
+    return files, plan
 
 
 def _member_record(member: MemberLike, label: str, checksum: bool) -> dict[str, Any]:
@@ -191,12 +241,14 @@ def _provenance(
         "members": [_member_record(m, lab, checksum) for m, lab in zip(members, labels)],
         "accumulate": "float32 (float64 for float64 tensors)",
         "int_policy": int_policy,
-        "dtype": "as input" if dtype is None else dtype_name(dtype_from_name(dtype)),
+        "dtype": "as input" if dtype is None else dtype_name(output_dtype(dtype)),  # type: ignore[arg-type]
     }
 
 
-def _input_files(sources: Sequence[TensorSource]) -> list[Path]:
-    return [f for src in sources for f in src.files()]
+def _input_files(members: Sequence[MemberLike], sources: Sequence[TensorSource]) -> tuple[Path, ...]:
+    """Every file being read: the members as given and each file of each source (shards)."""
+    given = [Path(m) for m in members if isinstance(m, (str, os.PathLike))]
+    return tuple(dict.fromkeys([*given, *(f for src in sources for f in src.files())]))
 
 
 class AverageOptions(TypedDict, total=False):
@@ -309,7 +361,8 @@ def average(
         [2.0, 5.0]
     """
     t0 = time.perf_counter()
-    # Options and members (in this order: the first problem found is the one reported).
+    # Options and members (in this order: the first problem found is the one reported),
+    # all before any file is opened or written.
     if weights is not None:
         scheme = "custom"
     spec = get_scheme(scheme)
@@ -317,14 +370,14 @@ def average(
     chosen = select_members(members, last=last, order=order)
     w = spec.weights(len(chosen), **params)
     shard_bytes = None if shard_size is None else parse_size(shard_size)
+    output_dtype(dtype)
     split = _check_split(workers, distributed, out)
     with contextlib.ExitStack() as stack:
         dist = _join_distributed(stack) if distributed else None
         out_path = None
         if out is not None:
             out_path = _prepare_output(
-                out, out_format, chosen, force=force, sharded=shard_bytes is not None, split=split,
-                clean=dist is None or dist.rank == 0,  # other ranks' live temporaries may be on shared storage
+                out, out_format, chosen, force=force, sharded=shard_bytes is not None, split=split
             )
         sources = stack.enter_context(open_members(chosen, format=format, key=key, strip_prefix=strip_prefix))
         infos = check_members(sources, int_policy=int_policy)
@@ -337,20 +390,24 @@ def average(
             checksum=checksum,
         )
         metadata = {**sources[-1].metadata(), "polyak": json.dumps(record, ensure_ascii=False)}
-        if split:
-            refuse_overlap([out_path, shard_paths(out_path, 1)[0]], _input_files(sources))
+        options = WriteOptions(shard_size=shard_bytes, keep_optimizer=keep_optimizer, inputs=_input_files(chosen, sources))
+        files, plan = _plan_output(
+            out_path, out_infos, metadata, sources, force=force,
+            parts=None if not split else (dist.world_size if dist is not None else workers),
+            out_format=out_format, options=options,
+            clean=dist is None or dist.rank == 0,  # other ranks' live temporaries may be on shared storage
+        )
+        if plan is not None:
             files = average_parallel(
                 chosen, w, out_infos, out_path, metadata, workers=workers, dist=dist, format=format,  # type: ignore[arg-type]
                 key=key, strip_prefix=strip_prefix, dtype=dtype, int_policy=int_policy, shard_size=shard_bytes,
+                plan=plan, inputs=options.inputs,
             )
         else:
             writer = stack.enter_context(open_writer(
                 out_path, out_infos, format=out_format, metadata=metadata, template=sources[-1],
-                aliases=sources[-1].aliases(), options=WriteOptions(shard_size=shard_bytes, keep_optimizer=keep_optimizer),
+                aliases=sources[-1].aliases(), options=options,
             ))
-            # Inputs are known file by file only now (shards of an index): the output must not
-            # replace any of them, under any spelling.
-            refuse_overlap(writer.targets, _input_files(sources))
             average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress)
             files = writer.commit()
     n_float = sum(1 for i in infos if is_float(i.dtype))
