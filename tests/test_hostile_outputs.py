@@ -328,3 +328,25 @@ def test_symlink_output_replaced_as_a_link_never_written_through(tmp_path: Path,
     for f in result.files:
         assert not f.is_symlink() and stat.S_ISREG(f.lstat().st_mode)
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.filterwarnings("default::polyak.PolyakWarning")
+def test_old_index_files_left_alone_said_in_one_line_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's command: `-o avg.safetensors.index.json --force` over an index naming an input."""
+    inputs = [tmp_path / "ck_1.safetensors", tmp_path / "ck_2.safetensors"]
+    for i, m in enumerate(inputs):
+        polyak.save(_state(i), m)
+    index = tmp_path / "avg.safetensors.index.json"
+    (tmp_path / "notes.txt").write_text("mine")
+    index.write_text(json.dumps({"weight_map": {"a": "ck_1.safetensors", "b": "notes.txt", "c": index.name}}))
+    before = inputs[0].read_bytes()
+    assert cli_main(["average", *map(str, inputs), "-o", str(index), "--force"]) == 0
+    captured = capsys.readouterr()
+    warning = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert warning == [
+        f"polyak: warning: {index}: the index it replaced also listed 'ck_1.safetensors', 'notes.txt', "
+        "which are not stale shards of this output; left them alone"
+    ]
+    assert f"wrote {index}" in captured.out
+    assert inputs[0].read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
+    assert polyak.average([index])["a"].shape == (1000,)

@@ -148,14 +148,19 @@ def save(state: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[
         >>> polyak.inspect(p).parameters
         3
     """
-    from .._atomic import check_output_path, cleanup_stale_temps
-    from ..formats import open_writer
+    from .._atomic import check_output_path, check_outputs, cleanup_stale_temps
+    from ..formats import open_writer, output_files
+    from ..formats._base import check_storable
     from ..formats._memory import MappingSource
 
     out = check_output_path(path, force=force)
-    cleanup_stale_temps(out.parent)
     src = MappingSource(state, "state")
     infos = list(src.infos().values())
+    check_storable(infos, metadata or {}, out)
+    # The same output policy as polyak.average: every file written (a sharded output's
+    # shards too) is checked before any is.
+    for folder in dict.fromkeys(f.parent for f in check_outputs(output_files(out, infos), force=force)):
+        cleanup_stale_temps(folder)
     writer = open_writer(out, infos, metadata=metadata or {})
     with writer:
         for name in writer.order:

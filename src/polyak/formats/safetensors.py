@@ -103,7 +103,24 @@ def sniff_safetensors(path: Path, head: bytes) -> bool:
 
 
 def sniff_safetensors_index(path: Path, head: bytes) -> bool:
-    return head.lstrip()[:1] == b"{" and b"weight_map" in head
+    """A JSON object with a ``weight_map``, which may come after a long ``metadata`` (polyak's
+    own record names every member), so the file is searched beyond ``head``."""
+    if head.lstrip()[:1] != b"{":
+        return False
+    if b'"weight_map"' in head:
+        return True
+    try:
+        if path.stat().st_size > MAX_INDEX_SIZE:
+            return False
+        with open(path, "rb") as f:
+            tail = b""
+            while block := f.read(1 << 20):
+                if b'"weight_map"' in tail + block:
+                    return True
+                tail = block[-16:]
+    except OSError:
+        return False
+    return False
 
 
 def _parse_header(path: Path, f: object, size: int, label: str) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]], dict[str, str]]:
