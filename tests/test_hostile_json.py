@@ -50,14 +50,14 @@ def _safetensors(folder: Path, text: str) -> Path:
 
 
 def _safetensors_header(folder: Path, payload: str) -> Path:
-    entry = '{"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "extra": %s}' % payload
-    return _safetensors(folder, '{"__metadata__": {"k": "v"}, "w": %s}' % entry)
+    entry = '{"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "extra": @@}'.replace("@@", payload)
+    return _safetensors(folder, '{"__metadata__": {"k": "v"}, "w": @@}'.replace("@@", entry))
 
 
 def _index(folder: Path, payload: str, *, whole: bool = False) -> Path:
     polyak.save({"w": np.ones(2, np.float32)}, folder / "s.safetensors")
     path = folder / "m.safetensors.index.json"
-    body = payload if whole else '{"weight_map": {"w": "s.safetensors"}, "metadata": {"total_size": %s}}' % payload
+    body = payload if whole else '{"weight_map": {"w": "s.safetensors"}, "metadata": {"total_size": @@}}'.replace("@@", payload)
     path.write_text(body, encoding="utf-8")
     return path
 
@@ -71,7 +71,7 @@ def _npz(folder: Path, meta: str) -> Path:
 
 
 def _npz_meta(folder: Path, payload: str, *, whole: bool = False) -> Path:
-    return _npz(folder, payload if whole else '{"dtypes": {}, "metadata": {"k": %s}}' % payload)
+    return _npz(folder, payload if whole else '{"dtypes": {}, "metadata": {"k": @@}}'.replace("@@", payload))
 
 
 def _keras(folder: Path, config: str | None = None, metadata: str | None = None) -> Path:
@@ -93,11 +93,11 @@ def _keras(folder: Path, config: str | None = None, metadata: str | None = None)
 
 
 def _keras_config(folder: Path, payload: str, *, whole: bool = False) -> Path:
-    return _keras(folder, config=payload if whole else '{"class_name": "Sequential", "config": {"layers": %s}}' % payload)
+    return _keras(folder, config=payload if whole else '{"class_name": "Sequential", "config": {"layers": @@}}'.replace("@@", payload))
 
 
 def _keras_metadata(folder: Path, payload: str, *, whole: bool = False) -> Path:
-    return _keras(folder, metadata=payload if whole else '{"keras_version": %s}' % payload)
+    return _keras(folder, metadata=payload if whole else '{"keras_version": @@}'.replace("@@", payload))
 
 
 READERS: dict[str, Callable[..., Path]] = {
@@ -205,7 +205,7 @@ def test_averager_record_refused(tmp_path: Path, payload: str) -> None:
     model = torch.nn.Linear(2, 1)
     good = tmp_path / "ema.safetensors"
     EMA(model, decay=0.9).save(good)
-    text = WRONG_TYPES[payload] if payload in WRONG_TYPES else '{"kind": "ema", "config": %s}' % PAYLOADS[payload]
+    text = WRONG_TYPES[payload] if payload in WRONG_TYPES else '{"kind": "ema", "config": @@}'.replace("@@", PAYLOADS[payload])
     bad = tmp_path / "bad.safetensors"
     state = polyak.average([good])
     polyak.save(state, bad, metadata={"polyak_averager": text})
