@@ -350,3 +350,21 @@ def test_old_index_files_left_alone_said_in_one_line_via_cli(tmp_path: Path, cap
     assert f"wrote {index}" in captured.out
     assert inputs[0].read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
     assert polyak.average([index])["a"].shape == (1000,)
+
+
+def test_an_input_named_like_a_stale_temporary_is_not_cleaned_up(tmp_path: Path) -> None:
+    """The stale-temp cleanup of the output folder spares the inputs, whatever their names."""
+    good = tmp_path / "m_1.safetensors"
+    polyak.save(_state(1), good)
+    dead_pid = 4_194_305  # above Linux's largest pid: no process has it
+    odd = tmp_path / f".avg.safetensors.polyak-tmp-{dead_pid}-abcd"
+    polyak.save(_state(2), tmp_path / "x.safetensors")
+    (tmp_path / "x.safetensors").rename(odd)
+    stale = tmp_path / f".avg.safetensors.polyak-tmp-{dead_pid}-ef01"
+    stale.write_bytes(b"left by a killed run")
+    before = odd.read_bytes()
+    result = polyak.average([good, odd], out=tmp_path / "avg.safetensors", format="safetensors", order="given")
+    assert odd.read_bytes() == before  # an input: kept
+    assert not stale.exists()  # a real leftover: removed
+    expected = (_state(1)["a"] + _state(2)["a"]) / 2
+    np.testing.assert_allclose(polyak.average([result.out])["a"], expected, rtol=1e-6)

@@ -35,9 +35,15 @@ from .._dtypes import dtype_name, is_float, output_dtype
 from .._errors import ConfigError
 from .._schemes import get_scheme
 from .._version import __version__
-from ..formats import TensorInfo, TensorSource, WriteOptions, open_writer, output_files
+from ..formats import (
+    TensorInfo,
+    TensorSource,
+    WriteOptions,
+    check_storable,
+    open_writer,
+    output_files,
+)
 from ..formats import output_format as _output_format
-from ..formats._base import check_storable
 from ..formats.safetensors import shard_paths
 from .members import MemberLike, check_members, open_members, select_members
 from .parallel import (

@@ -149,8 +149,7 @@ def save(state: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[
         3
     """
     from .._atomic import check_output_path, check_outputs, cleanup_stale_temps
-    from ..formats import open_writer, output_files
-    from ..formats._base import check_storable
+    from ..formats import check_storable, open_writer, output_files
     from ..formats._memory import MappingSource
 
     out = check_output_path(path, force=force)

@@ -39,6 +39,7 @@ from ._base import (
     TensorWriter,
     WriteOptions,
     WriterFactory,
+    check_storable,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "TensorSource",
     "TensorWriter",
     "WriteOptions",
+    "check_storable",
     "detect_format",
     "format_names",
     "get_format",
