@@ -368,3 +368,21 @@ def test_an_input_named_like_a_stale_temporary_is_not_cleaned_up(tmp_path: Path)
     assert not stale.exists()  # a real leftover: removed
     expected = (_state(1)["a"] + _state(2)["a"]) / 2
     np.testing.assert_allclose(polyak.average([result.out])["a"], expected, rtol=1e-6)
+
+
+def test_workers_never_write_over_an_input_named_like_a_shard_via_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's command: `polyak average avg-00001-of-00002.safetensors x_2.safetensors -o
+    avg.safetensors --workers 2` (0.1 exited 0 with the average in the first input)."""
+    monkeypatch.chdir(tmp_path)
+    polyak.save(_state(1), tmp_path / "avg-00001-of-00002.safetensors")
+    polyak.save(_state(2), tmp_path / "x_2.safetensors")
+    before = (tmp_path / "avg-00001-of-00002.safetensors").read_bytes()
+    args = ["average", "avg-00001-of-00002.safetensors", "x_2.safetensors", "-o", "avg.safetensors", "--workers", "2"]
+    for force in ([], ["--force"]):
+        assert cli_main([*args, *force]) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert "avg-00001-of-00002.safetensors is also one of the inputs" in line
+        assert (tmp_path / "avg-00001-of-00002.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avg-00001-of-00002.safetensors", "x_2.safetensors"]

@@ -337,7 +337,10 @@ def average(
         shard_size: Split a safetensors output into shards of at most this many bytes
             (``"5GB"``), with a ``.safetensors.index.json`` index.
         keep_optimizer: Keras archives: copy the newest member's optimizer variables.
-        force: Replace an existing output.
+        force: Replace an existing output (every file of it; a symbolic link is replaced as
+            a link). When a sharded output is replaced, only the old index's files that are
+            stale shards of this output are deleted (others are left alone, with a
+            :class:`~polyak.PolyakWarning`).
         progress: Show a progress bar on stderr (only on a terminal).
         workers: Split the tensors across this many worker threads (needs ``out`` and
             files as members). Above 1 the output is always sharded safetensors:
@@ -356,8 +359,10 @@ def average(
         FormatError: An unreadable, corrupt or unsafe member.
         MismatchError: Members disagree on names, shapes or dtypes (all listed at once).
         NonFiniteError: A member holds NaN/Inf in a floating tensor.
-        OutputError: The output exists (without ``force``), equals an input, or cannot be
-            written. No partial output is left behind.
+        OutputError: A file the output would write (the file, a shard, the index) exists
+            (without ``force``), is an input under any spelling, or is not a regular file
+            (a folder, a device, a FIFO); or the output cannot be written. All of this is
+            checked before anything is written, and no partial output is left behind.
 
     Example:
         >>> import numpy as np, polyak
