@@ -358,7 +358,8 @@ def average(
         ConfigError: Invalid options (``SchemeError`` for scheme problems).
         FormatError: An unreadable, corrupt or unsafe member.
         MismatchError: Members disagree on names, shapes or dtypes (all listed at once).
-        NonFiniteError: A member holds NaN/Inf in a floating tensor.
+        NonFiniteError: A member holds NaN/Inf in a floating tensor, or the cast to the
+            output dtype would write Inf/NaN (a value beyond the dtype's range).
         OutputError: A file the output would write (the file, a shard, the index) exists
             (without ``force``), is an input under any spelling, or is not a regular file
             (a folder, a device, a FIFO); or the output cannot be written. All of this is
