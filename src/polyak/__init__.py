@@ -12,6 +12,9 @@ Example:
     [0.186, 0.307, 0.506]
 """
 
+# First: when this process is the `polyak` command, Ctrl-C during the imports below gives one
+# line and exit status 130 rather than a traceback (polyak._startup; a no-op otherwise).
+from . import _startup  # noqa: F401
 from ._choose.diagnose import AveragingWarning as AveragingWarning
 from ._choose.diagnose import Diagnosis as Diagnosis
 from ._choose.diagnose import check_results as check_results

@@ -35,13 +35,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ._errors import ConfigError, FormatError
+from ._json import json_object
 
 __all__ = [
     "DEFAULT_SIGMA_RELS",
@@ -298,14 +299,10 @@ class SnapshotRecord:
         """Parse a record; ``label`` names the file in errors.
 
         Raises:
-            FormatError: Not JSON, a field missing or of the wrong type, or a newer layout.
+            FormatError: Not a JSON object, a field missing or of the wrong type, or a newer layout.
+            UnsafeFileError: JSON nested too deep or with an absurdly long number.
         """
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{label}: corrupt {SNAPSHOT_KEY!r} metadata ({exc})") from None
-        if not isinstance(data, Mapping):
-            raise FormatError(f"{label}: the {SNAPSHOT_KEY!r} metadata is not a record")
+        data = json_object(text, label, f"{SNAPSHOT_KEY!r} metadata")  # untrusted: the file may not be ours
         version = data.get("version", RECORD_VERSION)
         if not isinstance(version, int) or version > RECORD_VERSION:
             raise FormatError(f"{label}: snapshot record version {version!r} is newer than this polyak reads "

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from .._errors import ConfigError, FormatError, PolyakError, whole_number
+from .._json import json_object
 from .._online import (
     AVERAGER_META_KEY,
     Cadence,
@@ -270,7 +271,8 @@ class PostHocEMACallback(keras.callbacks.Callback):
                 raw = src.metadata().get(AVERAGER_META_KEY)
                 if raw is None:
                     raise FormatError(f"{snap.path}: no {AVERAGER_META_KEY!r} record to resume from")
-                record = dict(read_record(json.loads(raw), kind=core.kind))
+                record = dict(read_record(json_object(raw, str(snap.path), f"{AVERAGER_META_KEY!r} metadata"),
+                                          kind=core.kind))
                 record["tensors"] = {n: np.array(src.read(n)) for n in src.infos()}
             self._load(core, record, str(snap.path))
         self.run = first.run

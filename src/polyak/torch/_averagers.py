@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from .._errors import ConfigError, FormatError
+from .._json import json_object
 from .._layout import compare_layouts
 from .._online import (
     AveragerState,
@@ -279,10 +280,7 @@ def read_averager_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = src.metadata().get(META_KEY)
         if raw is None:
             raise FormatError(f"{path}: no {META_KEY!r} record in the metadata; it was not written by EMA/SWA.save()")
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{path}: corrupt {META_KEY!r} metadata ({exc})") from None
+        record = json_object(raw, str(path), f"{META_KEY!r} metadata")
         record["tensors"] = {name: numpy_to_tensor(src.read(name)) for name in src.infos()}
     finally:
         src.close()

@@ -38,6 +38,7 @@ import torch
 
 from .._atomic import TEMP_MARK, fsync_dir, temp_path_for
 from .._errors import ConfigError, FormatError, OutputError
+from .._json import json_object
 from .._layout import compare_layouts
 from ._common import META_KEY, canonical_name, local_tensor
 
@@ -199,7 +200,7 @@ def load_sharded(averager: Any, path: str | os.PathLike[str]) -> None:
         got = local_tensor(loaded[name])
         if got.data_ptr() != mine.data_ptr():
             mine.copy_(got)
-    rec = json.loads(bytes(state[RECORD_KEY].tolist()).decode("utf-8"))
+    rec = json_object(bytes(state[RECORD_KEY].tolist()), str(folder), "averager record")
     averager.load_state_dict({**rec, "tensors": averager.state.tensors})
 
 
