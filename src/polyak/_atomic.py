@@ -29,6 +29,7 @@ __all__ = [
     "cleanup_stale_temps",
     "fsync_dir",
     "fsync_file",
+    "publish_folder",
     "refuse_overlap",
     "temp_path_for",
 ]
@@ -251,6 +252,43 @@ def commit_many(temps: Iterable[tuple[Path, Path]]) -> None:
         folders.add(target.parent)
     for folder in folders:
         fsync_dir(folder)
+
+
+def publish_folder(tmp: Path, target: Path, *, replace: bool = False) -> Path:
+    """Move a finished temporary folder (written beside ``target``) into place.
+
+    Every file under ``tmp`` is fsynced first (libraries such as ``save_pretrained`` or
+    ``torch.distributed.checkpoint`` close their files without it), then ``tmp`` is renamed
+    to ``target`` and the parent folder fsynced: a reader sees the old folder or the whole
+    new one. An existing ``target`` is replaced only with ``replace=True``: it is first
+    renamed aside (a recognisable temporary name, removed afterwards), so a crash between
+    the two renames leaves the new folder or the old one, never a mix.
+
+    Raises:
+        OutputError: ``target`` exists and ``replace`` is false, or a rename failed.
+    """
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
+    old = None
+    if target.exists():
+        if not replace:
+            raise OutputError(f"the output {target} already exists; pass force=True to replace it")
+        old = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}-old{secrets.token_hex(4)}")
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError as exc:
+        if old is not None:
+            os.replace(old, target)
+        raise OutputError(_describe_os_error(exc, target)) from exc
+    fsync_dir(target.parent)
+    if old is not None:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def _pid_alive(pid: int) -> bool:

@@ -16,6 +16,9 @@ lives here:
 * :func:`export`: the full averaged model as one safetensors file written by rank 0,
   gathering one tensor at a time (``DTensor.full_tensor()``), so rank 0 holds at most one
   full tensor beyond its shards.
+* :func:`full_state_dict` / :func:`load_full_state_dict`: the state with whole tensors,
+  for checkpoints written as one file by rank 0 (Lightning's): gathered one tensor at a
+  time on save, each rank takes its own pieces on load.
 
 References:
     pytorch/pytorch#144289 ("ema should store dtensor"): EMA on FSDP2 shards;
@@ -27,20 +30,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._atomic import TEMP_MARK, fsync_dir, temp_path_for
+from .._atomic import publish_folder, temp_path_for
 from .._errors import ConfigError, FormatError, OutputError
 from .._layout import compare_layouts
 from ._common import META_KEY, canonical_name, local_tensor
 
-__all__ = ["export", "is_sharded", "load_sharded", "local_tensor", "save_sharded"]
+__all__ = ["export", "full_state_dict", "is_sharded", "load_full_state_dict", "load_sharded", "local_tensor",
+           "save_sharded"]
 
 #: Key of the averager record (JSON bytes kept as a uint8 tensor, so that loading it never
 #: unpickles anything) in a sharded save.
@@ -144,14 +148,7 @@ def save_sharded(averager: Any, path: str | os.PathLike[str], *, force: bool = F
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}-old")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, target, replace=True)
     if world > 1:
         torch.distributed.barrier()
     return target
@@ -236,11 +233,9 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
     meta = {META_KEY: json.dumps(_record(averager)), "format": "pt"}
     writer = SafetensorsWriter(out, infos, metadata=meta) if rank == 0 else None
     order = writer.order if writer is not None else _order(infos)
-    dtensor = _dtensor_type()
     try:
         for name in order:
-            t = tensors[name]
-            full = t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+            full = _full(tensors[name])
             if writer is not None:
                 writer.write(name, tensor_to_numpy(full.to(device="cpu", dtype=out_dtype(full))))
             del full
@@ -251,6 +246,77 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
             writer.abort()
         raise
     return out if rank == 0 else None
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: ``full_tensor()`` of a DTensor (a collective), any other as is."""
+    dtensor = _dtensor_type()
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+@torch.no_grad()
+def full_state_dict(averager: Any, *, rank0_only: bool = True) -> dict[str, Any]:
+    """The averager's :meth:`~polyak.torch.EMA.state_dict` with whole tensors, for one-file checkpoints.
+
+    For an averager of a sharded (FSDP2/DTensor) module, every averaged tensor is gathered
+    (``full_tensor()``, a collective: call on every rank, in the same order) one at a time
+    and moved to the CPU, so a rank holds its shards plus the gathered tensors it keeps.
+    With ``rank0_only`` (the default) only rank 0 keeps them (the rank that writes the
+    checkpoint); the others get the record with empty ``tensors``. For any other averager
+    this is ``state_dict()`` (tensors not copied). :func:`load_full_state_dict` restores it
+    on any number of ranks.
+
+    Args:
+        averager: A :class:`polyak.torch.EMA` or :class:`polyak.torch.SWA`.
+        rank0_only: Keep the gathered tensors on rank 0 only.
+
+    Returns:
+        ``{"kind", "step", "count", "config", "tensors"}`` with global shapes.
+    """
+    if not is_sharded(averager.module):
+        return dict(averager.state_dict())
+    rank, _ = _dist()
+    keep = rank == 0 or not rank0_only
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in _as_global(averager).items():  # the same order on every rank
+        full = _full(t)
+        if keep:
+            tensors[name] = full.to("cpu", copy=True)
+        del full
+    return {**_record(averager), "tensors": tensors}
+
+
+@torch.no_grad()
+def load_full_state_dict(averager: Any, state: Mapping[str, Any]) -> None:
+    """Restore a state with whole tensors (:func:`full_state_dict`, or ``state_dict()`` of one
+    process) into any averager, sharded or not.
+
+    For an averager of a sharded module every rank takes its own pieces of each tensor
+    (the ``DTensor`` placements of the live parameter; no communication), so each rank
+    must be given the whole state, e.g. by loading the checkpoint on every rank.
+
+    Raises:
+        MismatchError: Tensor names or (global) shapes differ, all listed.
+    """
+    if not is_sharded(averager.module):
+        averager.load_state_dict(state)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    saved = dict(state.get("tensors") or {})
+    targets = _as_global(averager)
+    compare_layouts(targets, saved, ("this averager", "the saved state"), dtypes=False).raise_if_any(
+        "the saved averaged tensors do not match this averager's", fix="load the state of an averager of the same model")
+    dtensor = _dtensor_type()
+    local: dict[str, torch.Tensor] = {}
+    for name, ref in targets.items():
+        full = saved[name]
+        if dtensor is not None and isinstance(ref, dtensor):
+            full = full.to(ref.to_local().device)
+            local[name] = distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None).to_local()
+        else:
+            local[name] = full
+    averager.load_state_dict({**state, "tensors": local})
 
 
 def _order(infos: list[Any]) -> list[str]:
