@@ -69,11 +69,16 @@ def main(out: Path) -> None:
                 strategy=fsdp2(), max_epochs=1, **common)
     t.fit(ShardedNet(), data(PER_RANK_BATCH), data(PER_RANK_BATCH, n=8))
     report["local_shapes"] = {k: list(v.shape) for k, v in first.ema.state.tensors.items()}
-    resumed = EMACallback(decay=0.1)  # settings come from the checkpoint
+    resumed, net = EMACallback(decay=0.1), ShardedNet()  # settings come from the checkpoint
     t = trainer(out / "fsdp2", [resumed], strategy=fsdp2(), max_epochs=2, **common)
-    t.fit(ShardedNet(), data(PER_RANK_BATCH), data(PER_RANK_BATCH, n=8), ckpt_path=out / "fsdp" / "epoch=0-step=3.ckpt")
+    t.fit(net, data(PER_RANK_BATCH), data(PER_RANK_BATCH, n=8), ckpt_path=out / "fsdp" / "epoch=0-step=3.ckpt")
+    ema = resumed.ema.state.tensors
+    # the last validation (after the last step) and the module after fit hold this rank's averaged shards
     report["fsdp"] = {"step": resumed.ema.state.step, "count": resumed.ema.state.count,
-                      "decay": resumed.schedule.decay}
+                      "decay": resumed.schedule.decay,
+                      "validated_on_ema": all(torch.equal(v.to_local(), ema[k])
+                                              for k, v in net.seen_in_validation[-1].items()),
+                      "module_holds_ema": all(torch.equal(v.to_local(), ema[k]) for k, v in net.state_dict().items())}
     export(resumed.ema, out / "fsdp_ema.safetensors")
 
     # 3. Lightning's own callback with the same sharded model

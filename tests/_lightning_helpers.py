@@ -24,6 +24,7 @@ class Net(pl.LightningModule):
 
     def __init__(self, *, bn: bool = False, lr: float = 0.1, seed: int = 0) -> None:
         super().__init__()
+        self.save_hyperparameters()  # plain values: the .ckpt still loads with weights_only=True
         torch.manual_seed(seed)
         mid: list[torch.nn.Module] = [torch.nn.BatchNorm1d(8)] if bn else []
         self.model = torch.nn.Sequential(torch.nn.Linear(IN, 8), *mid, torch.nn.Tanh(), torch.nn.Linear(8, OUT))

@@ -253,8 +253,15 @@ def test_options_are_checked_at_construction():
 def test_flattened_parameters_are_refused(tmp_path):
     net = Net()
     net.model[0].weight.ds_id = 0  # what DeepSpeed ZeRO-3 sets on its partitioned parameters
-    with pytest.raises(ConfigError, match="flattens the parameters.*ModelParallelStrategy"):
+    with pytest.raises(ConfigError, match="cannot follow this model: DeepSpeed ZeRO-3 partitioned its parameters.*"
+                                          "ModelParallelStrategy"):
         trainer(tmp_path, [EMACallback(decay=0.9)], max_epochs=1).fit(net, data())
+
+
+def test_lightning_refuses_fsdp1_on_the_cpu():
+    """Why FSDP is tested through ModelParallelStrategy (FSDP2) here (docs/lightning.md)."""
+    with pytest.raises(ValueError, match="The strategy `fsdp` requires a GPU accelerator"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy="fsdp")
 
 
 def test_docstring_examples():
@@ -269,3 +276,14 @@ def test_checkpoint_files_are_lightning_checkpoints(tmp_path: Path):
     loaded = Net.load_from_checkpoint(tmp_path / "epoch=0-step=6.ckpt", weights_only=True)
     raw = torch.load(tmp_path / "epoch=0-step=6.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in raw.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_average_is_made_where_the_trainer_put_the_module(tmp_path):
+    on_gpu = EMACallback(decay=0.8)
+    on_cpu = EMACallback(decay=0.8, device="cpu", name="cpu", apply_at_end=False)
+    trainer(tmp_path, [on_cpu, on_gpu], accelerator="gpu", deterministic=False, max_epochs=1).fit(Net(), data())
+    assert all(t.device.type == "cuda" for t in on_gpu.ema.state.tensors.values())
+    assert all(t.device.type == "cpu" for t in on_cpu.ema.state.tensors.values())
+    for k, v in on_gpu.ema.state.tensors.items():
+        torch.testing.assert_close(v.cpu(), on_cpu.ema.state.tensors[k], rtol=0, atol=1e-6)

@@ -228,6 +228,13 @@ def test_apply_at_end_and_average_parameters(tmp_path):
         assert torch.equal(trainer.model.state_dict()[k], v), k
 
 
+def test_flattened_parameters_are_refused(tmp_path):
+    model = _model()
+    model.transformer.h[0].mlp.c_fc.weight.ds_id = 3  # what DeepSpeed ZeRO-3 sets on its partitioned parameters
+    with pytest.raises(ConfigError, match="EMACallback cannot follow this model: DeepSpeed ZeRO-3.*use FSDP2"):
+        _trainer(tmp_path, [EMACallback(decay=0.9)], model=model, max_steps=2, save_strategy="no").train()
+
+
 def test_options_are_checked_at_construction():
     with pytest.raises(ConfigError, match=r"decay must be in \[0, 1\)"):
         EMACallback(decay=-0.5)

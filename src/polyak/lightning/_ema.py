@@ -10,9 +10,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .._errors import ConfigError, FormatError
+from .._errors import FormatError
 from .._schedules import DecaySchedule
 from ..torch import EMA, full_state_dict, load_full_state_dict
+from ..torch._dist import refuse_flat_parameters
 
 __all__ = ["CHECKPOINT_KEY", "EMACallback"]
 
@@ -125,7 +126,8 @@ class EMACallback(pl.Callback):
 
     # -- the averager ----------------------------------------------------------------------
     def _create(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _refuse_flat_parameters(trainer, pl_module)
+        wrapper = trainer.strategy.model
+        refuse_flat_parameters(pl_module, *([wrapper] if wrapper is not None else []), where="polyak.lightning.EMACallback")
         self.ema = EMA(pl_module, **self._options)
         self._accepting = True
         self._apply_loaded()
@@ -227,15 +229,3 @@ class EMACallback(pl.Callback):
 
     def __repr__(self) -> str:
         return f"EMACallback({self.schedule.describe()}; {self.ema!r})"
-
-
-def _refuse_flat_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """FSDP1 and DeepSpeed ZeRO-3 flatten parameters into per-rank buffers without names."""
-    fsdp1 = getattr(torch.distributed.fsdp, "FullyShardedDataParallel", None) if torch.distributed.is_available() else None
-    model = trainer.strategy.model if trainer.strategy.model is not None else pl_module
-    flat = fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
-    if flat or any(hasattr(p, "ds_id") for p in pl_module.parameters()):
-        raise ConfigError(
-            f"polyak.lightning.EMACallback cannot follow {type(trainer.strategy).__name__}: it flattens the "
-            "parameters into per-rank buffers; use FSDP2 through lightning.pytorch.strategies.ModelParallelStrategy "
-            "(fully_shard in configure_model), or DDP")

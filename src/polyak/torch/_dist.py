@@ -44,7 +44,7 @@ from .._layout import compare_layouts
 from ._common import META_KEY, canonical_name, local_tensor
 
 __all__ = ["export", "full_state_dict", "is_sharded", "load_full_state_dict", "load_sharded", "local_tensor",
-           "save_sharded"]
+           "refuse_flat_parameters", "save_sharded"]
 
 #: Key of the averager record (JSON bytes kept as a uint8 tensor, so that loading it never
 #: unpickles anything) in a sharded save.
@@ -72,6 +72,39 @@ def is_sharded(module: torch.nn.Module) -> bool:
     """Whether any parameter of ``module`` is a DTensor (FSDP2, tensor parallel)."""
     dtensor = _dtensor_type()
     return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
+
+
+def refuse_flat_parameters(module: torch.nn.Module, *wrappers: torch.nn.Module, where: str) -> None:
+    """Refuse a module whose parameters were flattened into per-rank buffers without names.
+
+    FSDP1 (``FullyShardedDataParallel``) and DeepSpeed ZeRO-3 replace a module's
+    parameters by flat per-rank buffers (or empty placeholders), which an averager cannot
+    match by name; FSDP2 (``fully_shard``) keeps them as named DTensors and works.
+
+    Args:
+        module: The module an averager would follow.
+        wrappers: Modules wrapping it (a training loop's ``strategy.model``), also searched
+            for FSDP1 wrappers.
+        where: Who asks, for the message (e.g. ``"polyak.lightning.EMACallback"``).
+
+    Raises:
+        ConfigError: Naming the cause and FSDP2 as the fix.
+    """
+    fsdp1 = getattr(torch.distributed.fsdp, "FullyShardedDataParallel", None) if torch.distributed.is_available() else None
+    params = list(module.parameters())
+    reasons = []
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for w in (module, *wrappers) for m in w.modules()):
+        reasons.append("it is wrapped in FSDP1 (FullyShardedDataParallel)")
+    if any(hasattr(p, "ds_id") for p in params):
+        reasons.append("DeepSpeed ZeRO-3 partitioned its parameters")
+    if any(type(p).__name__ == "FlatParameter" for p in params):
+        reasons.append("it holds FSDP1 flat parameters")
+    if not params:
+        reasons.append("it has no parameters (were they flattened by FSDP1 or DeepSpeed?)")
+    if reasons:
+        raise ConfigError(f"{where} cannot follow this model: {'; '.join(reasons)}. Averages are matched by parameter "
+                          "name: use FSDP2 (torch.distributed.fsdp.fully_shard; in Lightning ModelParallelStrategy) "
+                          "or DDP")
 
 
 def _dist() -> tuple[int, int]:

@@ -17,6 +17,7 @@ from .._atomic import publish_folder, temp_path_for
 from .._errors import ConfigError, OutputError
 from .._schedules import DecaySchedule
 from ..torch import EMA
+from ..torch._dist import refuse_flat_parameters
 
 __all__ = ["EMA_FILE", "EMACallback"]
 
@@ -122,6 +123,7 @@ class EMACallback(transformers.TrainerCallback):
                        processing_class: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise ConfigError("the Trainer passed no model to EMACallback.on_train_begin")
+        refuse_flat_parameters(model, where="polyak.transformers.EMACallback")
         self._model, self._processing_class = model, processing_class
         self.ema = EMA(model, **self._options)
         if state.global_step > 0:  # resumed: the Trainer restored a checkpoint of that step
