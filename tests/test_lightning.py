@@ -28,8 +28,13 @@ from polyak.lightning import EMACallback  # noqa: E402
 pytestmark = [pytest.mark.filterwarnings(f) for f in LIGHTNING_NOISE]
 # Resuming without the ModelCheckpoint that wrote the file, or into another folder, is what
 # these tests mean to do.
-resuming = [pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`.*"),
-            pytest.mark.filterwarnings("ignore:The dirpath has changed.*")]
+_RESUMING = ("ignore:Be aware that when using `ckpt_path`.*", "ignore:The dirpath has changed.*")
+
+
+def resuming(test):
+    for f in _RESUMING:
+        test = pytest.mark.filterwarnings(f)(test)
+    return test
 
 
 def _floats(state):
@@ -124,8 +129,7 @@ def _checkpointing(root, **kw):
     return ckpt
 
 
-@resuming[0]
-@resuming[1]
+@resuming
 def test_two_epochs_plus_resume_equals_three_straight_epochs_exactly(tmp_path):
     opts = {"enable_checkpointing": True}
     straight_cb, straight = EMACallback(decay=0.8, warmup="timm"), Net(bn=True)
@@ -168,8 +172,7 @@ def test_checkpoint_layout_and_the_ema_in_it(tmp_path):
         np.testing.assert_array_equal(got[k.removeprefix("model.")], v.numpy())
 
 
-@resuming[0]
-@resuming[1]
+@resuming
 def test_test_and_validate_with_ckpt_path_run_on_the_checkpoints_average(tmp_path):
     cb = EMACallback(decay=0.8, apply_at_end=False)
     trainer(tmp_path, [cb, _checkpointing(tmp_path)], max_epochs=2, enable_checkpointing=True).fit(Net(), data())
@@ -207,8 +210,7 @@ def test_modelcheckpoint_files_feed_polyak_average(tmp_path):
     net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in got.items()})
 
 
-@resuming[0]
-@resuming[1]
+@resuming
 def test_resume_without_ema_state_warns_and_starts_from_the_weights(tmp_path):
     trainer(tmp_path / "a", [_checkpointing(tmp_path / "a")], max_epochs=1, enable_checkpointing=True).fit(Net(), data())
     cb = EMACallback(decay=0.8)
@@ -217,8 +219,7 @@ def test_resume_without_ema_state_warns_and_starts_from_the_weights(tmp_path):
     assert cb.ema.state.step == 12 and cb.ema.state.count == 6
 
 
-@resuming[0]
-@resuming[1]
+@resuming
 def test_an_incomplete_ema_state_is_refused(tmp_path):
     trainer(tmp_path / "a", [EMACallback(decay=0.8), _checkpointing(tmp_path / "a")], max_epochs=1,
             enable_checkpointing=True).fit(Net(), data())

@@ -163,29 +163,34 @@ def _eval_loss(model, data, out: Path) -> float:
     return transformers.Trainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"]
 
 
-def test_eval_with_ema_evaluates_the_average_and_trains_on_the_raw_weights(tmp_path):
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_eval_with_ema_evaluates_the_average_and_trains_on_the_raw_weights(tmp_path, strategy):
     evals = _Tokens(8, 2)
     probe, cb = _Probe(), EMACallback(decay=0.6, eval_with_ema=True)
-    trainer = _trainer(tmp_path / "a", [probe, cb], eval_dataset=evals, max_steps=10, eval_strategy="steps",
-                       eval_steps=5, per_device_eval_batch_size=8)
+    # 48 rows at batch 4: 12 steps an epoch; "steps" evaluates at 5 and 10, "epoch" at 12
+    schedule = {"eval_steps": 5, "max_steps": 10} if strategy == "steps" else {"max_steps": -1, "num_train_epochs": 1,
+                                                                               "save_strategy": "epoch"}
+    trainer = _trainer(tmp_path / "a", [probe, cb], eval_dataset=evals, eval_strategy=strategy,
+                       per_device_eval_batch_size=8, **schedule)
     trainer.train()
     logged = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
-    assert sorted(logged) == [5, 10]
-    # the logged loss at step 10 is the loss of the average (a fresh model holding it)
+    last = len(probe.steps)
+    assert sorted(logged) == ([5, 10] if strategy == "steps" else [12]) and last == max(logged)
+    # the logged loss at the last step is the loss of the average (a fresh model holding it)
     avg_model = _model()
     avg_model.load_state_dict({k: v for k, v in cb.ema.state.tensors.items()}, strict=False)
     avg_model.tie_weights()
-    assert logged[10] == pytest.approx(_eval_loss(avg_model, evals, tmp_path / "e1"), rel=1e-6)
+    assert logged[last] == pytest.approx(_eval_loss(avg_model, evals, tmp_path / "e1"), rel=1e-6)
     raw_model = _model()
     raw_model.load_state_dict(probe.steps[-1])
-    assert abs(logged[10] - _eval_loss(raw_model, evals, tmp_path / "e2")) > 1e-4
+    assert abs(logged[last] - _eval_loss(raw_model, evals, tmp_path / "e2")) > 1e-4
     # the checkpoint written right after that evaluation holds the raw weights
-    saved = polyak.average([tmp_path / "a" / "checkpoint-10" / "model.safetensors"])
+    saved = polyak.average([tmp_path / "a" / f"checkpoint-{last}" / "model.safetensors"])
     np.testing.assert_array_equal(saved["transformer.h.1.attn.c_attn.weight"],
                                   probe.steps[-1]["transformer.h.1.attn.c_attn.weight"].numpy())
     # and training went on with the raw weights: a run without evaluation ends bit for bit the same
     probe2 = _Probe()
-    _trainer(tmp_path / "b", [probe2, EMACallback(decay=0.6)], max_steps=10).train()
+    _trainer(tmp_path / "b", [probe2, EMACallback(decay=0.6)], max_steps=last, save_strategy="no").train()
     for a, b in zip(probe.steps, probe2.steps, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
