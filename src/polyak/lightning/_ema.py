@@ -96,7 +96,7 @@ class EMACallback(pl.Callback):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        self._options = EMA.options(decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
+        self._options = EMA.options(decay=decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
                                     warmup_gamma=warmup_gamma, warmup_power=warmup_power, every=every, start=start,
                                     include_buffers=include_buffers, dtype=dtype, device=device, schedule=schedule)
         self.eval_with_ema = bool(eval_with_ema)

@@ -85,27 +85,13 @@ class EMA(_Averager):
                          include_buffers=include_buffers, dtype=dtype, device=device)
 
     @classmethod
-    def options(
-        cls,
-        decay: float | None = None,
-        *,
-        half_life: float | None = None,
-        warmup: str | None = None,
-        min_decay: float = 0.0,
-        warmup_gamma: float = 1.0,
-        warmup_power: float = 2.0 / 3.0,
-        every: int | None = None,
-        start: int = 0,
-        include_buffers: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        schedule: DecaySchedule | None = None,
-    ) -> dict[str, Any]:
+    def options(cls, **options: Any) -> dict[str, Any]:
         """Check the options now; returns the keywords of ``EMA(module, **options)`` for later.
 
-        For callbacks that create their average when training starts (once the model is on
-        its device), such as ``polyak.lightning.EMACallback``: a bad option is refused when
-        the callback is built, not minutes into a run.
+        Takes the constructor's keyword options (``decay``, ``half_life``, ``warmup``, ...,
+        ``schedule``). For callbacks that create their average when training starts (once
+        the model is on its device), such as ``polyak.lightning.EMACallback``: a bad option
+        is refused when the callback is built, not minutes into a run.
 
         Raises:
             ConfigError: As the constructor would.
@@ -117,9 +103,7 @@ class EMA(_Averager):
             >>> round(EMA(torch.nn.Linear(2, 1), **opts).half_life, 6)
             10.0
         """
-        probe = cls(torch.nn.Module(), decay=decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
-                    warmup_gamma=warmup_gamma, warmup_power=warmup_power, every=every, start=start,
-                    include_buffers=include_buffers, dtype=dtype, device=device, schedule=schedule)
+        probe = cls(torch.nn.Module(), **options)  # an empty module: nothing to copy, every option checked
         return {"schedule": probe.schedule, "start": probe.start, "include_buffers": probe.include_buffers,
                 "dtype": probe.dtype, "device": probe.device}
 

@@ -100,7 +100,7 @@ class EMACallback(transformers.TrainerCallback):
         apply_at_end: bool = False,
         resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._options = EMA.options(decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
+        self._options = EMA.options(decay=decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
                                     warmup_gamma=warmup_gamma, warmup_power=warmup_power, every=every, start=start,
                                     include_buffers=include_buffers, dtype=dtype, device=device, schedule=schedule)
         self.eval_with_ema = bool(eval_with_ema)
