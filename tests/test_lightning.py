@@ -21,11 +21,12 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint  # n
 import polyak  # noqa: E402
 import polyak.lightning  # noqa: E402
 from _lightning_helpers import LIGHTNING_NOISE, N, Net, Probe, data, trainer  # noqa: E402
+from _one_thread import one_torch_thread  # noqa: E402, F401
 from polyak import ConfigError, FormatError  # noqa: E402
 from polyak.cli import main as cli  # noqa: E402
 from polyak.lightning import EMACallback  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings(f) for f in LIGHTNING_NOISE]
+pytestmark = [*(pytest.mark.filterwarnings(f) for f in LIGHTNING_NOISE), pytest.mark.usefixtures("one_torch_thread")]
 # Resuming without the ModelCheckpoint that wrote the file, or into another folder, is what
 # these tests mean to do.
 _RESUMING = ("ignore:Be aware that when using `ckpt_path`.*", "ignore:The dirpath has changed.*")

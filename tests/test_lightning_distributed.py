@@ -25,9 +25,10 @@ if not torch.distributed.is_available():  # pragma: no cover - builds without di
 import _lightning_dist_scenario as scenario  # noqa: E402
 import polyak  # noqa: E402
 from _lightning_helpers import LIGHTNING_NOISE, Net, data, trainer  # noqa: E402
+from _one_thread import one_torch_thread  # noqa: E402, F401
 from polyak.lightning import EMACallback  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings(f) for f in LIGHTNING_NOISE]
+pytestmark = [*(pytest.mark.filterwarnings(f) for f in LIGHTNING_NOISE), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _one_thread import one_torch_thread  # noqa: E402, F401
 from polyak.torch import EMA  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

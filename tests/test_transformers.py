@@ -22,9 +22,12 @@ transformers = pytest.importorskip("transformers")
 
 import polyak  # noqa: E402
 import polyak.transformers  # noqa: E402
+from _one_thread import one_torch_thread  # noqa: E402, F401
 from polyak import ConfigError, OutputError  # noqa: E402
 from polyak.torch import EMA  # noqa: E402
 from polyak.transformers import EMACallback  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB, SEQ = 64, 8
 
