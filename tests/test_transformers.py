@@ -220,7 +220,7 @@ def test_final_dir_is_a_from_pretrained_folder_of_the_average(tmp_path):
     assert (final / "config.json").is_file()
     # the model itself kept its raw weights (apply_at_end=False)
     assert not torch.equal(trainer.model.transformer.wte.weight, cb.ema.state.tensors["transformer.wte.weight"])
-    with pytest.raises(OutputError, match=r"ema-final already exists; pass force=True"):
+    with pytest.raises(OutputError, match=r"ema-final already exists and is not empty; pass --force \(force=True\)"):
         cb.save_pretrained(final)
     cb.save_pretrained(final, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ema-final", "run"]

@@ -293,7 +293,8 @@ def greedy_soup(
         Wortsman et al. 2022, "Model soups", arXiv:2203.05482 (greedy soup, Recipe 1).
     """
     sign = mode_sign(mode if mode is not None else default_mode(metric))
-    chosen = select_members(members, last=last, order=order)
+    # a soup's members get equal weights: their order matters only through last=
+    chosen = select_members(members, last=last, order=order, weights=np.ones)
 
     def value(metrics: Mapping[str, Mapping[str, float]]) -> float:
         if on not in metrics or metric not in metrics[on]:

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .._atomic import publish_folder, temp_path_for
+from .._atomic import AtomicFolder
 from .._errors import ConfigError, FormatError, OutputError
 from .._layout import compare_layouts
 from ._common import META_KEY, canonical_name, local_tensor
@@ -171,17 +171,22 @@ def save_sharded(averager: Any, path: str | os.PathLike[str], *, force: bool = F
     rank, world = _dist()
     if target.exists() and not force:
         raise OutputError(f"the output {target} already exists; pass force=True to replace it")
-    names = [str(temp_path_for(target))]
+    folder = AtomicFolder(target) if rank == 0 else None  # rank 0 creates and publishes it
+    names = [str(folder.tmp) if folder is not None else ""]
     if world > 1:
         torch.distributed.broadcast_object_list(names, src=0)  # one temporary folder for all
     tmp = Path(names[0])
     state: dict[str, Any] = {TENSORS_KEY: _as_global(averager), RECORD_KEY: _record_tensor(_record(averager))}
-    with _quiet_no_dist():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=world == 1)
-    if world > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        publish_folder(tmp, target, replace=True)
+    try:
+        with _quiet_no_dist():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=world == 1)
+        if world > 1:
+            torch.distributed.barrier()
+        if folder is not None:
+            folder.commit()
+    finally:
+        if folder is not None:
+            folder.abort()  # only if not committed: removes the temporary folder
     if world > 1:
         torch.distributed.barrier()
     return target

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 import transformers
 
-from .._atomic import publish_folder, temp_path_for
+from .._atomic import AtomicFolder, check_folder_output
 from .._errors import ConfigError, OutputError
 from .._schedules import DecaySchedule
 from ..torch import EMA
@@ -224,7 +223,7 @@ class EMACallback(transformers.TrainerCallback):
             kwargs: Passed to ``model.save_pretrained`` (e.g. ``max_shard_size``).
 
         Raises:
-            OutputError: ``path`` exists and ``force`` is false.
+            OutputError: ``path`` holds files and ``force`` is false, or is a file.
         """
         from ..torch._common import is_writer_rank
 
@@ -233,22 +232,15 @@ class EMACallback(transformers.TrainerCallback):
             raise ConfigError("there is no average yet: EMACallback creates it when Trainer.train() begins")
         if not is_writer_rank():
             return None
-        if target.exists() and not force:
-            raise OutputError(f"the output {target} already exists; pass force=True to replace it")
-        if target.exists() and not target.is_dir():
-            raise OutputError(f"the output {target} is a file; give a folder name")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path_for(target)
-        try:
+        check_folder_output(target, force=force)
+        with AtomicFolder(target) as folder:
             with self.average_parameters() as model:
                 save = getattr(model, "save_pretrained", None)
                 if save is None:
                     raise ConfigError(f"{type(model).__name__} has no save_pretrained; use EMA.save() for a safetensors file")
-                save(tmp, **kwargs)
+                save(folder.tmp, **kwargs)
             processing = getattr(self._processing_class, "save_pretrained", None)
             if processing is not None:
-                processing(tmp)
-            return publish_folder(tmp, target, replace=force)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                processing(folder.tmp)
+            return folder.commit()
