@@ -582,8 +582,15 @@ class AtomicFolder:
         self._done = False
 
     def commit(self) -> Path:
-        """fsync the folder and rename it into place; returns the final path."""
-        fsync_dir(self.tmp)
+        """fsync the folder and rename it into place; returns the final path.
+
+        Every file and folder under :attr:`tmp` is fsynced first: libraries that write into
+        it (``save_pretrained``, ``torch.distributed.checkpoint``) close their files without.
+        """
+        for folder, _, files in os.walk(self.tmp, topdown=False):
+            for name in files:
+                fsync_file(Path(folder) / name)
+            fsync_dir(Path(folder))
         try:
             old = self._replace()
         except OSError as exc:

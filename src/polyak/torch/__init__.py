@@ -35,6 +35,8 @@ from ._checkpoints import CheckpointSaver as CheckpointSaver
 from ._common import WRAPPER_PREFIXES as WRAPPER_PREFIXES
 from ._common import canonical_name as canonical_name
 from ._dist import export as export
+from ._dist import full_state_dict as full_state_dict
+from ._dist import load_full_state_dict as load_full_state_dict
 from ._dist import load_sharded as load_sharded
 from ._dist import save_sharded as save_sharded
 from ._ema import EMA as EMA
@@ -60,7 +62,9 @@ __all__ = [
     "default_metric",
     "evaluator",
     "export",
+    "full_state_dict",
     "load_average",
+    "load_full_state_dict",
     "load_sharded",
     "save_sharded",
     "update_bn",

@@ -92,6 +92,29 @@ class EMA(_Averager):
         super().__init__(module, weights=EMAWeights(schedule), start=start, every=schedule.every,
                          include_buffers=include_buffers, dtype=dtype, device=device)
 
+    @classmethod
+    def options(cls, **options: Any) -> dict[str, Any]:
+        """Check the options now; returns the keywords of ``EMA(module, **options)`` for later.
+
+        Takes the constructor's keyword options (``decay``, ``half_life``, ``warmup``, ...,
+        ``schedule``). For callbacks that create their average when training starts (once
+        the model is on its device), such as ``polyak.lightning.EMACallback``: a bad option
+        is refused when the callback is built, not minutes into a run.
+
+        Raises:
+            ConfigError: As the constructor would.
+
+        Example:
+            >>> import torch
+            >>> from polyak.torch import EMA
+            >>> opts = EMA.options(half_life=10)
+            >>> round(EMA(torch.nn.Linear(2, 1), **opts).half_life, 6)
+            10.0
+        """
+        probe = cls(torch.nn.Module(), **options)  # an empty module: nothing to copy, every option checked
+        return {"schedule": probe.schedule, "start": probe.start, "include_buffers": probe.include_buffers,
+                "dtype": probe.dtype, "device": probe.device}
+
     @property
     def schedule(self) -> DecaySchedule:
         """The decay schedule (:func:`polyak.make_schedule`)."""
