@@ -243,7 +243,7 @@ def test_two_named_callbacks_keep_two_averages(tmp_path):
 def test_options_are_checked_at_construction():
     with pytest.raises(ConfigError, match=r"decay must be in \[0, 1\)"):
         EMACallback(decay=1.5)
-    with pytest.raises(ConfigError, match="exactly one of decay= or half_life="):
+    with pytest.raises(ConfigError, match="exactly one of decay=, half_life= or sigma_rel="):
         EMACallback()
     with pytest.raises(ConfigError, match="dtype must be a floating dtype"):
         EMACallback(decay=0.9, dtype=torch.int64)

@@ -429,3 +429,15 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("face", ["lightning", "transformers"])
+def test_training_loop_callbacks_take_the_power_schedule(face):
+    pytest.importorskip(face)
+    import importlib
+
+    callback = importlib.import_module(f"polyak.{face}").EMACallback(sigma_rel=0.1)
+    schedule = callback._options["schedule"]
+    assert schedule.name == "power" and schedule.sigma_rel == 0.1
+    with pytest.raises(ConfigError, match="exactly one of decay=, half_life= or sigma_rel="):
+        importlib.import_module(f"polyak.{face}").EMACallback(decay=0.9, sigma_rel=0.1)

@@ -49,6 +49,8 @@ class EMACallback(pl.Callback):
     Args:
         decay: The decay once warm, in ``[0, 1)``. Give this or ``half_life``.
         half_life: Optimizer steps after which an update's weight has halved.
+        sigma_rel: A power-function EMA of this width relative to the run so far
+            (``polyak.make_schedule(sigma_rel=...)``; 0.05, 0.10 in EDM2).
         warmup: ``None``, ``"timm"`` or ``"tf"`` (see :class:`polyak.torch.EMA`).
         min_decay: Lower clamp of the timm warmup.
         warmup_gamma: ``γ`` of the timm warmup.
@@ -81,6 +83,7 @@ class EMACallback(pl.Callback):
         decay: float | None = None,
         *,
         half_life: float | None = None,
+        sigma_rel: float | None = None,
         warmup: str | None = None,
         min_decay: float = 0.0,
         warmup_gamma: float = 1.0,
@@ -96,8 +99,9 @@ class EMACallback(pl.Callback):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        self._options = EMA.options(decay=decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
-                                    warmup_gamma=warmup_gamma, warmup_power=warmup_power, every=every, start=start,
+        self._options = EMA.options(decay=decay, half_life=half_life, sigma_rel=sigma_rel, warmup=warmup,
+                                    min_decay=min_decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power,
+                                    every=every, start=start,
                                     include_buffers=include_buffers, dtype=dtype, device=device, schedule=schedule)
         self.eval_with_ema = bool(eval_with_ema)
         self.apply_at_end = bool(apply_at_end)

@@ -51,6 +51,8 @@ class EMACallback(transformers.TrainerCallback):
     Args:
         decay: The decay once warm, in ``[0, 1)``. Give this or ``half_life``.
         half_life: Optimizer steps after which an update's weight has halved.
+        sigma_rel: A power-function EMA of this width relative to the run so far
+            (``polyak.make_schedule(sigma_rel=...)``; 0.05, 0.10 in EDM2).
         warmup: ``None``, ``"timm"`` or ``"tf"`` (see :class:`polyak.torch.EMA`).
         min_decay: Lower clamp of the timm warmup.
         warmup_gamma: ``γ`` of the timm warmup.
@@ -84,6 +86,7 @@ class EMACallback(transformers.TrainerCallback):
         decay: float | None = None,
         *,
         half_life: float | None = None,
+        sigma_rel: float | None = None,
         warmup: str | None = None,
         min_decay: float = 0.0,
         warmup_gamma: float = 1.0,
@@ -99,8 +102,9 @@ class EMACallback(transformers.TrainerCallback):
         apply_at_end: bool = False,
         resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._options = EMA.options(decay=decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
-                                    warmup_gamma=warmup_gamma, warmup_power=warmup_power, every=every, start=start,
+        self._options = EMA.options(decay=decay, half_life=half_life, sigma_rel=sigma_rel, warmup=warmup,
+                                    min_decay=min_decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power,
+                                    every=every, start=start,
                                     include_buffers=include_buffers, dtype=dtype, device=device, schedule=schedule)
         self.eval_with_ema = bool(eval_with_ema)
         self.final_dir = None if final_dir is None else Path(final_dir)
