@@ -24,7 +24,7 @@ from .metrics import mode_sign
 if TYPE_CHECKING:
     from .results import PosthocSweepResults, SweepResults, SweepRow
 
-__all__ = ["format_posthoc_table", "format_table", "plot_alphas", "plot_posthoc", "plot_sweep", "write_csv",
+__all__ = ["format_posthoc_table", "format_table", "plot_alphas", "plot_posthoc", "plot_sweep", "sigma_axis", "write_csv",
            "write_json"]
 
 _BOLD, _RESET = "\033[1m", "\033[0m"
@@ -239,6 +239,17 @@ def format_posthoc_table(results: PosthocSweepResults, metric: str, *, mode: str
     return "\n".join(lines)
 
 
+def sigma_axis(ax: Any, widths: list[float]) -> None:
+    """A log axis of EMA widths labelled in plain numbers (0.02, 0.05, 0.1, 0.2)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ticks = [v for v in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3) if min(widths) <= v <= max(widths)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_posthoc(results: PosthocSweepResults, path: str | os.PathLike[str], metric: str,
                  split: str | None = None) -> Path:
     """The metric of each rebuilt EMA against its width ``σ_rel`` (log axis), one line per
@@ -263,7 +274,7 @@ def plot_posthoc(results: PosthocSweepResults, path: str | os.PathLike[str], met
         if tracked:
             ax.plot([r.sigma_rel for r in tracked], [r.value(metric, s) for r in tracked], "D", color=f"C{k}",
                     markersize=8, markerfacecolor="none", label=f"{s}: tracked snapshot")
-    ax.set_xscale("log")
+    sigma_axis(ax, [r.sigma_rel or 0.0 for r in rebuilt])
     ax.set_xlabel("sigma_rel (EMA width relative to the training length)")
     ax.set_ylabel(metric)
     ax.set_title(f"post-hoc EMA at step {results.step}")

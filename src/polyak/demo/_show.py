@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_bytes
+from .._choose.report import sigma_axis
 
 __all__ = ["figure_posthoc", "figure_repeats", "figure_scheme", "posthoc_text", "repetition_text", "summary_text",
            "write_json"]
@@ -167,7 +168,7 @@ def figure_posthoc(rep: Rep, path: Path) -> Path:
                 markerfacecolor="none", markersize=8)
     ax.axhline(rep["final"]["holdout"], color="grey", linestyle=":", label="final model, held-out")
     ax.axvline(ph["chosen"]["sigma_rel"], color="black", linewidth=0.8, label="chosen on validation")
-    ax.set_xscale("log")
+    sigma_axis(ax, xs)
     ax.set_xlabel("sigma_rel (diamonds: the tracked EMAs)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"post-hoc EMA, seed {rep['seed']}")
