@@ -38,6 +38,8 @@ MODULES = ("polyak", "polyak.torch", "polyak.keras", "polyak.lightning", "polyak
 
 #: Public functions and classes without an Example, each with the reason.
 NO_EXAMPLE: dict[str, str] = {
+    "polyak.PosthocPlan": "made by posthoc_plan, whose example (a PostHocEMA run) shows its fields",
+    "polyak.PosthocResult": "returned by posthoc(out=...), whose example (a PostHocEMA run) shows its fields",
     "polyak.torch.AveragerState": "plain data read off an averager's .state (EMA's and SWA's examples read it); "
                                   "its docstring lives in the framework-free polyak._online, whose examples run "
                                   "without torch",

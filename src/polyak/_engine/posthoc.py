@@ -257,21 +257,7 @@ class PosthocPlan:
         members: The snapshots used (those at or before ``T``), oldest → newest; the
             last one's integer tensors are copied.
 
-    Example:
-        >>> import tempfile, torch, polyak
-        >>> from polyak.torch import PostHocEMA
-        >>> model = torch.nn.Linear(1, 1, bias=False)
-        >>> folder = tempfile.mkdtemp()
-        >>> phema = PostHocEMA(model, folder, every=5)  # tracks sigma_rel 0.05 and 0.10
-        >>> with torch.no_grad():
-        ...     for step in range(1, 21):  # training: the weight is the step number
-        ...         _ = model.weight.fill_(step)
-        ...         phema.update()
-        >>> plan = polyak.posthoc_plan(folder, 0.08)
-        >>> plan.step, plan.sigma_rel, len(plan.members), round(float(plan.coefficients.sum()), 9)
-        (20, 0.08, 8, 1.0)
-        >>> plan.residual < 0.1  # the profiles of 0.05 and 0.10 express 0.08 well
-        True
+    :func:`polyak.posthoc_plan`'s example makes one.
     """
 
     folder: SnapshotFolder
@@ -354,8 +340,10 @@ def plan(folder: str | os.PathLike[str] | SnapshotFolder, sigma_rel: float, *, s
         ...         _ = model.weight.fill_(step)
         ...         phema.update()
         >>> plan = polyak.posthoc_plan(folder, 0.08)
-        >>> plan.step, len(plan.members), plan.residual < 0.1
-        (20, 8, True)
+        >>> plan.step, plan.sigma_rel, len(plan.members), round(float(plan.coefficients.sum()), 9)
+        (20, 0.08, 8, 1.0)
+        >>> plan.residual < 0.1  # the profiles of 0.05 and 0.10 express 0.08 well
+        True
         >>> plan = polyak.posthoc_plan(folder, 0.08, step=12, warn=False)  # no snapshot at 12: step 10's
         >>> plan.step, [m.label for m in plan.members][-2:]
         (10, ['posthoc_sigma0.05_step000000010.safetensors', 'posthoc_sigma0.1_step000000010.safetensors'])
@@ -397,19 +385,7 @@ class PosthocResult(AverageResult):
     Attributes:
         plan: The :class:`PosthocPlan` that was followed.
 
-    Example:
-        >>> import tempfile, torch, polyak
-        >>> from polyak.torch import PostHocEMA
-        >>> model = torch.nn.Linear(1, 1, bias=False)
-        >>> folder = tempfile.mkdtemp()
-        >>> phema = PostHocEMA(model, folder, every=5)  # tracks sigma_rel 0.05 and 0.10
-        >>> with torch.no_grad():
-        ...     for step in range(1, 21):  # training: the weight is the step number
-        ...         _ = model.weight.fill_(step)
-        ...         phema.update()
-        >>> res = polyak.posthoc(folder, sigma_rel=0.08, out=f"{folder}/ema_0.08.safetensors")
-        >>> res.scheme, res.plan.step, len(res.weights), res.metadata["params"]["sigma_rel"]
-        ('posthoc', 20, 8, 0.08)
+    :func:`polyak.posthoc`'s example makes one.
     """
 
     plan: PosthocPlan | None = None
@@ -491,8 +467,8 @@ def posthoc(
         >>> abs(tracked - phema.ema(0.10).state.tensors["weight"].item()) < 1e-5  # a tracked width comes back
         True
         >>> res = polyak.posthoc(folder, sigma_rel=0.08, out=f"{folder}/ema_0.08.safetensors")
-        >>> [f.name for f in res.files]
-        ['ema_0.08.safetensors']
+        >>> [f.name for f in res.files], res.scheme, res.plan.step, len(res.weights)  # a PosthocResult
+        (['ema_0.08.safetensors'], 'posthoc', 20, 8)
 
     References:
         Karras et al. (2024), "Analyzing and Improving the Training Dynamics of Diffusion
