@@ -22,6 +22,7 @@ from .._choose.results import SweepResults, SweepRow
 from .._choose.select import select
 from .._choose.sweep import sweep
 from .._errors import ConfigError
+from ._backend import use_keras_backend
 from ._data import load_blobs
 from ._model import Evaluator
 from ._train import Recipe, train_keras, train_torch
@@ -166,13 +167,18 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
         A JSON-ready dict: ``final`` (the last epoch's model, with train accuracy),
         ``single`` (each member, oldest → newest), ``averages`` (scheme → metrics of the
         newest n for n = 1..members), ``chosen`` (choices made on validation), ``files``,
-        ``epochs`` (zero-based epoch of each member) and ``seconds`` (timings).
+        ``epochs`` (zero-based epoch of each member), ``backend`` (Keras: the backend's
+        ``name`` and the ``reason`` it was chosen) and ``seconds`` (timings).
     """
     recipe = config.recipe
     data = load_blobs(config.data_seed)
     directory = Path(directory)
     prepare_checkpoint_dir(directory)
     t0 = time.perf_counter()
+    backend = None
+    if config.framework == "keras":
+        choice = use_keras_backend()
+        backend = {"name": choice.name, "reason": choice.reason}
     train = train_keras if config.framework == "keras" else train_torch
     files = train(data, recipe, seed=seed, directory=directory, quiet=quiet)
     t1 = time.perf_counter()
@@ -191,5 +197,6 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
         "single": single,
         "averages": averages,
         "chosen": chosen,
+        **({"backend": backend} if backend else {}),
         "seconds": {"train": t1 - t0, "sweep": t2 - t1},
     }
