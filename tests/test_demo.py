@@ -107,6 +107,7 @@ def test_inlined_sgd_is_torch_sgd_bit_for_bit() -> None:
 KERAS_NUMPY2 = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 
+@pytest.mark.keras
 @KERAS_NUMPY2
 def test_torch_recipe_equals_keras_fit(tmp_path: Path) -> None:
     """Same start weights and batch order: torch's loop and Keras' fit end at the same weights."""
@@ -134,6 +135,7 @@ def test_torch_recipe_equals_keras_fit(tmp_path: Path) -> None:
         np.testing.assert_allclose(ours, keras.ops.convert_to_numpy(theirs), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.keras
 @KERAS_NUMPY2
 def test_numpy_forward_equals_keras_predict_from_saved_file(tmp_path: Path) -> None:
     keras = pytest.importorskip("keras")

@@ -58,6 +58,7 @@ def test_torch_end_to_end(tmp_path: Path) -> None:
     assert data["averages"]["equal"][0] == {k: v for k, v in data["final"].items() if k != "train"}
 
 
+@pytest.mark.keras
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_keras_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("keras")
