@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,9 +68,12 @@ def test_keras_end_to_end(tmp_path: Path) -> None:
     r = _demo("--epochs", "12", "--members", "3", "--quiet", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1 and r.stdout.startswith("files:")  # --quiet: only the last line
+    backend = os.environ["KERAS_BACKEND"]  # the backend of this test run (make test runs each)
+    assert f"[keras on {backend}, " in r.stdout
     assert len([p for p in (out / "checkpoints").iterdir() if p.suffix == ".keras"]) == 3
     data = json.loads((out / "results.json").read_text())
     assert data["config"]["framework"] == "keras" and data["epochs"] == [9, 10, 11]
+    assert data["backend"] == {"name": backend, "reason": "set by KERAS_BACKEND"}
     assert all(0.0 <= v <= 1.0 for v in _accuracies(data))
     assert (out / "exponential_alpha_2.png").exists()
 
