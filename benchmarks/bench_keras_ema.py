@@ -16,7 +16,7 @@ ratios are taken within that process. Per backend:
   ``use_ema=True``.
 
 Targets: update ≤ 1.5× the bound; on the MLP ``every=1`` ≤ 2× and ``every=1000`` ≤ 1.2×
-the one-weight callback. Run: ``.venv/bin/python benchmarks/bench_keras_ema.py``
+the one-weight callback. Workers run with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set. Run: ``.venv/bin/python benchmarks/bench_keras_ema.py``
 (``--backends jax``; ``--quick``: 10M parameters, fewer rounds).
 """
 
@@ -188,12 +188,24 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         out["version"] = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    out["mlp"] = small_mlp(args.rounds, args.steps)
-    out["big"] = big_update(args.params, args.rounds)
+    parts = args.parts.split(",")
+    if "mlp" in parts:
+        out["mlp"] = small_mlp(args.rounds, args.steps)
+    if "big" in parts:
+        out["big"] = big_update(args.params, args.rounds)
     return out
 
 
 def _table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    if "big" in results[0]:
+        lines += _big_table(results) + [""]
+    if "mlp" in results[0]:
+        lines += _mlp_table(results)
+    return "\n".join(lines)
+
+
+def _big_table(results: list[dict[str, Any]]) -> list[str]:
     lines = ["per update, ~100M parameters (ms; × the bound):",
              f"  {'backend':<11} {'bound':>8} {'EMACallback':>18} {'step plain':>11} {'+ use_ema':>16} {'+ EMACallback':>16}"]
     for r in results:
@@ -202,14 +214,18 @@ def _table(results: list[dict[str, Any]]) -> str:
             f"  {r['backend']:<11} {b['bound_ms']:8.1f} {b['update_ms']:9.1f} ({b['update_ms'] / b['bound_ms']:4.2f}×)"
             f" {b['step_plain_ms']:11.1f} {b['step_use_ema_ms'] - b['step_plain_ms']:+9.1f} ms"
             f"      {b['step_plus_callback_ms'] - b['step_plain_ms']:+9.1f} ms")
+    return lines
+
+
+def _mlp_table(results: list[dict[str, Any]]) -> list[str]:
     names = list(results[0]["mlp"]["ms_per_step"])
-    lines += ["", "small MLP (42 variables), fit, ms per step (× the read-one-weight callback):",
+    lines = ["small MLP (42 variables), fit, ms per step (× the read-one-weight callback):",
               "  " + f"{'backend':<11}" + "".join(f"{n:>26}" for n in names)]
     for r in results:
         per = r["mlp"]["ms_per_step"]
         ref = per["read one weight"]
         lines.append("  " + f"{r['backend']:<11}" + "".join(f"{per[n]:17.3f} ({per[n] / ref:4.2f}×)" for n in names))
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=256, help="fit steps per MLP measurement")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--parts", default="mlp,big", help="mlp (small MLP), big (100M update), or both")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -229,16 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for backend in args.backends.split(","):
         cmd = [sys.executable, __file__, "--worker", "--params", str(args.params), "--rounds", str(args.rounds),
-               "--steps", str(args.steps)]
+               "--steps", str(args.steps), "--parts", args.parts]
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        # On a shared machine an OpenMP thread that spins while another process holds the
+        # core makes torch 10-20x slower per small step; waiting passively avoids that.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             print(f"{backend}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
             return 1
         res = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"{backend}: {res['version']}, keras {res['keras']}; {res['big']['depth']} × Dense(2048) = "
-              f"{res['big']['parameters'] / 1e6:.1f}M parameters; {time.perf_counter() - t0:.0f} s", flush=True)
+        big = f"; {res['big']['depth']} × Dense(2048) = {res['big']['parameters'] / 1e6:.1f}M parameters" if "big" in res else ""
+        print(f"{backend}: {res['version']}, keras {res['keras']}{big}; {time.perf_counter() - t0:.0f} s", flush=True)
         results.append(res)
     print(_table(results))
     return 0

@@ -76,7 +76,9 @@ class AveragerState(Generic[T]):
 
     Attributes:
         step: Training steps seen (``update()`` calls, or the last ``step=`` given).
-        count: Averaging updates applied since ``start`` (0: nothing averaged yet).
+        count: Due steps averaged since ``start`` (0: nothing averaged yet); one per
+            update when steps come one at a time, ``m`` for an update that stands in for
+            ``m`` due steps (see :func:`next_update`).
         tensors: Canonical name → stored tensor: the average of floating tensors (in the
             accumulator dtype) and a copy of the others.
     """

@@ -131,7 +131,8 @@ class EMACallback(keras.callbacks.Callback):
 
     @property
     def count(self) -> int:
-        """Averaging updates applied (0: the average still follows the weights)."""
+        """Due optimizer steps averaged (0: the average still follows the weights); with
+        ``steps_per_execution`` an update counts every due step it stands in for."""
         return self._core.state.count
 
     @property
@@ -218,10 +219,11 @@ class EMACallback(keras.callbacks.Callback):
 
         Args:
             step: The optimizer step just completed (default: one more than the last).
-                Before the start step the average follows the weights (copy); the first
-                step seen in epoch ``start_epoch`` or later fixes the start step, which
-                is averaged (a copy); then the steps ``start + k·every`` (a step that
-                jumps over some of them, as with ``steps_per_execution``, stands in for all).
+                Before the start step the average follows the weights (copy). The start
+                step (averaged: a copy) is fixed when epoch ``start_epoch`` begins in
+                ``fit``, else by the first step seen in that epoch or later; then the steps
+                ``start + k·every`` are averaged (a step that jumps over some of them, as
+                with ``steps_per_execution``, stands in for all).
         """
         self._synced_model()
         if not self._core.state.tensors:

@@ -186,9 +186,10 @@ class _TFPlan:
                 a.assign(cur)
 
         # XLA fuses each variable's update into one pass (read both, write the average);
-        # without it TF runs four ops and writes three temporaries per variable. The
-        # weight is a tensor argument: one trace per plan.
-        self.lerp = tf.function(lerp, jit_compile=True)
+        # without it TF runs four ops and writes three temporaries per variable. Traced
+        # once per plan (the weight is a tensor argument); calling the concrete function
+        # skips tf.function's argument matching on every update.
+        self.lerp = tf.function(lerp, jit_compile=True).get_concrete_function(tf.TensorSpec([], tf.float64))
 
     def fits(self, averages: list[Any], sources: list[Any], averaged: Sequence[bool]) -> bool:
         return (averaged is self.averaged and len(sources) == len(self.sources)
