@@ -197,9 +197,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    lines = []
+    lines: list[str] = []
     if "big" in results[0]:
-        lines += _big_table(results) + [""]
+        lines += [*_big_table(results), ""]
     if "mlp" in results[0]:
         lines += _mlp_table(results)
     return "\n".join(lines)
