@@ -217,18 +217,18 @@ def test_evaluator_reports_every_split() -> None:
     assert set(m) >= {"train", "holdout", "validation", "test", "validation_loss"}
 
 
+
 @pytest.mark.keras
 @KERAS_NUMPY2
 def test_keras_demo_accuracy_is_in_the_reference_range(tmp_path: Path) -> None:
     """The tutorial's accuracies (final ~0.81, averages 0.814–0.815; 0.78–0.83 over seeds) on
-    this run's Keras backend, with a shorter run (100 epochs; the full 500 per backend are in
-    docs/demo.md): averages of the newest 10 members, the members' median."""
-    pytest.importorskip("keras")
+    this run's Keras backend (make test runs each), from a shorter run (100 epochs; the full
+    500 per backend are in docs/demo.md): the averages of the newest 10 members and the
+    members' median."""
+    keras = pytest.importorskip("keras")
     from polyak.demo._experiment import run_repetition
 
     rep = run_repetition(DemoConfig(recipe=Recipe(epochs=100, members=10)), seed=1, directory=tmp_path)
-    import keras
-
     assert rep["backend"]["name"] == keras.backend.backend()
     averages = {label: rows[-1]["holdout"] for label, rows in rep["averages"].items()}
     assert len(averages) == 3 and all(0.78 <= acc <= 0.83 for acc in averages.values()), averages
