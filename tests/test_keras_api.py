@@ -19,6 +19,7 @@ pytest.importorskip("h5py")
 
 import polyak  # noqa: E402
 import polyak.keras as pk  # noqa: E402
+from _helpers import per_step_ema  # noqa: E402
 
 pytestmark = [pytest.mark.keras, pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -285,26 +286,6 @@ def test_bf16_variables_average_in_float32(ops: str, tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(w, np.float32), 2.0)
 
 
-def _per_step_ema(executions: list[tuple[int, list[np.ndarray]]], start: int, every: int,
-                  schedule: polyak.DecaySchedule) -> tuple[list[np.ndarray], int]:
-    """The EMA over every optimizer step from ``start``, in float64: the due steps
-    ``start + k·every`` averaged one by one, each with the weights of the execution that
-    ran it (the callback sees the weights once per execution, at its last step)."""
-    avg: list[np.ndarray] | None = None
-    n = 0
-    first = 0
-    for end, value in executions:
-        for t in range(max(first, start), end + 1):
-            if (t - start) % every == 0:
-                d = schedule(n)
-                avg = [v.astype(np.float64) for v in value] if avg is None else [
-                    d * a + (1 - d) * v for a, v in zip(avg, value, strict=True)]
-                n += 1
-        first = end + 1
-    assert avg is not None
-    return avg, n
-
-
 @pytest.mark.parametrize(("every", "warmup"), [(3, None), (1, "tf")])
 def test_steps_follow_the_torch_rule_from_start_epoch(ops: str, every: int, warmup: str | None) -> None:
     # fit's hooks as Keras calls them with steps_per_execution=2 (also on the torch
@@ -338,7 +319,7 @@ def test_steps_follow_the_torch_rule_from_start_epoch(ops: str, every: int, warm
             else:
                 executions.append((5 * epoch + batch // 2 * 2 + steps, value))
     # start = the first optimizer step of epoch 1 (step 6, inside the first execution)
-    ref, due = _per_step_ema(executions, start=6, every=every, schedule=ema.schedule)
+    ref, due = per_step_ema(executions, start=6, every=every, schedule=ema.schedule)
     assert (ema.start, ema.count, ema.last_step) == (6, due, 20)
     assert due == {3: 5, 1: 15}[every]  # 6, 9, 12, 15, 18 / 6..20
     for got, exp in zip(ema.average_weights(), ref, strict=True):

@@ -13,8 +13,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-import polyak  # noqa: E402
 import polyak.keras as pk  # noqa: E402
+from _helpers import per_step_ema  # noqa: E402
 from polyak.keras._ops import KerasOps, backend_ops  # noqa: E402
 
 pytestmark = [pytest.mark.keras,
@@ -110,24 +110,6 @@ def test_ema_equals_keras_use_ema(bn: bool, spe: int) -> None:
     steps = 2 * 2 * STEPS_PER_EPOCH
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == steps
     assert (ema.count, ema.last_step) == (steps, steps)  # every optimizer step, also with spe = 3
-
-
-def per_step_ema(executions: list[tuple[int, list[np.ndarray]]], start: int, every: int,
-                 schedule: polyak.DecaySchedule) -> tuple[list[np.ndarray], int]:
-    """The EMA over the optimizer steps ``start + k·every``, one by one, in float64; each
-    step has the weights of the execution that ran it (seen at its last step)."""
-    avg: list[np.ndarray] | None = None
-    n, first = 0, 0
-    for end, value in executions:
-        for t in range(max(first, start), end + 1):
-            if (t - start) % every == 0:
-                d = schedule(n)
-                avg = [v.astype(np.float64) for v in value] if avg is None else [
-                    d * a + (1 - d) * v for a, v in zip(avg, value, strict=True)]
-                n += 1
-        first = end + 1
-    assert avg is not None
-    return avg, n
 
 
 @ONLY_JAX_TF
