@@ -180,7 +180,8 @@ def diagnose(
         >>> round(d.cosine[0][1], 3), [round(x, 3) for x in d.distance], len(d.issues)
         (0.0, [1.0, 1.0], 2)
     """
-    chosen = select_members(members, last=last, order=order)
+    # distances do not depend on the order: it matters only through last=
+    chosen = select_members(members, last=last, order=order, weights=np.ones)
     with open_members(chosen, format=format, key=key, strip_prefix=strip_prefix) as sources:
         labels = [s.label for s in sources]
         infos = check_members(sources)

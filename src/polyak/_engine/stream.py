@@ -13,23 +13,28 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypedDict, overload
 
 import numpy as np
 
-from .._dtypes import accumulator_dtype, dtype_from_name, is_float
+from .._dtypes import accumulator_dtype, is_float, output_dtype
 from .._errors import ConfigError, NonFiniteError
 from .._progress import Progress
 from ..formats import TensorInfo, TensorSource, TensorWriter
-from .kernel import Buffers, WriteBehind, accumulate, accumulate_all
+from .kernel import Buffers, WriteBehind, accumulate, accumulate_all, all_finite, check_cast
 from .members import check_members
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["StreamOptions", "average_sources", "output_infos"]
+__all__ = ["Stopped", "StreamOptions", "average_sources", "output_infos"]
+
+
+class Stopped(Exception):
+    """A worker of a parallel average was told to stop (another failed, or Ctrl-C)."""
 
 
 def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
@@ -41,9 +46,18 @@ def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
     return bad
 
 
+def _refuse_nonfinite(name: str, sources: Sequence[TensorSource]) -> None:
+    culprits = _find_nonfinite(name, sources)
+    who = ", ".join(culprits) if culprits else "none of the members (overflow while averaging)"
+    raise NonFiniteError(
+        f"tensor \"{name}\" has NaN or Inf values in: {who}. Averaging would spread them "
+        "into the result; drop that member (e.g. with --last) or repair it first"
+    )
+
+
 def output_infos(infos: Sequence[TensorInfo], dtype: str | None) -> list[TensorInfo]:
     """The output's tensors: floating ones in ``dtype`` when given, the rest as they are."""
-    out_dt = None if dtype is None else dtype_from_name(dtype)
+    out_dt = output_dtype(dtype)
     return [TensorInfo(i.name, i.shape, out_dt if (out_dt is not None and is_float(i.dtype)) else i.dtype) for i in infos]
 
 
@@ -56,6 +70,8 @@ class StreamOptions(TypedDict, total=False):
     progress: bool
     check_finite: bool
     threads: int | None
+    stop: threading.Event | None
+    copy: Collection[str]
 
 
 class _Collect:
@@ -92,22 +108,28 @@ def average_sources(
     progress: bool = False,
     check_finite: bool = True,
     threads: int | None = None,
+    stop: threading.Event | None = None,
+    copy: Collection[str] = (),
 ) -> dict[str, np.ndarray] | None:
     """Average opened sources with given normalised weights (oldest → newest).
 
+    Integer and bool tensors, and the floating tensors named in ``copy`` (a post-hoc EMA
+    snapshot's copied BatchNorm statistics), are copied from the newest member.
+
     With ``writer`` the tensors are streamed to it in its order (written in a background
-    thread while the next tensor is averaged) and ``None`` is returned; otherwise a dict of
+    thread while the next tensor is averaged) and ``None`` is returned; a tensor for which
+    the writer offers its own memory (:meth:`~polyak.formats.TensorWriter.target`) is
+    summed straight into it instead; otherwise a dict of
     new arrays (each in its output dtype) is returned. Large tensors of memory-mapped
     members are averaged in ``threads`` parallel parts (default: up to 2, the cores
-    memory bandwidth can feed; 1 when called from a worker of a parallel average).
+    memory bandwidth can feed; 1 when called from a worker of a parallel average). When
+    ``stop`` is set, :class:`Stopped` is raised before the next tensor.
     """
     w = np.asarray(weights, dtype=np.float64)
     if len(w) != len(sources):
         raise ConfigError(f"{len(w)} weights for {len(sources)} members")
     ref_infos = {i.name: i for i in (infos if infos is not None else check_members(sources, int_policy=int_policy))}
-    out_dtype = None if dtype is None else dtype_from_name(dtype)
-    if out_dtype is not None and not is_float(out_dtype):
-        raise ConfigError(f"--dtype must be a floating-point dtype, got {dtype!r}")
+    out_dtype = output_dtype(dtype)
     newest = sources[-1]
     zero_copy = all(s.zero_copy for s in sources)
     scratch = Buffers()  # the kernels' own scratch space
@@ -128,13 +150,31 @@ def average_sources(
         # are computed in) or a dict of copies.
         sink: WriteBehind | _Collect = stack.enter_context(WriteBehind(writer)) if writer is not None else _Collect()
         for name in order:
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped before the end")
             info = ref_infos[name]
-            if not is_float(info.dtype):
-                sink.put(name, newest.read(name))
+            if not is_float(info.dtype) or name in copy:
+                value = newest.read(name)
+                if out_dtype is not None and is_float(info.dtype):
+                    value = np.asarray(value).astype(out_dtype)
+                sink.put(name, value)
                 bar.update(info.nbytes * len(sources))
                 continue
             acc_dt = accumulator_dtype(info.dtype)
             target = out_dtype if out_dtype is not None else np.dtype(info.dtype)
+            direct = writer.target(name) if writer is not None else None
+            if direct is not None and info.size and (zero_copy or direct.dtype == acc_dt):
+                # The writer's own memory (a module's tensor): summed straight into it, no
+                # accumulator and no write.
+                if zero_copy:
+                    probe = accumulate_all([s.read(name) for s in sources], w, direct, scratch, pool, threads, acc_dt)
+                else:
+                    for i, s in enumerate(sources):
+                        probe = accumulate([s.read(name)], [w[i]], direct.reshape(-1), scratch, first=i == 0)
+                if check_finite and not math.isfinite(probe) and not all_finite(direct):
+                    _refuse_nonfinite(name, sources)
+                bar.update(info.nbytes * len(sources))
+                continue
             bufs = sink.buffers()
             acc = bufs.get("acc", acc_dt, info.size)
             probe = 0.0  # the result's sum: finite unless an element is NaN/Inf
@@ -148,16 +188,17 @@ def average_sources(
                         probe = accumulate([s.read(name)], [w[i]], acc, scratch, first=i == 0)
             if check_finite and info.size and not math.isfinite(probe):
                 if not np.isfinite(acc).all():
-                    culprits = _find_nonfinite(name, sources)
-                    who = ", ".join(culprits) if culprits else "none of the members (overflow while averaging)"
-                    raise NonFiniteError(
-                        f"tensor \"{name}\" has NaN or Inf values in: {who}. Averaging would spread them "
-                        "into the result; drop that member (e.g. with --last) or repair it first"
-                    )
+                    _refuse_nonfinite(name, sources)
             value = acc.reshape(info.shape)
+            if direct is not None:  # members read one at a time, into a narrower destination
+                np.copyto(direct, value, casting="unsafe")
+                bar.update(info.nbytes * len(sources))
+                continue
             if target != acc_dt:
                 out = bufs.get("out", target, info.size).reshape(info.shape)
                 np.copyto(out, value, casting="unsafe")
+                if check_finite:  # what is written must be finite too, not only the sum
+                    check_cast(acc, out, name=name)
                 value = out
             sink.put(name, value)
             bar.update(info.nbytes * len(sources))

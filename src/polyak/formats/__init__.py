@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,13 @@ from .._errors import ConfigError, FormatError
 from ._base import (
     FormatImpl,
     SourceTemplate,
+    SourceView,
     TensorInfo,
     TensorSource,
     TensorWriter,
     WriteOptions,
     WriterFactory,
+    check_storable,
 )
 
 __all__ = [
@@ -45,16 +48,20 @@ __all__ = [
     "Format",
     "FormatImpl",
     "SourceTemplate",
+    "SourceView",
     "TensorInfo",
     "TensorSource",
     "TensorWriter",
     "WriteOptions",
+    "check_storable",
     "detect_format",
     "format_names",
     "get_format",
     "open_source",
     "open_writer",
+    "output_files",
     "register_format",
+    "suffix_format",
 ]
 
 @dataclass(frozen=True)
@@ -117,6 +124,12 @@ for _fmt in (
         ".torch_pt:TORCH",
         "PyTorch state dict (torch.save), loaded with weights_only=True",
     ),
+    Format(
+        "torch-index",
+        (".bin.index.json",),
+        ".torch_pt:TORCH_INDEX",
+        "Hugging Face sharded PyTorch checkpoint (pytorch_model.bin.index.json + .bin shards), loaded with weights_only=True",
+    ),
     Format("keras-weights", (".weights.h5",), ".keras_weights:KERAS_WEIGHTS", "Keras 3 weights (model.save_weights), via h5py"),
     Format("keras", (".keras",), ".keras_archive:KERAS", "Keras 3 model archive (model.save), via h5py"),
     Format(
@@ -130,6 +143,14 @@ for _fmt in (
         (),
         ".dcp:DCP",
         "torch.distributed.checkpoint folder (.metadata + *.distcp), read one tensor at a time",
+        directory=True,
+    ),
+    Format(
+        "hf-folder",
+        (),
+        ".hf_folder:HF_FOLDER",
+        "Hugging Face save_pretrained/Trainer or Accelerate save_state folder (model.safetensors, "
+        "its sharded index or pytorch_model.bin inside); written as a folder from_pretrained opens",
         directory=True,
     ),
 ):
@@ -160,6 +181,11 @@ def _by_suffix(path: Path) -> Format | None:
             if name.endswith(suffix) and (best is None or len(suffix) > best[0]):
                 best = (len(suffix), fmt)
     return None if best is None else best[1]
+
+
+def suffix_format(path: str | os.PathLike[str]) -> Format | None:
+    """The format a file name's suffix selects (longest match), or ``None``."""
+    return _by_suffix(Path(path))
 
 
 def _read_head(path: Path, size: int = 4096) -> bytes:
@@ -208,13 +234,13 @@ def detect_format(path: str | os.PathLike[str], format: str | None = None) -> Fo
                 f"{p}: the content is not {fmt.name} ({fmt.description}); check --format"
             )
         return fmt
+    if p.is_dir():
+        return _detect_folder(p)
     by_suffix = _by_suffix(p)
     sniffed = _sniff(p)
     if by_suffix is not None and by_suffix in sniffed:
         return by_suffix
     if by_suffix is not None and len(sniffed) == 1 and sniffed[0].name in CONTENT_DECIDES.get(by_suffix.name, ()):
-        return sniffed[0]
-    if by_suffix is None and p.is_dir() and len(sniffed) == 1:
         return sniffed[0]
     if by_suffix is None:
         hint = (
@@ -234,6 +260,18 @@ def detect_format(path: str | os.PathLike[str], format: str | None = None) -> Fo
         f"{p}: not a valid {by_suffix.name} file (wrong magic bytes or corrupted header); "
         "the file may be truncated or not a checkpoint"
     )
+
+
+def _detect_folder(p: Path) -> Format:
+    """The folder format a folder member has: exactly one must recognise it."""
+    sniffed = _sniff(p)
+    if len(sniffed) == 1:
+        return sniffed[0]
+    if sniffed:
+        names = ", ".join(f.name for f in sniffed)
+        raise FormatError(f"{p}: the folder looks like several checkpoint formats ({names}); pass --format NAME")
+    kinds = "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values() if f.directory)
+    raise FormatError(f"{p}: a folder that holds no checkpoint polyak knows ({kinds}); give the checkpoint file inside it")
 
 
 def output_format(path: str | os.PathLike[str], format: str | None = None) -> Format:
@@ -297,9 +335,30 @@ def open_writer(
     ``template`` is the newest member: when it has the output's format, the writer receives
     its :meth:`TensorSource.template` (the structure to carry over).
     """
-    fmt = output_format(path, format)
-    if template is not None and format is None and template.format_name in CONTENT_DECIDES.get(fmt.name, ()):
-        fmt = get_format(template.format_name)  # e.g. Keras 3 weights written as ``avg.h5``
+    fmt = _writer_format(path, format, template)
     writer = _writer(fmt)
     carried = template.template() if template is not None and template.format_name == fmt.name else None
     return writer(Path(path), infos, metadata=metadata or {}, template=carried, aliases=aliases, options=options)
+
+
+def _writer_format(path: str | os.PathLike[str], format: str | None, template: TensorSource | None) -> Format:
+    fmt = output_format(path, format)
+    if template is not None and format is None and template.format_name in CONTENT_DECIDES.get(fmt.name, ()):
+        fmt = get_format(template.format_name)  # e.g. Keras 3 weights written as ``avg.h5``
+    return fmt
+
+
+def output_files(
+    path: str | os.PathLike[str],
+    infos: Sequence[TensorInfo],
+    *,
+    format: str | None = None,
+    template: TensorSource | None = None,
+    options: WriteOptions | None = None,
+) -> list[Path]:
+    """Every final path that :func:`open_writer` with the same arguments will create or
+    replace (the file itself; every shard and the index of a sharded output), known before
+    the writer is opened so that all of them can be checked first."""
+    fmt = _writer_format(path, format, template)
+    _writer(fmt)
+    return fmt.impl().output_files(Path(path), infos, options or WriteOptions())

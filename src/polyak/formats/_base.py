@@ -24,16 +24,19 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from .._dtypes import dtype_name
+from .._errors import FormatError
 
 __all__ = [
     "FormatImpl",
     "SourceOpener",
     "SourceTemplate",
+    "SourceView",
     "TensorInfo",
     "TensorSource",
     "TensorWriter",
     "WriteOptions",
     "WriterFactory",
+    "check_storable",
     "contiguous",
 ]
 
@@ -158,6 +161,45 @@ class TensorSource(ABC):
         return f"<{type(self).__name__} {self.label!r}: {len(self)} tensors>"
 
 
+class SourceView(TensorSource):
+    """Another source seen through a wrapper: everything is the inner source's unless overridden.
+
+    What wrappers share (``strip_prefix``'s renaming view, a checkpoint folder that opens
+    the weights file inside it): they change how a source is named or found, never how
+    its tensors are read.
+    """
+
+    def __init__(self, inner: TensorSource, path: str | os.PathLike[str] | None = None, label: str | None = None) -> None:
+        super().__init__(inner.path if path is None else path, inner.label if label is None else label)
+        self.inner = inner
+        self.format_name = inner.format_name  # type: ignore[misc]
+        self.zero_copy = inner.zero_copy  # type: ignore[misc]
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self.inner.infos()
+
+    def read(self, name: str) -> np.ndarray:
+        return self.inner.read(name)
+
+    def metadata(self) -> dict[str, str]:
+        return self.inner.metadata()
+
+    def aliases(self) -> dict[str, str]:
+        return self.inner.aliases()
+
+    def extras(self) -> dict[str, Any]:
+        return self.inner.extras()
+
+    def template(self) -> SourceTemplate | None:
+        return self.inner.template()
+
+    def files(self) -> list[Path]:
+        return self.inner.files()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 @dataclass(frozen=True)
 class WriteOptions:
     """Options every writer understands; a writer ignores what its format cannot express.
@@ -165,10 +207,60 @@ class WriteOptions:
     Attributes:
         shard_size: Largest shard in bytes, or ``None`` for one file (safetensors only).
         keep_optimizer: Keras archives: copy optimizer variables from the template.
+        inputs: The files being read (never replaced or deleted).
     """
 
     shard_size: int | None = None
     keep_optimizer: bool = False
+    #: The files being read. A writer never replaces or deletes them (the engine has
+    #: already refused an output that is one of them; a sharded writer also spares them
+    #: when it removes the shards of the output it replaces).
+    inputs: tuple[Path, ...] = ()
+
+
+def _not_unicode(text: object) -> str | None:
+    """Why ``text`` cannot be stored as UTF-8 (``None`` when it can)."""
+    if not isinstance(text, str):
+        return f"a {type(text).__name__}, not a string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        return f"not valid Unicode (it holds the lone surrogate U+{ord(bad):04X})"
+    return None
+
+
+def check_storable(infos: Sequence[TensorInfo], metadata: Mapping[str, str], path: Path) -> None:
+    """Refuse tensor names and metadata that no checkpoint format can store.
+
+    Every file format stores names and metadata as UTF-8 strings; a lone surrogate
+    (``"a\\ud800"``, which a JSON ``\\ud800`` escape or a Python string can hold) has no
+    UTF-8 form. Every :class:`TensorWriter` calls this before it creates any file, and the
+    engine calls it before it plans an output, so nothing is left behind.
+
+    Raises:
+        FormatError: Naming the tensor (or metadata key) and the fix.
+
+    Example:
+        >>> check_storable([TensorInfo("w\\ud800", (1,), np.dtype("float32"))], {}, Path("avg.npz"))
+        Traceback (most recent call last):
+        ...
+        polyak._errors.FormatError: avg.npz: cannot store the tensor name 'w\\ud800': not valid Unicode (it holds the lone surrogate U+D800); rename the tensor (e.g. with --strip-prefix or in the source checkpoint)
+    """
+    for info in infos:
+        why = _not_unicode(info.name)
+        if why is not None:
+            raise FormatError(
+                f"{path}: cannot store the tensor name {info.name!r}: {why}; rename the tensor "
+                "(e.g. with --strip-prefix or in the source checkpoint)"
+            )
+    for key, value in metadata.items():
+        why = _not_unicode(key)
+        if why is not None:
+            raise FormatError(f"{path}: cannot store the metadata key {key!r}: {why}; drop or rename it")
+        why = _not_unicode(value)
+        if why is not None:
+            raise FormatError(f"{path}: cannot store the metadata value of {key!r}: {why}; drop or fix it")
 
 
 class TensorWriter(ABC):
@@ -197,11 +289,15 @@ class TensorWriter(ABC):
         options: WriteOptions | None = None,
     ) -> None:
         self.path = Path(path)
+        check_storable(infos, metadata, self.path)  # before any subclass creates a file
         self.infos = {i.name: i for i in infos}
         self.metadata = dict(metadata)
         self.template = template
         self.aliases = dict(aliases or {})
         self.options = options or WriteOptions()
+        #: Lines for the summary about what the writer did beyond the tensors (files copied
+        #: along, a format chosen for the user); filled by the time :meth:`commit` returns.
+        self.notes: list[str] = []
 
     @property
     def order(self) -> list[str]:
@@ -212,6 +308,15 @@ class TensorWriter(ABC):
     def targets(self) -> list[Path]:
         """Every final path :meth:`commit` will create or replace."""
         return [self.path]
+
+    def target(self, name: str) -> np.ndarray | None:
+        """Where the tensor ``name`` may be computed in place, or ``None`` (the default).
+
+        A writer whose destination is memory (a module's own tensors) returns a writable,
+        C-contiguous array of the output's shape; the engine then accumulates the result
+        straight into it, and :meth:`write` is not called for that tensor.
+        """
+        return None
 
     @abstractmethod
     def write(self, name: str, array: np.ndarray) -> None:
@@ -270,8 +375,19 @@ class FormatImpl:
             ``label`` names the member in messages.
         writer: Creates the :class:`TensorWriter` for an output of this format; ``None``
             when polyak cannot write it.
+        targets: ``targets(path, infos, options) -> [paths]``: every final path the writer
+            will create or replace, when that is more than ``path`` itself (shards and an
+            index, the files of a folder). The engine checks all of them against the inputs
+            and the overwrite rule (:func:`polyak._atomic.check_outputs`) before any writer
+            is opened.
     """
 
     sniff: Callable[[Path, bytes], bool]
     open: SourceOpener
     writer: WriterFactory | None = None
+    targets: Callable[[Path, Sequence[TensorInfo], WriteOptions], list[Path]] | None = None
+
+    def output_files(self, path: Path, infos: Sequence[TensorInfo], options: WriteOptions) -> list[Path]:
+        """Every final path the writer will create or replace for ``path`` (``[path]`` unless
+        the format declares ``targets``), so that all of them are checked before writing."""
+        return [path] if self.targets is None else list(self.targets(path, infos, options))
