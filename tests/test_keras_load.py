@@ -14,6 +14,8 @@ pytest.importorskip("h5py")
 import polyak  # noqa: E402
 import polyak.keras as pk  # noqa: E402
 
+pytestmark = pytest.mark.keras
+
 
 def _model(lam: bool) -> keras.Model:
     layers = [keras.Input((3,)), keras.layers.Dense(2, name="dense")]
