@@ -7,7 +7,7 @@ STAMP := $(VENV)/.polyak-installed
 # Keras 3 runs on the torch backend here; respect a backend the user has chosen.
 export KERAS_BACKEND ?= torch
 
-.PHONY: install test lint typecheck demo bench fuzz clean
+.PHONY: install test lint typecheck demo bench fuzz mutate clean
 
 install: $(STAMP)
 
@@ -36,5 +36,16 @@ fuzz: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt atheris
 	$(PY) tests/fuzz/fuzz_formats.py $(FUZZ_ARGS)
 
+# Mutation testing of the core modules (mutmut; in-process tests only; not part of `make test`).
+# Bounded and resumable: it stops after MUTATE_BUDGET seconds and the next run goes on from
+# there; it prints each module's score. E.g. make mutate MODULES="schemes kernel" MUTATE_BUDGET=900
+# (modules and options: tests/mutation/mutate.py --help; MUTATE_ARGS=--rerun after adding tests).
+MODULES ?=
+MUTATE_BUDGET ?= 10800
+MUTATE_JOBS ?= 1
+mutate: install
+	POLYAK_IN_PROCESS_ONLY=1 nice -n 10 $(PY) tests/mutation/mutate.py --modules "$(MODULES)" \
+		--budget $(MUTATE_BUDGET) --jobs $(MUTATE_JOBS) $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf mutants $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -19,6 +19,7 @@ pytest.importorskip("h5py")
 
 import polyak  # noqa: E402
 import polyak.keras as pk  # noqa: E402
+from _helpers import tutorial_weights  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -67,7 +68,7 @@ def test_tutorial_flow_load_average_evaluate(tmp_path: Path) -> None:
     assert len(pk.load_models(str(tmp_path / "model_*.keras"), start=4)) == 2
     for scheme in ("equal", "linear", "exponential"):
         avg = pk.average_models(models, scheme=scheme, alpha=2.0)
-        w = polyak.scheme_weights(scheme, 3, alpha=2.0)
+        w = tutorial_weights(scheme, 3, 2.0)
         expected = [np.average(np.stack(t), axis=0, weights=w) for t in zip(*[m.get_weights() for m in models], strict=True)]
         for got, exp in zip(avg.get_weights(), expected, strict=True):
             np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-7)

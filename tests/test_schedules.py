@@ -1,6 +1,7 @@
 """EMA decay schedules against their closed forms."""
 
 import math
+import re
 
 import pytest
 
@@ -54,10 +55,27 @@ def test_round_trip_dict():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"decay": 0.9, "half_life": 10}, {"decay": 1.0}, {"decay": -0.1}, {"half_life": 0},
-     {"decay": 0.9, "warmup": "cosine"}, {"decay": 0.9, "every": 0}, {"decay": 0.9, "min_decay": 0.95}],
+    ("kwargs", "message"),
+    [
+        ({}, "give exactly one of decay= or half_life="),
+        ({"decay": 0.9, "half_life": 10}, "give exactly one of decay= or half_life="),
+        ({"decay": 1.0}, "decay must be in [0, 1), got 1.0"),
+        ({"decay": -0.1}, "decay must be in [0, 1), got -0.1"),
+        ({"decay": float("nan")}, "decay must be in [0, 1), got nan"),
+        ({"decay": "high"}, "decay must be a number in [0, 1), got 'high'"),
+        ({"half_life": 0}, "half_life must be a positive number of steps, got 0"),
+        ({"half_life": float("inf")}, "half_life must be a positive number of steps, got inf"),
+        ({"half_life": "long"}, "half_life must be a number of steps, got 'long'"),
+        ({"decay": 0.9, "warmup": "cosine"}, "warmup must be one of [None, 'timm', 'tf'], got 'cosine'"),
+        ({"decay": 0.9, "every": 0}, "every must be a whole number of steps ≥ 1, got 0"),
+        ({"decay": 0.9, "every": True}, "every must be a whole number of steps ≥ 1, got True"),
+        ({"decay": 0.9, "every": 2.0}, "every must be a whole number of steps ≥ 1, got 2.0"),
+        ({"decay": 0.9, "min_decay": 0.95}, "min_decay must be in [0, decay=0.9], got 0.95"),
+        ({"decay": 0.9, "min_decay": -0.1}, "min_decay must be in [0, decay=0.9], got -0.1"),
+        ({"decay": 0.9, "warmup": "timm", "warmup_gamma": 0}, "warmup_gamma and warmup_power must be > 0, got 0.0, 0.6666666666666666"),
+        ({"decay": 0.9, "warmup": "timm", "warmup_power": -1}, "warmup_gamma and warmup_power must be > 0, got 1.0, -1.0"),
+    ],
 )
-def test_invalid(kwargs):
-    with pytest.raises(ConfigError):
+def test_invalid(kwargs, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         make_schedule(**kwargs)

@@ -6,20 +6,9 @@ import numpy as np
 import pytest
 
 import polyak
+from _helpers import tutorial_weights
 from polyak import SchemeError, scheme_weights
 from polyak._schemes import SCHEMES, Param, RunningSum, Scheme, Update, register_scheme
-
-
-def tutorial_weights(scheme: str, n: int, alpha: float = 2.0) -> np.ndarray:
-    """The tutorial's code, newest first, normalised, then reversed to oldest → newest."""
-    if scheme == "equal":
-        w = [1.0 for _ in range(n)]
-    elif scheme == "linear":
-        w = [i / n for i in range(n, 0, -1)]
-    else:
-        w = [exp(-i / alpha) for i in range(1, n + 1)]
-    arr = np.array(w[::-1])
-    return arr / arr.sum()
 
 
 @pytest.mark.parametrize("scheme", ["equal", "linear", "exponential"])
@@ -82,7 +71,7 @@ def test_invalid_input_raises_clear_error(kwargs, match):
 
 
 def test_scheme_error_is_value_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^the number of members must be at least 1, got n=0$"):
         scheme_weights("equal", 0)
 
 

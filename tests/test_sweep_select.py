@@ -123,7 +123,7 @@ def test_diagnose_accepts_one_basin() -> None:
 
 def test_diagnose_flags_a_member_from_another_run() -> None:
     members = basin(4, 0) + basin(1, 1)  # the newest comes from a different init
-    with pytest.warns(polyak.AveragingWarning) as record:
+    with pytest.warns(polyak.AveragingWarning, match="they look like different runs") as record:
         d = polyak.diagnose(members)
     assert not d.ok
     assert any("cosine" in str(r.message) for r in record)
@@ -148,8 +148,9 @@ def test_check_results_flags_an_average_far_below_its_members() -> None:
     res = polyak.sweep(members, evaluate, schemes=["equal"])
     found = polyak.check_results(res, "acc")
     assert found and ("newest 3 members" in found[0] or "newest 4 members" in found[0])
-    with pytest.warns(polyak.AveragingWarning):
+    with pytest.warns(polyak.AveragingWarning, match="different runs") as record:
         polyak.diagnose(members, results=res, metric="acc")
+    assert set(found) <= {str(r.message) for r in record}
     ok = polyak.sweep(basin(4, 2), lambda s: {"acc": 0.9}, schemes=["equal"])
     assert polyak.check_results(ok, "acc") == []
 
