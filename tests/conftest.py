@@ -8,6 +8,11 @@ import pytest
 # polyak starts Keras itself in tests: use the torch backend unless the user chose one.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+#: Under ``POLYAK_IN_PROCESS_ONLY=1`` (``make mutate``): test files that start Keras or torch
+#: models run after the others, so that a mutant is usually killed by a fast test first.
+_SLOW_FILES = ("test_keras", "test_torch", "test_hostile", "test_format_registry", "test_sweep_cli",
+               "test_reliability_numerics")
+
 if os.environ.get("POLYAK_IN_PROCESS_ONLY") == "1":
     # `make mutate` (tests/mutation/mutate.py) changes the code inside the test process; a
     # polyak started in a subprocess runs the unchanged code, so a test that starts one can
@@ -20,3 +25,6 @@ if os.environ.get("POLYAK_IN_PROCESS_ONLY") == "1":
             super().__init__(*args, **kwargs)
 
     subprocess.Popen = _InProcessOnly  # type: ignore[misc]
+
+    def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+        items.sort(key=lambda item: item.path.name.startswith(_SLOW_FILES))
