@@ -1,0 +1,113 @@
+"""The engine's kernels (polyak._engine.kernel) through every caller: chunked sums against
+numpy, and NaN/Inf found in any chunk of a tensor longer than one chunk."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import polyak
+from _helpers import tutorial_weights, write_members
+from polyak._engine.kernel import (
+    CHUNK,
+    PARALLEL_MIN,
+    Buffers,
+    accumulate,
+    chunks,
+    member_chunks,
+    widen,
+)
+
+N = CHUNK * 2 + 7  # three chunks, the last a short one
+
+
+def _members(n: int = 3, size: int = N, dtype: type = np.float32) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    return [{"w": rng.standard_normal(size).astype(dtype), "b": rng.standard_normal(3).astype(dtype)}
+            for _ in range(n)]
+
+
+def test_chunks_cover_a_tensor_once() -> None:
+    assert list(chunks(0)) == []
+    assert list(chunks(1)) == [(0, 1)]
+    assert list(chunks(CHUNK)) == [(0, CHUNK)]
+    assert list(chunks(N)) == [(0, CHUNK), (CHUNK, 2 * CHUNK), (2 * CHUNK, N)]
+
+
+def test_widen_copies_only_what_it_must() -> None:
+    scratch = np.zeros(8, np.float32)
+    x16 = np.arange(4, dtype=np.float16)
+    out = widen(x16, np.dtype(np.float32), scratch)
+    assert out.dtype == np.float32 and out.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert np.shares_memory(out, scratch) and out.size == 4
+    x32 = np.arange(4, dtype=np.float32)
+    assert widen(x32, np.dtype(np.float32), scratch) is x32
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_accumulate_is_the_weighted_sum_in_every_chunk(first: bool) -> None:
+    members = _members()
+    w = np.array([0.2, 0.3, 0.5])
+    acc = np.full(N, 10.0, np.float32)
+    total = accumulate([m["w"] for m in members], w, acc, Buffers(), first=first)
+    want = np.sum([wi * m["w"].astype(np.float64) for wi, m in zip(w, members, strict=True)], axis=0)
+    if not first:
+        want += 10.0
+    np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-5)
+    assert total == pytest.approx(float(np.sum(want)), rel=1e-4, abs=1e-2)  # the probe of every chunk
+
+
+@pytest.mark.parametrize("where", [0, CHUNK, N - 1], ids=["first-chunk", "second-chunk", "last-element"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_average_finds_nan_or_inf_in_any_chunk(tmp_path, where: int, bad: float) -> None:
+    members = _members()
+    members[1]["w"][where] = bad  # the middle member
+    paths = write_members(tmp_path, members)
+    with pytest.raises(polyak.NonFiniteError, match=f'^tensor "w" has NaN or Inf values in: {re.escape(str(paths[1]))}\\. '):
+        polyak.average(paths, out=tmp_path / "avg.safetensors")
+    with pytest.raises(polyak.NonFiniteError, match='^tensor "w" has NaN or Inf values in: member 1\\. '):
+        polyak.average(members)  # in memory: one member at a time
+    assert not (tmp_path / "avg.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", [0, CHUNK, N - 1], ids=["first-chunk", "second-chunk", "last-element"])
+def test_member_chunks_find_nan_in_any_chunk(where: int) -> None:
+    x = np.ones(N, np.float16)
+    x[where] = np.nan
+    scratch = np.empty(CHUNK, np.float32)
+    with pytest.raises(polyak.NonFiniteError, match='^m.safetensors: tensor "w" has NaN or Inf values'):
+        for _ in member_chunks(x, np.dtype(np.float32), scratch, label="m.safetensors", name="w"):
+            pass
+    got = [(a, b, c.dtype.name, c.size) for a, b, c in member_chunks(np.ones(N, np.float16), np.dtype(np.float32),
+                                                                        scratch, label="m", name="w")]
+    assert got == [(0, CHUNK, "float32", CHUNK), (CHUNK, 2 * CHUNK, "float32", CHUNK), (2 * CHUNK, N, "float32", 7)]
+
+
+def test_sweep_and_soup_find_nan_in_the_first_chunk() -> None:
+    members = _members(3)
+    members[0]["w"][0] = np.nan
+    with pytest.raises(polyak.NonFiniteError, match='^member 0: tensor "w" has NaN or Inf values'):
+        polyak.sweep(members, lambda s: {"x": 0.0}, schemes=["equal"], baselines=())
+    with pytest.raises(polyak.NonFiniteError, match='^member 0: tensor "w" has NaN or Inf values'):
+        polyak.greedy_soup(members, lambda s: {"x": 0.0}, "x")
+
+
+def test_large_sums_that_overflow_the_probe_are_not_nan(tmp_path) -> None:
+    # float16 members near its maximum: the float32 accumulator holds them, and the probe
+    # (a chunk's sum) is finite; the result is the plain average.
+    big = [{"w": np.full(N, 60000.0, np.float16)}, {"w": np.full(N, 60000.0, np.float16)}]
+    got = polyak.average(big)["w"]
+    assert got.dtype == np.float16 and np.all(got == 60000.0)
+
+
+@pytest.mark.parametrize("scheme", ["equal", "linear", "exponential"])
+def test_threaded_parts_match_numpy(tmp_path, scheme: str) -> None:
+    n = PARALLEL_MIN * 2 + 3  # two threads' parts, each spanning chunks
+    members = _members(4, n)
+    paths = write_members(tmp_path, members)
+    got = polyak.average(paths, scheme=scheme, alpha=1.5)
+    want = np.average(np.stack([m["w"].astype(np.float64) for m in members]), axis=0,
+                      weights=tutorial_weights(scheme, 4, 1.5))
+    np.testing.assert_allclose(got["w"], want, rtol=2e-6, atol=2e-6)
