@@ -7,7 +7,7 @@ STAMP := $(VENV)/.polyak-installed
 # Keras 3 runs on the torch backend here; respect a backend the user has chosen.
 export KERAS_BACKEND ?= torch
 
-.PHONY: install test lint typecheck demo bench fuzz mutate clean
+.PHONY: install test lint docs demo bench fuzz mutate clean
 
 install: $(STAMP)
 
@@ -16,13 +16,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[all,dev]"
 	@touch $(STAMP)
 
-test: install lint
+test: install lint docs
 	$(PY) -m pytest -n 2 -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
+
+# The documentation site (mkdocs-material + mkdocstrings) into site/, strictly: a broken link,
+# a missing reference or a docstring that fails to render fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 demo: install
 	$(VENV)/bin/polyak demo
@@ -48,4 +53,4 @@ mutate: install
 		--budget $(MUTATE_BUDGET) --jobs $(MUTATE_JOBS) $(MUTATE_ARGS)
 
 clean:
-	rm -rf mutants $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist site mutants src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

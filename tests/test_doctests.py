@@ -11,6 +11,7 @@ CORE = [
     "polyak._schedules",
     "polyak._engine.average",
     "polyak._engine.kernel",
+    "polyak._engine.members",
     "polyak._engine.parallel",
     "polyak.formats.safetensors",
     "polyak._choose.select",
@@ -30,3 +31,15 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+#: Modules of the torch face whose Examples run here (torch is a dev dependency).
+TORCH = ["polyak.torch._common", "polyak.torch._load"]
+
+
+@pytest.mark.parametrize("name", TORCH)
+def test_torch_docstring_examples(name):
+    pytest.importorskip("torch")
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0

@@ -3,8 +3,10 @@
 A reader never sees a half-written output under the final name: bytes go to
 ``.<name>.polyak-tmp-<pid>-<random>`` beside the target, are flushed and fsynced, and only
 then renamed over the target with :func:`os.replace` (atomic on POSIX), after which the
-folder itself is fsynced so that the rename survives a power cut. A temporary file left by
-a killed process is named so that it is recognisable and is removed by the next run
+folder itself is fsynced so that the rename survives a power cut. A folder output
+(:class:`AtomicFolder`) is built the same way: as a temporary sibling folder with the same
+kind of name, renamed into place when complete. A temporary file or folder left by a
+killed process is named so that it is recognisable and is removed by the next run
 (:func:`cleanup_stale_temps`).
 """
 
@@ -14,6 +16,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,7 +27,10 @@ from ._errors import OutputError
 __all__ = [
     "TEMP_MARK",
     "AtomicFile",
+    "AtomicFolder",
     "atomic_write_bytes",
+    "check_folder_output",
+    "check_output_folder",
     "check_output_path",
     "cleanup_stale_temps",
     "fsync_dir",
@@ -284,10 +290,8 @@ def cleanup_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
     removed = []
     for entry in iter_stale_temps(Path(directory)):
         with contextlib.suppress(OSError):
-            if entry.is_dir():
-                for child in entry.iterdir():
-                    child.unlink()
-                entry.rmdir()
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)  # a folder output's temporary (it holds temporaries too)
             else:
                 entry.unlink()
             removed.append(entry)
@@ -340,9 +344,169 @@ def check_output_path(
         raise OutputError(f"the output {path} is a folder; give a file name such as {path / 'avg.safetensors'}")
     if path.exists() and not force:
         raise OutputError(f"the output {path} already exists; pass --force (force=True) to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
+    check_output_folder(path.parent)
+    return path
+
+
+def check_output_folder(folder: str | os.PathLike[str]) -> Path:
+    """Refuse an output folder that is missing or not writable.
+
+    Raises:
+        OutputError: Naming the folder and the fix.
+    """
+    parent = Path(folder) if str(folder) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"the output folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"the output folder {parent} is not writable")
+    return parent
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies somewhere below it (symlinks resolved)."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_folder_output(
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
+    """Refuse a folder output up front: one that is or holds an input (or the current
+    folder), something other than a folder, a folder with files in it without ``force``,
+    or a missing or unwritable parent.
+
+    An empty folder may be replaced without ``force``: nothing in it is lost.
+
+    Raises:
+        OutputError: With the reason and the fix.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> (d / "ck").mkdir(); (d / "ck" / "model.safetensors").write_bytes(b"x")
+        1
+        >>> check_folder_output(d, inputs=[d / "ck" / "model.safetensors"])
+        Traceback (most recent call last):
+        ...
+        polyak._errors.OutputError: the output folder ... holds the input .../ck/model.safetensors; polyak replaces a folder output as a whole: choose a folder outside the inputs
+    """
+    path = Path(out)
+    for i in inputs:
+        if _inside(Path(i), path):
+            raise OutputError(
+                f"the output folder {path} {'is' if _same_file(Path(i), path) else 'holds'} the input {i}; polyak "
+                "replaces a folder output as a whole: choose a folder outside the inputs"
+            )
+    if _inside(Path.cwd(), path):
+        raise OutputError(f"the output folder {path} holds the current folder; choose another output folder")
+    if path.is_symlink():
+        raise OutputError(f"the output {path} is a symbolic link; give the folder's own path or a new name")
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(f"the output {path} exists and is not a folder; choose another output name")
+        if any(path.iterdir()) and not force:
+            raise OutputError(
+                f"the output folder {path} already exists and is not empty; pass --force (force=True) to replace it"
+            )
+    check_output_folder(path.parent)
     return path
+
+
+#: ``renameat2`` flag: swap two paths atomically (Linux ≥ 3.15).
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step where the system can (Linux ``renameat2``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+class AtomicFolder:
+    """A folder that appears under its final name only on :meth:`commit`.
+
+    Files are written into :attr:`tmp`, a hidden sibling named like every polyak temporary
+    (:func:`temp_path_for`), which :meth:`commit` fsyncs and renames into place. An existing
+    folder at the target (allowed by :func:`check_folder_output`) is replaced: swapped with
+    the new one in one atomic step where the system allows (Linux), otherwise moved aside
+    under a temporary name first; then it is deleted. A killed run leaves only temporary
+    folders, which the next run in that folder removes (:func:`cleanup_stale_temps`).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> f = AtomicFolder(d / "avg")
+        >>> _ = (f.tmp / "config.json").write_text("{}")
+        >>> sorted(p.name for p in f.commit().iterdir())
+        ['config.json']
+    """
+
+    def __init__(self, target: str | os.PathLike[str]) -> None:
+        self.target = Path(target)
+        self.tmp = temp_path_for(self.target)
+        try:
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise OutputError(_describe_os_error(exc, self.target)) from exc
+        self._done = False
+
+    def commit(self) -> Path:
+        """fsync the folder and rename it into place; returns the final path."""
+        fsync_dir(self.tmp)
+        try:
+            old = self._replace()
+        except OSError as exc:
+            self.abort()
+            raise OutputError(_describe_os_error(exc, self.target)) from exc
+        self._done = True
+        fsync_dir(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+    def _replace(self) -> Path | None:
+        """Put :attr:`tmp` at the target; returns where the replaced folder now is, if any."""
+        try:
+            os.rename(self.tmp, self.target)  # no target, or an empty folder: one atomic rename
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.target.is_dir():
+                raise
+        if _exchange(self.tmp, self.target):
+            return self.tmp  # now holds the old folder
+        aside = temp_path_for(self.target)
+        os.rename(self.target, aside)
+        try:
+            os.rename(self.tmp, self.target)
+        except OSError:
+            os.rename(aside, self.target)  # put the old one back
+            raise
+        return aside
+
+    def abort(self) -> None:
+        """Delete the temporary folder; the target is left untouched."""
+        if self._done:
+            return
+        self._done = True
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> AtomicFolder:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._done:
+            self.abort()

@@ -155,10 +155,16 @@ def diagnose(
         members: Checkpoint paths or in-memory states.
         results: Optional sweep results of the same members, checked with
             :func:`check_results` when ``metric`` is given too.
-        metric, split, mode: The metric (and split, and direction) for that check.
+        metric: The metric for that check.
+        split: The split of ``metric`` (default: the first).
+        mode: ``"max"`` or ``"min"``: which direction is better (default: from the metric's name).
         min_cosine: Warn below this pairwise cosine (default 0.9).
         max_distance: Warn above this relative distance to the mean (default 0.5).
-        format, key, strip_prefix, order, last: As in :func:`polyak.average`.
+        format: Force the input format (as in :func:`polyak.average`).
+        key: Key of the state dict inside nested ``.pt`` checkpoints.
+        strip_prefix: Prefixes to remove from tensor names.
+        order: How to order paths (as in :func:`polyak.average`).
+        last: Use only the newest ``last`` members.
         warn: Give each issue as an :class:`AveragingWarning` too.
 
     Returns:
@@ -174,7 +180,8 @@ def diagnose(
         >>> round(d.cosine[0][1], 3), [round(x, 3) for x in d.distance], len(d.issues)
         (0.0, [1.0, 1.0], 2)
     """
-    chosen = select_members(members, last=last, order=order)
+    # distances do not depend on the order: it matters only through last=
+    chosen = select_members(members, last=last, order=order, weights=np.ones)
     with open_members(chosen, format=format, key=key, strip_prefix=strip_prefix) as sources:
         labels = [s.label for s in sources]
         infos = check_members(sources)

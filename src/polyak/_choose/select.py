@@ -275,7 +275,11 @@ def greedy_soup(
         mode: ``"max"`` or ``"min"``; default from the metric's name, as in :func:`select`.
         results: A sweep of the same members with ``"single"`` rows, to skip re-evaluating
             each member alone.
-        format, key, strip_prefix, order, last: As in :func:`polyak.average`.
+        format: Force the input format (as in :func:`polyak.average`).
+        key: Key of the state dict inside nested ``.pt`` checkpoints.
+        strip_prefix: Prefixes to remove from tensor names.
+        order: How to order paths (as in :func:`polyak.average`).
+        last: Use only the newest ``last`` members.
         progress: Show a progress bar on stderr.
 
     Returns:
@@ -289,7 +293,8 @@ def greedy_soup(
         Wortsman et al. 2022, "Model soups", arXiv:2203.05482 (greedy soup, Recipe 1).
     """
     sign = mode_sign(mode if mode is not None else default_mode(metric))
-    chosen = select_members(members, last=last, order=order)
+    # a soup's members get equal weights: their order matters only through last=
+    chosen = select_members(members, last=last, order=order, weights=np.ones)
 
     def value(metrics: Mapping[str, Mapping[str, float]]) -> float:
         if on not in metrics or metric not in metrics[on]:

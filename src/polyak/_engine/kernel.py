@@ -29,6 +29,7 @@ __all__ = [
     "WriteBehind",
     "accumulate",
     "accumulate_all",
+    "accumulate_into",
     "add_scaled",
     "all_finite",
     "check_finite",
@@ -198,7 +199,8 @@ def accumulate(
     """
     n = acc.size
     ws = [acc.dtype.type(w) for w in weights]
-    cast = bufs.get(f"cast{part}", acc.dtype, min(n, CHUNK))
+    # Scratch to widen narrow members into: only when some member needs it.
+    cast = bufs.get(f"cast{part}", acc.dtype, min(n, CHUNK)) if any(a.dtype != acc.dtype for a in arrays) else acc[:0]
     tmp = bufs.get(f"tmp{part}", acc.dtype, min(n, CHUNK))
     flats = [a.reshape(-1) for a in arrays]
     total = 0.0
@@ -214,6 +216,46 @@ def accumulate(
     return total
 
 
+def accumulate_into(
+    arrays: Sequence[np.ndarray],
+    weights: Sequence[float] | np.ndarray,
+    dest: np.ndarray,
+    dtype: np.dtype,
+    bufs: Buffers,
+    *,
+    first: bool = True,
+    part: int = 0,
+) -> float:
+    """:func:`accumulate` into ``dest`` whatever its dtype: summed in ``dtype``, written in ``dest``'s.
+
+    When ``dest`` has the accumulation dtype the sum goes straight into it. Otherwise each
+    chunk is summed in a chunk of scratch space (``dtype``) and cast into ``dest``, so a
+    narrow destination (a bfloat16 module tensor) needs no full-size accumulator: the extra
+    memory is one chunk. ``first`` must then be true (a narrow ``dest`` cannot carry the
+    running sum between calls).
+
+    Example:
+        >>> dest = np.empty(3, np.float16)
+        >>> _ = accumulate_into([np.ones(3, np.float16), np.full(3, 3, np.float16)], [0.5, 0.5], dest,
+        ...                     np.dtype(np.float32), Buffers())
+        >>> dest.tolist()
+        [2.0, 2.0, 2.0]
+    """
+    dt = np.dtype(dtype)
+    if dest.dtype == dt:
+        return accumulate(arrays, weights, dest.reshape(-1), bufs, first=first, part=part)
+    if not first:
+        raise ValueError("accumulate_into: a destination of another dtype takes the whole sum at once")
+    flats = [a.reshape(-1) for a in arrays]
+    flat = dest.reshape(-1)
+    chunk = bufs.get(f"chunk{part}", dt, min(flat.size, CHUNK))
+    total = 0.0
+    for a, b in chunks(flat.size):
+        total += accumulate([x[a:b] for x in flats], weights, chunk[: b - a], bufs, first=True, part=part)
+        np.copyto(flat[a:b], chunk[: b - a], casting="unsafe")
+    return total
+
+
 #: Tensors below this many elements are averaged in one thread (a thread hand-off costs
 #: tens of microseconds).
 PARALLEL_MIN = 1 << 18
@@ -226,23 +268,29 @@ def accumulate_all(
     bufs: Buffers,
     pool: Any,
     threads: int,
+    dtype: np.dtype | None = None,
 ) -> float:
-    """:func:`accumulate` of whole tensors, split into ``threads`` contiguous parts.
+    """:func:`accumulate_into` of whole tensors, split into ``threads`` contiguous parts.
 
     numpy releases the GIL inside its loops, so the parts run on separate cores; each part
-    has its own scratch buffers (allocated here, in the calling thread).
+    has its own scratch buffers (allocated here, in the calling thread). ``dtype`` is the
+    accumulation dtype (default: ``acc``'s own).
     """
     n = acc.size
+    dt = acc.dtype if dtype is None else np.dtype(dtype)
     if threads <= 1 or pool is None or n < PARALLEL_MIN:
-        return accumulate(arrays, weights, acc, bufs, first=True)
+        return accumulate_into(arrays, weights, acc, dt, bufs)
     step = -(-n // threads // 64) * 64  # equal parts, aligned to 256-byte lines
     bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    widen_any = any(a.dtype != dt for a in arrays)
     for k, (lo, hi) in enumerate(bounds):  # allocate scratch buffers before the threads run
-        bufs.get(f"cast{k}", acc.dtype, min(hi - lo, CHUNK))
-        bufs.get(f"tmp{k}", acc.dtype, min(hi - lo, CHUNK))
+        for slot in ("cast" if widen_any else "", "tmp", "chunk" if dt != acc.dtype else ""):
+            if slot:
+                bufs.get(f"{slot}{k}", dt, min(hi - lo, CHUNK))
     flats = [a.reshape(-1) for a in arrays]
+    flat = acc.reshape(-1)
     futures = [
-        pool.submit(accumulate, [x[lo:hi] for x in flats], weights, acc[lo:hi], bufs, first=True, part=k)
+        pool.submit(accumulate_into, [x[lo:hi] for x in flats], weights, flat[lo:hi], dt, bufs, part=k)
         for k, (lo, hi) in enumerate(bounds)
     ]
     return sum(f.result() for f in futures)

@@ -23,7 +23,7 @@ from .._dtypes import accumulator_dtype, dtype_from_name, is_float
 from .._errors import ConfigError, NonFiniteError
 from .._progress import Progress
 from ..formats import TensorInfo, TensorSource, TensorWriter
-from .kernel import Buffers, WriteBehind, accumulate, accumulate_all
+from .kernel import Buffers, WriteBehind, accumulate, accumulate_all, all_finite
 from .members import check_members
 
 if TYPE_CHECKING:
@@ -39,6 +39,15 @@ def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
         if not np.isfinite(x.astype(np.float32) if x.dtype.kind not in "fc" else x).all():
             bad.append(src.label)
     return bad
+
+
+def _refuse_nonfinite(name: str, sources: Sequence[TensorSource]) -> None:
+    culprits = _find_nonfinite(name, sources)
+    who = ", ".join(culprits) if culprits else "none of the members (overflow while averaging)"
+    raise NonFiniteError(
+        f"tensor \"{name}\" has NaN or Inf values in: {who}. Averaging would spread them "
+        "into the result; drop that member (e.g. with --last) or repair it first"
+    )
 
 
 def output_infos(infos: Sequence[TensorInfo], dtype: str | None) -> list[TensorInfo]:
@@ -96,7 +105,9 @@ def average_sources(
     """Average opened sources with given normalised weights (oldest → newest).
 
     With ``writer`` the tensors are streamed to it in its order (written in a background
-    thread while the next tensor is averaged) and ``None`` is returned; otherwise a dict of
+    thread while the next tensor is averaged) and ``None`` is returned; a tensor for which
+    the writer offers its own memory (:meth:`~polyak.formats.TensorWriter.target`) is
+    summed straight into it instead; otherwise a dict of
     new arrays (each in its output dtype) is returned. Large tensors of memory-mapped
     members are averaged in ``threads`` parallel parts (default: up to 2, the cores
     memory bandwidth can feed; 1 when called from a worker of a parallel average).
@@ -135,6 +146,19 @@ def average_sources(
                 continue
             acc_dt = accumulator_dtype(info.dtype)
             target = out_dtype if out_dtype is not None else np.dtype(info.dtype)
+            direct = writer.target(name) if writer is not None else None
+            if direct is not None and info.size and (zero_copy or direct.dtype == acc_dt):
+                # The writer's own memory (a module's tensor): summed straight into it, no
+                # accumulator and no write.
+                if zero_copy:
+                    probe = accumulate_all([s.read(name) for s in sources], w, direct, scratch, pool, threads, acc_dt)
+                else:
+                    for i, s in enumerate(sources):
+                        probe = accumulate([s.read(name)], [w[i]], direct.reshape(-1), scratch, first=i == 0)
+                if check_finite and not math.isfinite(probe) and not all_finite(direct):
+                    _refuse_nonfinite(name, sources)
+                bar.update(info.nbytes * len(sources))
+                continue
             bufs = sink.buffers()
             acc = bufs.get("acc", acc_dt, info.size)
             probe = 0.0  # the result's sum: finite unless an element is NaN/Inf
@@ -148,13 +172,12 @@ def average_sources(
                         probe = accumulate([s.read(name)], [w[i]], acc, scratch, first=i == 0)
             if check_finite and info.size and not math.isfinite(probe):
                 if not np.isfinite(acc).all():
-                    culprits = _find_nonfinite(name, sources)
-                    who = ", ".join(culprits) if culprits else "none of the members (overflow while averaging)"
-                    raise NonFiniteError(
-                        f"tensor \"{name}\" has NaN or Inf values in: {who}. Averaging would spread them "
-                        "into the result; drop that member (e.g. with --last) or repair it first"
-                    )
+                    _refuse_nonfinite(name, sources)
             value = acc.reshape(info.shape)
+            if direct is not None:  # members read one at a time, into a narrower destination
+                np.copyto(direct, value, casting="unsafe")
+                bar.update(info.nbytes * len(sources))
+                continue
             if target != acc_dt:
                 out = bufs.get("out", target, info.size).reshape(info.shape)
                 np.copyto(out, value, casting="unsafe")

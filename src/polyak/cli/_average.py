@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .._engine.members import ORDERS
+from .._engine.members import ORDER_HELP, ORDERS
 from .._schemes import SCHEMES, get_scheme
 
 
@@ -30,6 +30,8 @@ examples:
   polyak average epoch_*.pt -o avg.pt --scheme linear --key model
   polyak average a.pt b.pt c.pt -o avg.safetensors --weights 1,2,4 --strip-prefix module.
   polyak average big/model.safetensors.index.json big2/model.safetensors.index.json -o out/model.safetensors --shard-size 5GB
+  polyak average out/checkpoint-* -o avg/ --last 3     (Trainer folders in, a folder from_pretrained opens out)
+  polyak average out/checkpoint-*/model.safetensors -o avg.safetensors --last 3 --scheme linear
   polyak average step_1000/ step_2000/ step_3000/ -o avg.safetensors --key model     (torch.distributed.checkpoint folders)
   polyak average ckpt_*.safetensors -o avg.safetensors --workers 4
   torchrun --nnodes 2 --nproc_per_node 8 ... -m polyak average /shared/ckpt_* -o /shared/avg.safetensors --distributed
@@ -38,8 +40,10 @@ With --workers N (N > 1) or --distributed the output is always sharded safetenso
 avg.safetensors.index.json plus avg-00001-of-0000n.safetensors, ... beside the -o path
 (one shard per worker unless --shard-size is given); tensors are bit-identical to --workers 1.
 
-Members are ordered oldest → newest by the numbers in their names (model_9 before model_10);
-with j = 0 for the newest of the n members, the weights are
+Members are ordered oldest → newest by the numbers in the part of their paths that differs
+(model_9 before model_10, checkpoint-5/ before checkpoint-40/); members that no number orders
+are refused when the result depends on their order (pick one with --order).
+With j = 0 for the newest of the n members, the weights are
   {formulas},
 normalised to sum to 1.
 """
@@ -55,14 +59,14 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (any order; see --order)")
-    p.add_argument("-o", "--out", required=True, help="output file; its suffix picks the format")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or folders (any order; see --order)")
+    p.add_argument("-o", "--out", required=True, help="output file (its suffix picks the format) or folder (a name ending in /, an existing folder, or folder inputs): a folder from_pretrained opens")
     p.add_argument("--scheme", choices=[s for s in SCHEMES if s != "custom"], default="equal", help="weighting scheme (default: equal)")
     alpha = get_scheme("exponential").param("alpha").default
     p.add_argument("--alpha", type=float, help=f"decay rate of --scheme exponential (default: {alpha:g})")
     p.add_argument("--weights", type=_weights, help="custom weights, oldest → newest, e.g. 1,2,4 (replaces --scheme)")
     p.add_argument("--last", type=int, metavar="N", help="average only the newest N checkpoints")
-    p.add_argument("--order", choices=ORDERS, default="number", help="how to order the checkpoints oldest → newest (default: number in the file name)")
+    p.add_argument("--order", choices=ORDERS, default="number", help=ORDER_HELP)
     p.add_argument("--format", help="input format, instead of detecting it from the suffix")
     p.add_argument("--out-format", help="output format, instead of the output suffix")
     p.add_argument("--key", help="key of the state dict in nested .pt checkpoints (e.g. model, state_dict, ema)")
@@ -70,7 +74,7 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", help="output dtype of floating tensors (default: as the input), e.g. float32")
     p.add_argument("--int-policy", choices=("newest", "error"), default="newest", help="integer/bool tensors: copy from the newest member (default) or refuse")
     p.add_argument("--checksum", action="store_true", help="record each member's SHA-256 in the output metadata (an extra read pass)")
-    p.add_argument("--shard-size", help="split a safetensors output into shards of at most this size, e.g. 5GB")
+    p.add_argument("--shard-size", help="split a safetensors output into shards of at most this size, e.g. 5GB (a folder output is otherwise sharded like its newest member)")
     p.add_argument("--keep-optimizer", action="store_true", help="Keras archives: copy the newest member's optimizer state instead of dropping it")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="split the tensors across N worker threads; the output becomes <stem>.safetensors.index.json + shards (default: 1)")
@@ -118,15 +122,29 @@ def run_average(args: argparse.Namespace) -> int:
         distributed=args.distributed,
     )
     if not args.quiet and result.rank == 0:  # one summary per distributed job
-        ws = ", ".join(f"{w:.4g}" for w in result.weights)
-        print(f"averaged {len(result.members)} checkpoints ({result.scheme}; weights oldest → newest: {ws})")
+        print(f"averaged {len(result.members)} checkpoints ({result.scheme}), oldest → newest: {_members_line(result)}")
         print(
             f"{result.averaged} tensors averaged, {result.copied} copied from the newest member, "
             f"{human_bytes(result.nbytes)} in {result.seconds:.2f} s"
         )
         for f in result.files:
             print(f"wrote {f}")
+        for note in result.notes:
+            print(note)
     return 0
+
+
+#: A summary names this many members at most (the oldest and the newest, the rest counted).
+_SHOWN = 12
+
+
+def _members_line(result: Any) -> str:
+    """Each member by the part of its path that tells it apart, with its weight."""
+    items = [f"{name} ({w:.4g})" for name, w in zip(result.names, result.weights)]
+    if len(items) > _SHOWN:
+        half = _SHOWN // 2
+        items = [*items[:half], f"... {len(items) - _SHOWN} more ...", *items[-half:]]
+    return ", ".join(items)
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .._engine.members import ORDERS
+from .._engine.members import ORDER_HELP, ORDERS
 from .._errors import ConfigError, OutputError
 
 SWEEP_EPILOG = """\
@@ -63,7 +63,7 @@ def register(sub: Any) -> None:
     p.add_argument("--alphas", type=_floats, help="decay rates of exponential, e.g. 0.5,1,2 (default: 2)")
     p.add_argument("--baselines", type=_csv, default=list(BASELINES), help=f"comma-separated: {', '.join(BASELINES)} (default: all)")
     p.add_argument("--last", type=int, metavar="N", help="use only the newest N checkpoints")
-    p.add_argument("--order", choices=ORDERS, default="number", help="how to order the checkpoints oldest → newest (default: number in the file name)")
+    p.add_argument("--order", choices=ORDERS, default="number", help=ORDER_HELP)
     p.add_argument("--format", help="input format, instead of detecting it from the suffix")
     p.add_argument("--key", help="key of the state dict in nested .pt checkpoints (e.g. model)")
     p.add_argument("--strip-prefix", action="append", default=[], metavar="PREFIX", help="remove this prefix from tensor names (repeatable)")

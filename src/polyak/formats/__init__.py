@@ -33,6 +33,7 @@ from .._errors import ConfigError, FormatError
 from ._base import (
     FormatImpl,
     SourceTemplate,
+    SourceView,
     TensorInfo,
     TensorSource,
     TensorWriter,
@@ -45,6 +46,7 @@ __all__ = [
     "Format",
     "FormatImpl",
     "SourceTemplate",
+    "SourceView",
     "TensorInfo",
     "TensorSource",
     "TensorWriter",
@@ -55,6 +57,7 @@ __all__ = [
     "open_source",
     "open_writer",
     "register_format",
+    "suffix_format",
 ]
 
 @dataclass(frozen=True)
@@ -117,6 +120,12 @@ for _fmt in (
         ".torch_pt:TORCH",
         "PyTorch state dict (torch.save), loaded with weights_only=True",
     ),
+    Format(
+        "torch-index",
+        (".bin.index.json",),
+        ".torch_pt:TORCH_INDEX",
+        "Hugging Face sharded PyTorch checkpoint (pytorch_model.bin.index.json + .bin shards), loaded with weights_only=True",
+    ),
     Format("keras-weights", (".weights.h5",), ".keras_weights:KERAS_WEIGHTS", "Keras 3 weights (model.save_weights), via h5py"),
     Format("keras", (".keras",), ".keras_archive:KERAS", "Keras 3 model archive (model.save), via h5py"),
     Format(
@@ -130,6 +139,14 @@ for _fmt in (
         (),
         ".dcp:DCP",
         "torch.distributed.checkpoint folder (.metadata + *.distcp), read one tensor at a time",
+        directory=True,
+    ),
+    Format(
+        "hf-folder",
+        (),
+        ".hf_folder:HF_FOLDER",
+        "Hugging Face save_pretrained/Trainer or Accelerate save_state folder (model.safetensors, "
+        "its sharded index or pytorch_model.bin inside); written as a folder from_pretrained opens",
         directory=True,
     ),
 ):
@@ -160,6 +177,11 @@ def _by_suffix(path: Path) -> Format | None:
             if name.endswith(suffix) and (best is None or len(suffix) > best[0]):
                 best = (len(suffix), fmt)
     return None if best is None else best[1]
+
+
+def suffix_format(path: str | os.PathLike[str]) -> Format | None:
+    """The format a file name's suffix selects (longest match), or ``None``."""
+    return _by_suffix(Path(path))
 
 
 def _read_head(path: Path, size: int = 4096) -> bytes:
@@ -208,13 +230,13 @@ def detect_format(path: str | os.PathLike[str], format: str | None = None) -> Fo
                 f"{p}: the content is not {fmt.name} ({fmt.description}); check --format"
             )
         return fmt
+    if p.is_dir():
+        return _detect_folder(p)
     by_suffix = _by_suffix(p)
     sniffed = _sniff(p)
     if by_suffix is not None and by_suffix in sniffed:
         return by_suffix
     if by_suffix is not None and len(sniffed) == 1 and sniffed[0].name in CONTENT_DECIDES.get(by_suffix.name, ()):
-        return sniffed[0]
-    if by_suffix is None and p.is_dir() and len(sniffed) == 1:
         return sniffed[0]
     if by_suffix is None:
         hint = (
@@ -234,6 +256,18 @@ def detect_format(path: str | os.PathLike[str], format: str | None = None) -> Fo
         f"{p}: not a valid {by_suffix.name} file (wrong magic bytes or corrupted header); "
         "the file may be truncated or not a checkpoint"
     )
+
+
+def _detect_folder(p: Path) -> Format:
+    """The folder format a folder member has: exactly one must recognise it."""
+    sniffed = _sniff(p)
+    if len(sniffed) == 1:
+        return sniffed[0]
+    if sniffed:
+        names = ", ".join(f.name for f in sniffed)
+        raise FormatError(f"{p}: the folder looks like several checkpoint formats ({names}); pass --format NAME")
+    kinds = "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values() if f.directory)
+    raise FormatError(f"{p}: a folder that holds no checkpoint polyak knows ({kinds}); give the checkpoint file inside it")
 
 
 def output_format(path: str | os.PathLike[str], format: str | None = None) -> Format:

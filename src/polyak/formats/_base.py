@@ -29,6 +29,7 @@ __all__ = [
     "FormatImpl",
     "SourceOpener",
     "SourceTemplate",
+    "SourceView",
     "TensorInfo",
     "TensorSource",
     "TensorWriter",
@@ -158,6 +159,45 @@ class TensorSource(ABC):
         return f"<{type(self).__name__} {self.label!r}: {len(self)} tensors>"
 
 
+class SourceView(TensorSource):
+    """Another source seen through a wrapper: everything is the inner source's unless overridden.
+
+    What wrappers share (``strip_prefix``'s renaming view, a checkpoint folder that opens
+    the weights file inside it): they change how a source is named or found, never how
+    its tensors are read.
+    """
+
+    def __init__(self, inner: TensorSource, path: str | os.PathLike[str] | None = None, label: str | None = None) -> None:
+        super().__init__(inner.path if path is None else path, inner.label if label is None else label)
+        self.inner = inner
+        self.format_name = inner.format_name  # type: ignore[misc]
+        self.zero_copy = inner.zero_copy  # type: ignore[misc]
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self.inner.infos()
+
+    def read(self, name: str) -> np.ndarray:
+        return self.inner.read(name)
+
+    def metadata(self) -> dict[str, str]:
+        return self.inner.metadata()
+
+    def aliases(self) -> dict[str, str]:
+        return self.inner.aliases()
+
+    def extras(self) -> dict[str, Any]:
+        return self.inner.extras()
+
+    def template(self) -> SourceTemplate | None:
+        return self.inner.template()
+
+    def files(self) -> list[Path]:
+        return self.inner.files()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 @dataclass(frozen=True)
 class WriteOptions:
     """Options every writer understands; a writer ignores what its format cannot express.
@@ -202,6 +242,9 @@ class TensorWriter(ABC):
         self.template = template
         self.aliases = dict(aliases or {})
         self.options = options or WriteOptions()
+        #: Lines for the summary about what the writer did beyond the tensors (files copied
+        #: along, a format chosen for the user); filled by the time :meth:`commit` returns.
+        self.notes: list[str] = []
 
     @property
     def order(self) -> list[str]:
@@ -212,6 +255,15 @@ class TensorWriter(ABC):
     def targets(self) -> list[Path]:
         """Every final path :meth:`commit` will create or replace."""
         return [self.path]
+
+    def target(self, name: str) -> np.ndarray | None:
+        """Where the tensor ``name`` may be computed in place, or ``None`` (the default).
+
+        A writer whose destination is memory (a module's own tensors) returns a writable,
+        C-contiguous array of the output's shape; the engine then accumulates the result
+        straight into it, and :meth:`write` is not called for that tensor.
+        """
+        return None
 
     @abstractmethod
     def write(self, name: str, array: np.ndarray) -> None:

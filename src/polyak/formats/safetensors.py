@@ -23,7 +23,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -216,10 +216,22 @@ class SafetensorsSource(TensorSource):
 
 
 class SafetensorsIndexSource(TensorSource):
-    """A Hugging Face sharded checkpoint: the index JSON plus its shards (one mapped at a time)."""
+    """A Hugging Face sharded checkpoint: the index JSON plus its shards (one mapped at a time).
+
+    The index (``{"metadata": {"total_size": ...}, "weight_map": {name: shard file}}``) is
+    the same for every Hugging Face shard format; a subclass reads other shards by
+    overriding :meth:`_open_shard` (``pytorch_model.bin.index.json``:
+    :class:`polyak.formats.torch_pt.TorchIndexSource`).
+    """
 
     format_name = "safetensors-index"
     zero_copy = True
+    #: Unmap a shard when reading moves on to another (its pages are reread on demand).
+    close_idle_shards: ClassVar[bool] = True
+
+    def _open_shard(self, path: Path, label: str) -> TensorSource:
+        """Open one shard named by the index."""
+        return SafetensorsSource(path, label=label)
 
     def __init__(self, path: Path, *, label: str | None = None) -> None:
         super().__init__(path, label)
@@ -240,7 +252,7 @@ class SafetensorsIndexSource(TensorSource):
         claimed = meta.get("total_size") if isinstance(meta, dict) else None
         self._meta.pop("total_size", None)
         folder = path.parent
-        self._shards: dict[str, SafetensorsSource] = {}
+        self._shards: dict[str, TensorSource] = {}
         self._where: dict[str, str] = {}
         infos: dict[str, TensorInfo] = {}
         for shard in dict.fromkeys(wmap.values()):
@@ -251,8 +263,7 @@ class SafetensorsIndexSource(TensorSource):
                 )
             if not shard_path.is_file():
                 raise FormatError(f"{self.label}: shard {shard} listed in the index is missing")
-            src = SafetensorsSource(shard_path, label=f"{self.label} (shard {shard})")
-            self._shards[shard] = src
+            self._shards[shard] = self._open_shard(shard_path, f"{self.label} (shard {shard})")
         for name, shard in wmap.items():
             src = self._shards[shard]
             if name not in src.infos():
@@ -269,7 +280,7 @@ class SafetensorsIndexSource(TensorSource):
             return
         if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) or claimed < 0 or claimed != int(claimed):
             raise FormatError(f"{self.label}: corrupted index: metadata total_size {claimed!r} is not a byte count")
-        on_disk = sum(src._size for src in self._shards.values())
+        on_disk = sum(src.path.stat().st_size for src in self._shards.values() if src.path is not None)
         if claimed > on_disk:
             raise FormatError(
                 f"{self.label}: the index claims total_size {int(claimed)} bytes but its shards hold "
@@ -281,7 +292,7 @@ class SafetensorsIndexSource(TensorSource):
 
     def read(self, name: str) -> np.ndarray:
         shard = self._where[name]
-        if self._current is not None and self._current != shard:
+        if self._current is not None and self._current != shard and self.close_idle_shards:
             self._shards[self._current].close()
         self._current = shard
         return self._shards[shard].read(name)
@@ -293,8 +304,21 @@ class SafetensorsIndexSource(TensorSource):
         meta.update(self._meta)
         return meta
 
+    def aliases(self) -> dict[str, str]:
+        tied: dict[str, str] = {}
+        for src in self._shards.values():
+            tied.update(src.aliases())
+        return tied
+
     def extras(self) -> dict[str, object]:
         return {"shards": sorted(self._shards)}
+
+    def shard_bytes(self) -> dict[str, int]:
+        """Bytes of tensor data in each shard, by shard file name."""
+        sizes = dict.fromkeys(self._shards, 0)
+        for name, shard in self._where.items():
+            sizes[shard] += self._infos[name].nbytes
+        return sizes
 
     def files(self) -> list[Path]:
         return [self.path, *(src.path for src in self._shards.values())]  # type: ignore[list-item]

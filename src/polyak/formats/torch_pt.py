@@ -1,4 +1,5 @@
-"""PyTorch checkpoints (``torch.save``): ``.pt``, ``.pth``, ``.bin``, ``.ckpt``.
+"""PyTorch checkpoints (``torch.save``): ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, and Hugging
+Face sharded ones (``pytorch_model.bin.index.json`` + ``pytorch_model-0000i-of-0000n.bin``).
 
 Loaded only with ``torch.load(weights_only=True, map_location="cpu")``: the restricted
 unpickler builds tensors and plain containers and refuses anything that would run code.
@@ -25,6 +26,8 @@ import numpy as np
 from .._atomic import AtomicFile
 from .._errors import ConfigError, FormatError, UnsafeFileError
 from ._base import FormatImpl, SourceTemplate, TensorInfo, TensorSource, TensorWriter, contiguous
+from ._common import reject_key
+from .safetensors import SafetensorsIndexSource, sniff_safetensors_index
 
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -291,4 +294,22 @@ class TorchWriter(TensorWriter):
         self._state = {}
 
 
+class TorchIndexSource(SafetensorsIndexSource):
+    """A Hugging Face sharded PyTorch checkpoint: ``pytorch_model.bin.index.json`` and its
+    ``.bin`` shards, each read as a :class:`TorchSource` (``weights_only=True``,
+    memory-mapped, so keeping every shard open costs no private memory)."""
+
+    format_name = "torch-index"
+    close_idle_shards = False  # a TorchSource cannot reopen itself after close()
+
+    def _open_shard(self, path: Path, label: str) -> TensorSource:
+        return TorchSource(path, label=label)
+
+
+def open_torch_index(path: Path, *, key: str | None = None, label: str | None = None) -> TorchIndexSource:
+    reject_key(key, path, "sharded PyTorch (pytorch_model.bin.index.json)")
+    return TorchIndexSource(path, label=label)
+
+
 TORCH = FormatImpl(sniff=sniff_torch, open=TorchSource, writer=TorchWriter)
+TORCH_INDEX = FormatImpl(sniff=sniff_safetensors_index, open=open_torch_index)

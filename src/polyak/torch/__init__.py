@@ -30,8 +30,6 @@ import torch  # noqa: F401  - the user opted in to torch by importing polyak.tor
 
 from ._averagers import AveragerState as AveragerState
 from ._checkpoints import CheckpointSaver as CheckpointSaver
-from ._checkpoints import LoadReport as LoadReport
-from ._checkpoints import load_average as load_average
 from ._common import WRAPPER_PREFIXES as WRAPPER_PREFIXES
 from ._common import canonical_name as canonical_name
 from ._dist import export as export
@@ -43,6 +41,8 @@ from ._eval import Evaluate as Evaluate
 from ._eval import default_metric as default_metric
 from ._eval import evaluator as evaluator
 from ._eval import update_bn as update_bn
+from ._load import LoadReport as LoadReport
+from ._load import load_average as load_average
 
 __all__ = [
     "EMA",

@@ -1,29 +1,25 @@
-"""Capture checkpoints during training (:class:`CheckpointSaver`) and load averages back."""
+"""Capture checkpoints during training (:class:`CheckpointSaver`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .._atomic import AtomicFile, cleanup_stale_temps
 from .._errors import ConfigError, MismatchError, whole_number
-from .._layout import compare_layouts
 from .._retention import Retention
 from ..formats import open_writer
 from ..formats._base import TensorInfo
-from ..formats.torch_pt import numpy_to_tensor, tensor_to_numpy
+from ..formats.torch_pt import tensor_to_numpy
 from ._common import WRAPPER_PREFIXES, canonical_name, is_writer_rank
 
-__all__ = ["CheckpointSaver", "LoadReport", "load_average"]
+__all__ = ["CheckpointSaver"]
 
 _FORMATS = (".safetensors", ".pt")
 _UNITS = ("epoch", "step")
@@ -170,71 +166,3 @@ class CheckpointSaver:
 
     def _prune(self, written: Path) -> None:
         self._retention.prune(self.directory, keep=written)
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_average` loaded.
-
-    Attributes:
-        loaded: Names of the module's tensors that received the average (module order).
-        missing: The module's tensors the average lacks (module order; left as they were).
-        unexpected: Averaged tensors the module lacks (sorted; ignored).
-    """
-
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-
-
-@torch.no_grad()
-def load_average(
-    module: torch.nn.Module,
-    checkpoints: Sequence[Any],
-    *,
-    scheme: str = "equal",
-    strict: bool = True,
-    **kwargs: Any,
-) -> LoadReport:
-    """Fill ``module`` with the average of saved checkpoints (through :func:`polyak.average`).
-
-    Args:
-        module: The model to fill; its tensors keep their dtype and device.
-        checkpoints: Paths (any format polyak reads) or state dicts, oldest → newest
-            (paths are ordered by the numbers in their names unless ``order="given"``).
-        scheme: ``"equal"``, ``"linear"``, ``"exponential"`` or ``"custom"`` (``weights=``).
-        strict: Require the averaged names to equal the module's (prefixes ``module.`` and
-            ``_orig_mod.`` ignored). With ``strict=False`` the common tensors are loaded
-            and the report lists the missing and unexpected ones. Shapes must match
-            either way; dtypes need not (the average is cast into the module's dtypes).
-        **kwargs: Passed to :func:`polyak.average` (``alpha``, ``weights``, ``last``,
-            ``order``, ``key``, ...).
-
-    Returns:
-        A :class:`LoadReport`.
-
-    Raises:
-        MismatchError: Names differ (strict) or shapes differ (always); all listed at once.
-    """
-    from .._engine.average import average
-
-    if "out" in kwargs:
-        raise ConfigError("load_average fills a module; use polyak.average(out=...) to write a file")
-    kwargs.setdefault("strip_prefix", WRAPPER_PREFIXES)
-    averaged = average(list(checkpoints), scheme=scheme, **kwargs)
-    averaged = {canonical_name(k): v for k, v in averaged.items()}
-    live = {canonical_name(k): t for k, t in module.state_dict(keep_vars=True).items()}
-    # Dtypes are not compared: the average is cast into the module's dtypes (bf16, fp16).
-    diff = compare_layouts(live, averaged, ("the module", "the averaged checkpoints"), dtypes=False)
-    names_differ = bool(diff.missing or diff.unexpected)
-    (diff if strict else replace(diff, missing=[], unexpected=[])).raise_if_any(
-        "the averaged checkpoints do not fit the module",
-        fix=("pass strict=False to load the common tensors (their shapes must still match)" if strict and names_differ
-             else "average checkpoints of this module's architecture"),
-    )
-    loaded = []
-    for k, t in live.items():
-        if k in averaged:
-            t.copy_(numpy_to_tensor(np.asarray(averaged[k])))
-            loaded.append(k)
-    return LoadReport(loaded, diff.missing, diff.unexpected)

@@ -16,16 +16,19 @@ import torch
 from .._errors import MismatchError
 
 __all__ = [
+    "LABEL_KEYS",
     "META_KEY",
     "WRAPPER_PREFIXES",
     "Slot",
     "canonical_name",
+    "feed",
     "is_averaged",
     "is_writer_rank",
     "local_tensor",
     "move_batch",
     "named_slots",
     "named_tensors",
+    "split_targets",
 ]
 
 #: Prefixes added by wrappers: ``module.`` (DataParallel / DistributedDataParallel) and
@@ -135,10 +138,34 @@ def move_batch(batch: Any, device: torch.device | str | None) -> Any:
     return batch
 
 
+#: Where dict batches keep their targets; the first of these keys present holds them.
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def split_targets(batch: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A dict batch's model inputs and its targets (``None`` when it has none).
+
+    The targets are the value of the first of :data:`LABEL_KEYS` the batch holds; every
+    other entry is an input. The one rule for every dict batch polyak runs (``evaluator``,
+    ``update_bn``).
+
+    Example:
+        >>> split_targets({"x": 1, "labels": 2})
+        ({'x': 1}, 2)
+    """
+    inputs = dict(batch)
+    for key in LABEL_KEYS:
+        if key in inputs:
+            targets = inputs.pop(key)
+            return inputs, targets
+    return inputs, None
+
+
 def feed(model: Any, batch: Any) -> Any:
-    """The default way to run a batch: ``model(x)`` for ``(x, ...)``, ``model(**d)`` for a dict."""
+    """The default way to run a batch: ``model(x)`` for ``(x, ...)``, ``model(**inputs)`` for a
+    dict, its targets left out (:func:`split_targets`)."""
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**split_targets(batch)[0])
     if isinstance(batch, (list, tuple)):
         return model(batch[0])
     return model(batch)

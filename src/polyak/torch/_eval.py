@@ -11,11 +11,9 @@ import torch
 from .._errors import ConfigError
 from .._layout import compare_layouts
 from ..formats.torch_pt import numpy_to_tensor
-from ._common import canonical_name, feed, move_batch
+from ._common import LABEL_KEYS, canonical_name, feed, move_batch, split_targets
 
 __all__ = ["Evaluate", "evaluator", "update_bn"]
-
-_LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
 
 @torch.no_grad()
@@ -38,7 +36,9 @@ def update_bn(
         model: The model (usually after ``copy_to`` or ``load_average``).
         loader: Iterable of batches (a ``DataLoader``).
         call: ``call(model, batch)`` runs one batch. Default: ``model(batch[0])`` for a
-            tuple/list batch, ``model(**batch)`` for a dict, else ``model(batch)``.
+            tuple/list batch, ``model(**inputs)`` for a dict (its targets, under ``labels``,
+            ``label``, ``targets``, ``target`` or ``y``, left out, as :func:`evaluator`
+            leaves them out), else ``model(batch)``.
         device: Move the tensors of each batch to this device first.
 
     Returns:
@@ -82,12 +82,10 @@ class Evaluate(Protocol):
 
 def _default_call(model: torch.nn.Module, batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, Mapping):
-        inputs = dict(batch)
-        for key in _LABEL_KEYS:
-            if key in inputs:
-                targets = inputs.pop(key)
-                return model(**inputs), targets
-        raise ConfigError(f"dict batches need the targets under one of {list(_LABEL_KEYS)}, or pass call=")
+        inputs, targets = split_targets(batch)
+        if targets is None:
+            raise ConfigError(f"dict batches need the targets under one of {list(LABEL_KEYS)}, or pass call=")
+        return model(**inputs), targets
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return model(batch[0]), batch[1]
     raise ConfigError("batches must be (inputs, targets) pairs or dicts with 'labels'; otherwise pass "
