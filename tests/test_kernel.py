@@ -111,3 +111,24 @@ def test_threaded_parts_match_numpy(tmp_path, scheme: str) -> None:
     want = np.average(np.stack([m["w"].astype(np.float64) for m in members]), axis=0,
                       weights=tutorial_weights(scheme, 4, 1.5))
     np.testing.assert_allclose(got["w"], want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64])
+def test_a_probe_overflowed_by_finite_values_is_not_nan(dtype: type) -> None:
+    # Each chunk's sum overflows (a float32 or float64 chunk of values near max / 8), every
+    # element is finite, and so is every average: the element-by-element check (in the
+    # tensor's own dtype: float64 values do not fit float32) lets them pass, with no warning
+    # from numpy (which -W error would turn into an exception), also in worker threads.
+    big = np.finfo(dtype).max / 8
+    x = np.full(N, big, dtype)
+    scratch = np.empty(CHUNK, x.dtype)
+    assert [b for _, b, _ in member_chunks(x, x.dtype, scratch, label="m", name="w")] == [CHUNK, 2 * CHUNK, N]
+    members = [{"w": x}, {"w": x.copy()}]
+
+    def value(state: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        return {"validation": {"x": float(np.real(state["w"][0]))}}
+
+    rows = polyak.sweep(members, value, schemes=["equal"], baselines=()).rows
+    assert [r.value("x", "validation") for r in rows] == [pytest.approx(float(big), rel=1e-6)] * 2
+    assert polyak.greedy_soup(members, value, "x").score == pytest.approx(float(big), rel=1e-6)
+    assert polyak.average(members)["w"][0] == pytest.approx(big, rel=1e-6)
