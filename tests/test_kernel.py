@@ -132,3 +132,27 @@ def test_a_probe_overflowed_by_finite_values_is_not_nan(dtype: type) -> None:
     assert [r.value("x", "validation") for r in rows] == [pytest.approx(float(big), rel=1e-6)] * 2
     assert polyak.greedy_soup(members, value, "x").score == pytest.approx(float(big), rel=1e-6)
     assert polyak.average(members)["w"][0] == pytest.approx(big, rel=1e-6)
+
+
+def _nonfinite(who: str, name: str = "w") -> str:
+    return (f'^tensor "{name}" has NaN or Inf values in: {re.escape(who)}\\. Averaging would spread them into the '
+            "result; drop that member \\(e\\.g\\. with --last\\) or repair it first$")
+
+
+def test_the_nonfinite_error_names_every_culprit_and_only_them() -> None:
+    # float64 values beyond float32's range are finite: only the NaN and the Inf are named.
+    members = [{"w": np.full(4, 1e300)} for _ in range(4)]
+    members[1]["w"][2] = np.nan
+    members[3]["w"][0] = -np.inf
+    with pytest.raises(polyak.NonFiniteError, match=_nonfinite("member 1, member 3")):
+        polyak.average(members)
+    with pytest.raises(polyak.NonFiniteError, match=_nonfinite("member 1")):
+        polyak.average(members[:3])
+
+
+def test_an_overflow_of_finite_members_is_named_as_such() -> None:
+    # Normalised in float32, the weights 2/11, 5/11, 4/11 sum to a little more than 1, so
+    # three members at float32's maximum overflow while averaging.
+    big = [{"w": np.full(3, np.finfo(np.float32).max, np.float32)} for _ in range(3)]
+    with pytest.raises(polyak.NonFiniteError, match=_nonfinite("none of the members (overflow while averaging)")):
+        polyak.average(big, weights=[2, 5, 4])

@@ -177,6 +177,35 @@ def test_keras_01_layout_is_upgraded() -> None:
     assert unstarted["config"]["start"] is None and unstarted["step"] == 0
 
 
+@pytest.mark.parametrize(
+    ("count", "last_step", "every", "start"),
+    [
+        (0, 5, 1, None),  # nothing averaged yet: the start is not known
+        (1, 0, 1, 0),     # one update, at step 0
+        (1, 7, 3, 7),     # one update: it was the start
+        (3, 4, 2, 0),     # updates at 4, 2, 0
+        (5, 2, 1, 0),     # more updates than steps (a resumed 0.1 run): never before step 0
+        (2, -1, 1, None),
+    ],
+)
+def test_keras_01_start_is_worked_back_from_the_last_update(count: int, last_step: int, every: int, start: int | None) -> None:
+    old = {"schedule": make_schedule(0.9, every=every).to_dict(), "count": count, "last_step": last_step,
+           "start_epoch": 2, "include_non_trainable": False}
+    new = read_record(old, kind="ema")
+    assert new["config"]["start"] == start and new["config"]["every"] == every
+    assert (new["step"], new["count"]) == (max(last_step, 0), count)
+
+
+def test_keras_01_record_with_only_what_0_1_required() -> None:
+    # A 0.1 state holding only the schedule (without `every`) and last_step: the other
+    # fields take 0.1's defaults (no updates, start_epoch 0, trainable variables only).
+    schedule = {k: v for k, v in make_schedule(0.9).to_dict().items() if k != "every"}
+    new = read_record({"schedule": schedule, "last_step": 6}, kind="ema")
+    assert new == {"kind": "ema", "step": 6, "count": 0, "config": {
+        "start": None, "every": 1, "schedule": schedule, "start_epoch": 0, "include_non_trainable": False}}
+    assert read_record({"schedule": schedule, "last_step": 6, "count": 2}, kind="ema")["config"]["start"] == 5
+
+
 def test_check_saved_tensors_lists_every_problem() -> None:
     ours = {"a": np.zeros(2), "b": np.zeros((2, 3)), "c": np.zeros(1)}
     saved = {"a": np.zeros(2), "b": np.zeros((3, 2)), "x": np.zeros(1)}
