@@ -77,12 +77,26 @@ def test_member_chunks_find_nan_in_any_chunk(where: int) -> None:
     x = np.ones(N, np.float16)
     x[where] = np.nan
     scratch = np.empty(CHUNK, np.float32)
-    with pytest.raises(polyak.NonFiniteError, match='^m.safetensors: tensor "w" has NaN or Inf values'):
+    message = ('m.safetensors: tensor "w" has NaN or Inf values. They would spread into every average that '
+               "contains this member; drop it (e.g. with last=) or repair it first")
+    with pytest.raises(polyak.NonFiniteError, match=f"^{re.escape(message)}$"):
         for _ in member_chunks(x, np.dtype(np.float32), scratch, label="m.safetensors", name="w"):
             pass
     got = [(a, b, c.dtype.name, c.size) for a, b, c in member_chunks(np.ones(N, np.float16), np.dtype(np.float32),
                                                                         scratch, label="m", name="w")]
     assert got == [(0, CHUNK, "float32", CHUNK), (CHUNK, 2 * CHUNK, "float32", CHUNK), (2 * CHUNK, N, "float32", 7)]
+
+
+def test_soup_of_tensors_of_any_rank() -> None:
+    rng = np.random.default_rng(2)
+    members = [{"m": rng.standard_normal((3, 4, 5)).astype(np.float32), "s": np.array(float(i), np.float32),
+                "h": rng.standard_normal((6, 2)).astype(np.float16)} for i in range(3)]
+    soup = polyak.greedy_soup(members, lambda s: {"validation": {"x": -float(np.sum(np.abs(s["m"])))}}, "x")
+    kept = [members[i] for i in soup.indices]
+    for name in ("m", "s", "h"):
+        want = np.mean([m[name].astype(np.float64) for m in kept], axis=0)
+        assert soup.state[name].shape == want.shape and soup.state[name].dtype == members[0][name].dtype
+        np.testing.assert_allclose(soup.state[name], want, rtol=2e-3 if name == "h" else 1e-6, atol=1e-3)
 
 
 def test_sweep_and_soup_find_nan_in_the_first_chunk() -> None:

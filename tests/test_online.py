@@ -25,6 +25,7 @@ from polyak._online import (
     check_saved_tensors,
     next_update,
     read_record,
+    weights_from_config,
 )
 
 
@@ -227,3 +228,26 @@ def test_weights_of_each_kind() -> None:
     assert list(itertools.islice((EMAWeights(make_schedule(0.75))(c) for c in itertools.count()), 3)) == [1.0, 0.25, 0.25]
     with pytest.raises(ConfigError, match=r"weighting must be one of \['equal', 'linear'\], got 'cubic'"):
         SWAWeights("cubic")
+
+
+def test_weights_from_a_saved_config_and_what_it_omits() -> None:
+    schedule = make_schedule(0.9, warmup="tf")
+    assert weights_from_config("ema", {"schedule": schedule.to_dict()}) == EMAWeights(schedule)
+    fallback = EMAWeights(make_schedule(0.5))
+    assert weights_from_config("ema", {}, fallback) is fallback
+    with pytest.raises(FormatError, match="^the saved EMA record has no schedule$"):
+        weights_from_config("ema", {})
+    assert weights_from_config("swa", {}) == SWAWeights("equal")
+    assert weights_from_config("swa", {}, SWAWeights("linear")) == SWAWeights("linear")
+    assert weights_from_config("swa", {"weighting": "equal"}, SWAWeights("linear")) == SWAWeights("equal")
+    with pytest.raises(ConfigError, match=r"^saved SWA weighting 'cubic' is not one of \['equal', 'linear'\]$"):
+        weights_from_config("swa", {"weighting": "cubic"})
+    with pytest.raises(ConfigError, match="^unknown averager kind 'sgd'; polyak saves 'ema' and 'swa' averagers$"):
+        weights_from_config("sgd", {})
+    # configure() keeps what a saved config omits
+    avg = OnlineAverage(EMAWeights(make_schedule(0.7, every=2)), Cadence(5, 2), NumpyOps())
+    avg.configure({"start": 8})
+    assert avg.weights == EMAWeights(make_schedule(0.7, every=2)) and avg.cadence == Cadence(8, 2)
+    swa = OnlineAverage(SWAWeights("linear"), Cadence(0, 1), NumpyOps())
+    swa.configure({"every": 3})
+    assert swa.weights == SWAWeights("linear") and swa.cadence == Cadence(0, 3)
