@@ -251,3 +251,24 @@ def test_weights_from_a_saved_config_and_what_it_omits() -> None:
     swa = OnlineAverage(SWAWeights("linear"), Cadence(0, 1), NumpyOps())
     swa.configure({"every": 3})
     assert swa.weights == SWAWeights("linear") and swa.cadence == Cadence(0, 3)
+
+
+def test_read_record_defaults_and_counters() -> None:
+    assert read_record({"kind": "swa"}, kind="swa") == {"kind": "swa", "step": 0, "count": 0, "config": {}}
+    assert read_record({"kind": "swa", "config": None, "step": 3.0, "count": 2}, kind="swa") == {
+        "kind": "swa", "step": 3, "count": 2, "config": {}}
+    for field, value in (("step", -1), ("count", -3)):
+        with pytest.raises(ConfigError, match=f"^{field} must be a whole number ≥ 0, got {value}$"):
+            read_record({"kind": "swa", field: value}, kind="swa")
+    # Only a record without "kind" that has 0.1's two fields is a 0.1 state.
+    with pytest.raises(FormatError, match=r"^not an averager state: it has no 'kind' \(fields: \['last_step', 'tensors'\]\)$"):
+        read_record({"last_step": 3, "tensors": {}}, kind="ema")
+    schedule = make_schedule(0.9).to_dict()
+    current = {"kind": "ema", "step": 4, "count": 2, "config": {"start": 3}, "schedule": schedule, "last_step": 9}
+    assert read_record(current, kind="ema") == {**current, "step": 4, "count": 2, "config": {"start": 3}}
+
+
+def test_configure_takes_every_from_the_saved_schedule() -> None:
+    avg = OnlineAverage(EMAWeights(make_schedule(0.7, every=2)), Cadence(5, 2), NumpyOps())
+    avg.configure({"schedule": make_schedule(0.7, every=4).to_dict(), "every": 1})
+    assert avg.cadence == Cadence(5, 4) and avg.weights.every == 4
