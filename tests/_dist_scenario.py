@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from polyak import ConfigError
-from polyak.torch import EMA, export, load_sharded, save_sharded
+from polyak.torch import EMA, PostHocEMA, export, load_sharded, save_sharded
 
 STEPS, DECAY, LR = 5, 0.8, 0.1
 
@@ -82,6 +82,23 @@ def main(out: Path) -> None:
     load_sharded(resumed, out / "fsdp_state")
     report["resumed_count"] = resumed.state.count
     export(resumed, out / "fsdp_resumed.safetensors")
+
+    # PostHocEMA: under DDP rank 0 writes the snapshots; under FSDP2 each snapshot is
+    # gathered through export, and a run resumes from the folder on the shards.
+    ddp = torch.nn.parallel.DistributedDataParallel(make_model())
+    train(ddp, PostHocEMA(ddp, out / "posthoc_ddp", every=2), rank, world)
+    dist.barrier()
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model)
+    train(model, PostHocEMA(model, out / "posthoc_fsdp", every=2), rank, world)
+    dist.barrier()
+    again = make_model()
+    fully_shard(again[0])
+    fully_shard(again)
+    resumed_ph = PostHocEMA(again, out / "posthoc_fsdp", every=2, resume=True)
+    report["posthoc_resumed"] = [resumed_ph.count, list(resumed_ph.ema(0.05).state.tensors["0.weight"].shape)]
+    export(resumed_ph.ema(0.05), out / "posthoc_resumed.safetensors")
     (out / f"report{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 

@@ -73,3 +73,28 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             t = f.get_tensor(name)
             out[name] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
     return out
+
+
+def power_gamma(sigma_rel: float) -> float:
+    """γ of a power-function EMA from its σ_rel, independently of polyak: the largest real
+    root of σ²(γ+2)²(γ+3) = γ+1, i.e. σ²γ³ + 7σ²γ² + (16σ² − 1)γ + 12σ² − 1 = 0."""
+    s2 = sigma_rel**2
+    roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
+    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+class PowerEMA:
+    """A power-function EMA written from its definition (Karras et al. 2024), in float64:
+    after t updates, ema_t = β_t·ema_{t−1} + (1 − β_t)·θ_t with β_t = (1 − 1/t)^(γ+1)."""
+
+    def __init__(self, sigma_rel: float) -> None:
+        self.gamma = power_gamma(sigma_rel)
+        self.t = 0
+        self.value: dict[str, np.ndarray] = {}
+
+    def update(self, state: dict[str, np.ndarray]) -> None:
+        self.t += 1
+        beta = (1.0 - 1.0 / self.t) ** (self.gamma + 1.0)
+        for k, v in state.items():
+            v = np.asarray(v, dtype=np.float64)
+            self.value[k] = v.copy() if self.t == 1 else beta * self.value[k] + (1.0 - beta) * v

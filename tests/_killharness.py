@@ -306,15 +306,16 @@ for step in range(10_000):
     ema.update()
     ema.save(sys.argv[1] + "/ema.safetensors")
 """,
-    # All three in one process (one torch start per kill): the default test campaign.
+    # All four in one process (one torch start per kill): the default test campaign.
     "torch-all": """
 import os, sys, torch
-from polyak.torch import EMA, CheckpointSaver
+from polyak.torch import EMA, CheckpointSaver, PostHocEMA
 root = sys.argv[1]
 os.makedirs(root + "/ema", exist_ok=True)
 savers = [CheckpointSaver(root + "/st", format=".safetensors"), CheckpointSaver(root + "/pt", format=".pt")]
 m = torch.nn.Linear(300, 300)
 ema = EMA(m, decay=0.5)
+posthoc = PostHocEMA(m, root + "/posthoc", every=1)  # a snapshot per width at every step
 for epoch in range(10_000):
     with torch.no_grad():
         for p in m.parameters():
@@ -323,6 +324,7 @@ for epoch in range(10_000):
         saver.save(m, epoch=epoch)
     ema.update()
     ema.save(root + "/ema/ema.safetensors")
+    posthoc.update()
 """,
     # Keras: CheckpointCallback (.keras and .weights.h5) saving at every epoch of a fit().
     "keras-all": """

@@ -113,3 +113,43 @@ def test_user_errors_exit_2(args: list[str], message: str, tmp_path: Path) -> No
     r = _demo(*args, "--out", str(tmp_path / "x"))
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_posthoc_in_the_demo(tmp_path: Path, framework: str) -> None:
+    """``--posthoc``: the tracked EMAs' snapshots are in the run's folder, every width of the
+    grid is scored, the choice is the best validation accuracy (ties: the tracked EMA, then
+    the narrowest width), and the summary over runs reports it on test."""
+    pytest.importorskip(framework)
+    from polyak import open_source
+    from polyak.demo._data import load_blobs
+    from polyak.demo._experiment import POSTHOC_DIR, run_repetition
+    from polyak.demo._model import Evaluator
+    from polyak.demo._summary import summarise
+
+    epochs = 40 if framework == "torch" else 20  # Keras' fit costs more per epoch
+    config = DemoConfig(framework=framework, recipe=Recipe(epochs=epochs, members=4), posthoc=True)
+    rep = run_repetition(config, seed=1, directory=tmp_path / "ckpt")
+    ph = rep["posthoc"]
+    assert config.posthoc_every_epochs == epochs // 20 and ph["snapshots"] == 2 * 20 and ph["step"] == epochs * 4
+    assert [r["sigma_rel"] for r in ph["rebuilt"]] == list(config.posthoc_grid)
+    assert [r["sigma_rel"] for r in ph["tracked"]] == [0.05, 0.1]
+    # the tracked rows are the snapshot files, scored by the demo's evaluator
+    folder = tmp_path / "ckpt" / POSTHOC_DIR
+    with open_source(folder / f"posthoc_sigma0.1_step{epochs * 4:09d}.safetensors") as src:
+        state = {n: src.read(n) for n in src.infos()}
+    assert Evaluator(load_blobs(), framework)(state)["test"] == ph["tracked"][1]["test"]
+    # rebuilding a tracked width gives that EMA: the same scores
+    r10 = next(r for r in ph["rebuilt"] if r["sigma_rel"] == 0.1)
+    assert r10["residual"] < 1e-6 and r10["test"] == ph["tracked"][1]["test"]
+    best = max(r["validation"] for r in ph["rebuilt"] + ph["tracked"])
+    assert ph["chosen"]["validation"] == best
+    summary = summarise([rep, rep])
+    labels = [r["label"] for r in summary["rows"]]
+    assert "post-hoc EMA, sigma_rel chosen on validation" in labels and "tracked EMA sigma_rel=0.05 (end of run)" in labels
+    assert summary["versus_final"]["post-hoc EMA"]["chosen_sigma_test"]["tie"] + \
+        summary["versus_final"]["post-hoc EMA"]["chosen_sigma_test"]["better"] + \
+        summary["versus_final"]["post-hoc EMA"]["chosen_sigma_test"]["worse"] == 2
+    if framework == "torch":  # a second run into the same folder replaces the snapshots (no mixed runs)
+        assert run_repetition(config, seed=2, directory=tmp_path / "ckpt")["posthoc"]["snapshots"] == 40

@@ -20,12 +20,14 @@ hooks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hooks)  # type: ignore[union-attr]
 
 #: Reference pages and the module each documents.
-PAGES = {"polyak.md": "polyak", "torch.md": "polyak.torch", "keras.md": "polyak.keras", "formats.md": "polyak.formats"}
+PAGES = {"polyak.md": "polyak", "torch.md": "polyak.torch", "keras.md": "polyak.keras", "formats.md": "polyak.formats",
+         "lightning.md": "polyak.lightning", "transformers.md": "polyak.transformers"}
 
 
-@pytest.mark.parametrize("module", ["polyak", "polyak.formats", "polyak.torch"])
+@pytest.mark.parametrize("module", ["polyak", "polyak.formats", "polyak.torch", "polyak.lightning", "polyak.transformers"])
 def test_reference_lists_every_public_name(module):
-    pytest.importorskip("torch") if module == "polyak.torch" else None
+    needs = {"polyak.torch": "torch", "polyak.lightning": "lightning", "polyak.transformers": "transformers"}
+    pytest.importorskip(needs[module]) if module in needs else None
     names = hooks.public_names(module)
     assert names == list(importlib.import_module(module).__all__)
     blocks = hooks.api_blocks(module)

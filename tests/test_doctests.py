@@ -23,6 +23,10 @@ CORE = [
     "polyak._errors",
     "polyak._online",
     "polyak._retention",
+    "polyak._json",
+    "polyak._dtypes",
+    "polyak.formats._base",
+    "polyak._posthoc",
 ]
 
 

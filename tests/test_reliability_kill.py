@@ -57,10 +57,10 @@ def test_sigkill_leaves_inputs_intact_and_output_absent_or_complete(tmp_path: Pa
 
 
 def test_sigkill_checkpoint_saver_and_ema_state(tmp_path: Path) -> None:
-    """A process saving checkpoints (CheckpointSaver) or EMA state in a loop, killed while
+    """A process saving checkpoints (CheckpointSaver), EMA state and post-hoc EMA snapshots in a loop, killed while
     saving: every file left is complete, and the next saver removes the temporary files."""
     pytest.importorskip("torch")
-    kind = "torch-all"  # CheckpointSaver .safetensors and .pt, EMA.save, in one process
+    kind = "torch-all"  # CheckpointSaver .safetensors and .pt, EMA.save, PostHocEMA, in one process
     stats = run_saver_campaign(kind, tmp_path, kills=SAVER_KILLS, budget_s=BUDGET_S * 2, seed=3)
     print(f"\n[kills] {kind}: {stats}")
     assert stats.problems == []

@@ -92,3 +92,25 @@ def test_sharded_state_resumes_on_2_and_on_1(launched):
     assert all(one.state.tensors[k].numpy().tobytes() == exported[k].tobytes() for k in exported)
     from_export = EMA.load(launched / "fsdp_ema.safetensors", scenario.make_model())
     assert from_export.state.count == scenario.STEPS
+
+
+def test_posthoc_ema_under_ddp_and_fsdp2_writes_the_one_process_snapshots(launched, tmp_path):
+    """DDP: rank 0 writes; FSDP2: snapshots gathered through export; both equal the
+    snapshots of the same training in one process; an FSDP2 run resumes from the folder."""
+    from polyak.torch import PostHocEMA
+
+    model = scenario.make_model()
+    scenario.train(model, PostHocEMA(model, tmp_path / "one", every=2), 0, 1)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(names) == 4  # steps 2 and 4, two widths
+    for kind in ("posthoc_ddp", "posthoc_fsdp"):
+        assert sorted(p.name for p in (launched / kind).iterdir()) == names, kind
+        for n in names:
+            got = polyak.average([launched / kind / n])
+            want = {k: torch.as_tensor(v) for k, v in polyak.average([tmp_path / "one" / n]).items()}
+            _close(got, want, atol=1e-5)
+    reports = [json.loads((launched / f"report{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["posthoc_resumed"] == [4, [4, 5]] and reports[1]["posthoc_resumed"] == [4, [3, 5]]
+    resumed = polyak.average([launched / "posthoc_resumed.safetensors"])
+    last = polyak.average([launched / "posthoc_fsdp" / "posthoc_sigma0.05_step000000004.safetensors"])
+    assert all(resumed[k].tobytes() == last[k].tobytes() for k in last)

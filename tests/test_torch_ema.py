@@ -240,7 +240,7 @@ def test_step_that_jumps_over_a_due_step_averages_in_its_place() -> None:
 
 def test_invalid_options() -> None:
     m = torch.nn.Linear(1, 1)
-    with pytest.raises(ConfigError, match="give exactly one of decay= or half_life="):
+    with pytest.raises(ConfigError, match="give exactly one of decay=, half_life= or sigma_rel="):
         EMA(m)
     with pytest.raises(ConfigError, match=r"decay must be in \[0, 1\), got 1.0"):
         EMA(m, decay=1.0)
@@ -284,3 +284,26 @@ def test_plan_follows_module_to() -> None:
     assert ema.state.tensors["0.weight"].dtype == torch.float32
     torch.testing.assert_close(ema.state.tensors["1.running_mean"], torch.full((8,), 1.0))  # (0 + 2) / 2
     assert int(ema.state.tensors["1.num_batches_tracked"]) == 0
+
+
+def test_options_are_checked_early_and_build_the_same_averager() -> None:
+    from polyak import make_schedule
+    from polyak.torch import full_state_dict, load_full_state_dict
+
+    with pytest.raises(ConfigError, match="every=3 differs from the schedule's every=1"):
+        EMA.options(schedule=make_schedule(0.9), every=3)
+    opts = EMA.options(half_life=20, every=2, start=3, include_buffers=False)
+    m = make_model(4)
+    a, b = EMA(m, **opts), EMA(m, half_life=20, every=2, start=3, include_buffers=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for step in range(9):
+        train_step(m, opt, step)
+        a.update()
+        b.update()
+    assert a.state_dict()["config"] == b.state_dict()["config"]
+    assert all(torch.equal(a.state.tensors[k], v) for k, v in b.state.tensors.items())
+    # one process: the "full" state is the state, and loads back exactly
+    c = EMA(make_model(5), decay=0.1)
+    load_full_state_dict(c, full_state_dict(a))
+    assert c.state.count == a.state.count and c.schedule == a.schedule
+    assert all(torch.equal(c.state.tensors[k], v) for k, v in a.state.tensors.items())

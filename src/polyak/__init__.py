@@ -1,7 +1,8 @@
 """polyak: average neural-network weights.
 
 Polyak–Ruppert averaging of checkpoints from the end of a training run (equal, linearly
-or exponentially decreasing weights), online EMA/SWA, evaluation sweeps and repair, for
+or exponentially decreasing weights), online EMA/SWA, post-hoc EMA (choose the EMA width
+after training), evaluation sweeps and repair, for
 Keras 3 and PyTorch. The core needs numpy only; ``polyak.torch`` and ``polyak.keras`` are
 the framework faces and import their framework when you import them.
 
@@ -11,10 +12,15 @@ Example:
     [0.186, 0.307, 0.506]
 """
 
+# First: when this process is the `polyak` command, Ctrl-C during the imports below gives one
+# line and exit status 130 rather than a traceback (polyak._startup; a no-op otherwise).
+from . import _startup  # noqa: F401
 from ._choose.diagnose import AveragingWarning as AveragingWarning
 from ._choose.diagnose import Diagnosis as Diagnosis
 from ._choose.diagnose import check_results as check_results
 from ._choose.diagnose import diagnose as diagnose
+from ._choose.posthoc import posthoc_sweep as posthoc_sweep
+from ._choose.results import PosthocSweepResults as PosthocSweepResults
 from ._choose.results import SweepResults as SweepResults
 from ._choose.results import SweepRow as SweepRow
 from ._choose.select import Selection as Selection
@@ -33,6 +39,11 @@ from ._engine.inspect import Inspection as Inspection
 from ._engine.inspect import inspect as inspect
 from ._engine.inspect import save as save
 from ._engine.members import order_members as order_members
+from ._engine.posthoc import PosthocFitWarning as PosthocFitWarning
+from ._engine.posthoc import PosthocPlan as PosthocPlan
+from ._engine.posthoc import PosthocResult as PosthocResult
+from ._engine.posthoc import plan as posthoc_plan
+from ._engine.posthoc import posthoc as posthoc
 from ._errors import ConfigError as ConfigError
 from ._errors import FormatError as FormatError
 from ._errors import MismatchError as MismatchError
@@ -64,6 +75,10 @@ __all__ = [
     "OutputError",
     "PolyakError",
     "PolyakWarning",
+    "PosthocFitWarning",
+    "PosthocPlan",
+    "PosthocResult",
+    "PosthocSweepResults",
     "Predict",
     "SchemeError",
     "Score",
@@ -84,6 +99,9 @@ __all__ = [
     "open_source",
     "order_members",
     "parse_size",
+    "posthoc",
+    "posthoc_plan",
+    "posthoc_sweep",
     "save",
     "scheme_names",
     "scheme_weights",

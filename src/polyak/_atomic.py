@@ -17,6 +17,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,9 +33,11 @@ __all__ = [
     "check_folder_output",
     "check_output_folder",
     "check_output_path",
+    "check_outputs",
     "cleanup_stale_temps",
     "fsync_dir",
     "fsync_file",
+    "is_one_of",
     "refuse_overlap",
     "temp_path_for",
 ]
@@ -82,6 +85,8 @@ def _describe_os_error(exc: OSError, path: Path) -> str:
         return f"disk quota exceeded while writing {path}"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: permission denied or read-only file system"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return f"cannot write {path}: too many open files; raise the limit with `ulimit -n`"
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
@@ -285,10 +290,19 @@ def iter_stale_temps(directory: Path) -> Iterator[Path]:
             yield entry
 
 
-def cleanup_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
-    """Remove temporary files that killed polyak processes left in ``directory``."""
+def cleanup_stale_temps(
+    directory: str | os.PathLike[str], *, keep: Iterable[str | os.PathLike[str]] = ()
+) -> list[Path]:
+    """Remove temporary files that killed polyak processes left in ``directory``.
+
+    Files in ``keep`` (the inputs of the run that cleans up) are never removed, whatever
+    their names.
+    """
+    kept = [Path(k) for k in keep]
     removed = []
     for entry in iter_stale_temps(Path(directory)):
+        if kept and is_one_of(entry, kept):
+            continue
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)  # a folder output's temporary (it holds temporaries too)
@@ -306,6 +320,20 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
+
+
+def is_one_of(path: str | os.PathLike[str], others: Iterable[str | os.PathLike[str]]) -> bool:
+    """Whether ``path`` is (under any spelling: symlink, ``..``, hard link) one of ``others``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> (d / "a").write_bytes(b"x") and (d / "b").symlink_to(d / "a")
+        >>> is_one_of(d / "b", [d / "sub" / ".." / "a"]), is_one_of(d / "b", [d / "c"])
+        (True, False)
+    """
+    p = Path(path)
+    return any(_same_file(p, Path(o)) for o in others)
 
 
 def refuse_overlap(
@@ -327,25 +355,99 @@ def refuse_overlap(
                 )
 
 
-def check_output_path(
-    out: str | os.PathLike[str],
+def _what_is(path: Path) -> str | None:
+    """What sits at ``path``: ``None`` (nothing), ``"file"``, ``"link"`` (a symbolic link to a
+    regular file, or a dangling one: replaced as a link, never written through) or the name
+    of anything else (``"folder"``, ``"FIFO"``...), which an output may never replace."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise OutputError(f"cannot look at the output {path}: {exc.strerror or exc}") from exc
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        try:
+            target = path.stat().st_mode
+        except FileNotFoundError:
+            return "link"  # dangling: replacing the link touches nothing else
+        except OSError as exc:  # a symlink loop, a folder we may not look into
+            raise OutputError(f"cannot look at the output {path}: {exc.strerror or exc}") from exc
+        if stat.S_ISREG(target):
+            return "link"
+        return f"symbolic link to a {_kind_name(target)}"
+    return _kind_name(mode)
+
+
+def _kind_name(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
+
+
+def check_outputs(
+    targets: Iterable[str | os.PathLike[str]],
     *,
     force: bool = False,
     inputs: Iterable[str | os.PathLike[str]] = (),
-) -> Path:
-    """Refuse an output up front: existing without ``force``, equal to an input, unwritable.
+) -> list[Path]:
+    """The one rule for every file an output will create or replace, applied before any write.
+
+    Every target is refused when it is (under any spelling) one of ``inputs``; when
+    something exists there that is not a regular file (a folder, a device such as
+    ``/dev/null``, a FIFO, a socket, a link to one of these); when a file exists there and
+    ``force`` is not set; or when its folder is missing or not writable. A symbolic link to
+    a regular file counts as an existing file: ``force`` replaces the link itself (the file
+    it points to is never written). Sharded outputs pass every shard and the index, so one
+    rule holds for every mode.
+
+    Returns:
+        The targets, as paths.
 
     Raises:
-        OutputError: With the reason and the fix.
+        OutputError: Naming the target, the reason and the fix.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> (d / "taken.npz").write_bytes(b"mine")
+        4
+        >>> check_outputs([d / "new.npz", d / "taken.npz"])
+        Traceback (most recent call last):
+        ...
+        polyak._errors.OutputError: the output .../taken.npz already exists; pass --force (force=True) to replace it
     """
-    path = Path(out)
-    refuse_overlap([path], inputs)
-    if path.is_dir():
-        raise OutputError(f"the output {path} is a folder; give a file name such as {path / 'avg.safetensors'}")
-    if path.exists() and not force:
-        raise OutputError(f"the output {path} already exists; pass --force (force=True) to replace it")
-    check_output_folder(path.parent)
-    return path
+    paths = [Path(t) for t in targets]
+    ins = [Path(i) for i in inputs]
+    refuse_overlap(paths, ins)
+    folders: dict[Path, None] = {}
+    for path in paths:
+        kind = _what_is(path)
+        if kind is None:
+            pass
+        elif kind == "folder":
+            raise OutputError(
+                f"the output {path} is a folder; give a file name such as {path / 'avg.safetensors'}"
+            )
+        elif kind not in ("file", "link"):
+            raise OutputError(
+                f"the output {path} exists and is a {kind}, not a regular file; polyak replaces "
+                "only regular files: choose another output name"
+            )
+        elif not force:
+            raise OutputError(f"the output {path} already exists; pass --force (force=True) to replace it")
+        folders[path.parent] = None
+    for parent in folders:
+        check_output_folder(parent)
+    return paths
 
 
 def check_output_folder(folder: str | os.PathLike[str]) -> Path:
@@ -360,6 +462,21 @@ def check_output_folder(folder: str | os.PathLike[str]) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"the output folder {parent} is not writable")
     return parent
+
+
+def check_output_path(
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
+    """Refuse an output up front: existing without ``force``, not a regular file, equal to an
+    input, unwritable (:func:`check_outputs` for one file).
+
+    Raises:
+        OutputError: With the reason and the fix.
+    """
+    return check_outputs([out], force=force, inputs=inputs)[0]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -465,8 +582,15 @@ class AtomicFolder:
         self._done = False
 
     def commit(self) -> Path:
-        """fsync the folder and rename it into place; returns the final path."""
-        fsync_dir(self.tmp)
+        """fsync the folder and rename it into place; returns the final path.
+
+        Every file and folder under :attr:`tmp` is fsynced first: libraries that write into
+        it (``save_pretrained``, ``torch.distributed.checkpoint``) close their files without.
+        """
+        for folder, _, files in os.walk(self.tmp, topdown=False):
+            for name in files:
+                fsync_file(Path(folder) / name)
+            fsync_dir(Path(folder))
         try:
             old = self._replace()
         except OSError as exc:

@@ -7,7 +7,7 @@ import numpy as np
 
 from ._errors import ConfigError
 
-__all__ = ["accumulator_dtype", "dtype_from_name", "dtype_name", "is_float", "is_integer_like"]
+__all__ = ["accumulator_dtype", "dtype_from_name", "dtype_name", "is_float", "is_integer_like", "output_dtype"]
 
 # ml_dtypes' floating types are numpy "void-like" (kind 'V'), so numpy's own
 # issubdtype(np.floating) does not see them.
@@ -67,3 +67,30 @@ def accumulator_dtype(dtype: np.dtype) -> np.dtype:
     if dt == np.float64 or (dt.kind == "f" and dt.itemsize > 8):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
+
+
+def output_dtype(name: str | None) -> np.dtype | None:
+    """The dtype asked for the floating tensors of an output (``--dtype``), checked.
+
+    ``None`` (keep each tensor's dtype) stays ``None``; anything else must name a
+    floating-point dtype. Checked with the other options, before any file is opened.
+
+    Example:
+        >>> output_dtype("bfloat16").name, output_dtype(None)
+        ('bfloat16', None)
+        >>> output_dtype("U4")
+        Traceback (most recent call last):
+        ...
+        polyak._errors.ConfigError: --dtype must be a floating-point dtype (float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2), got 'U4'
+    """
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise ConfigError(f"--dtype must be a dtype name such as 'float32', got {name!r}")
+    dt = dtype_from_name(name)
+    if not is_float(dt):
+        raise ConfigError(
+            "--dtype must be a floating-point dtype (float16, bfloat16, float32, float64, "
+            f"float8_e4m3fn, float8_e5m2), got {name!r}"
+        )
+    return dt

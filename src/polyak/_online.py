@@ -31,12 +31,16 @@ from ._errors import ConfigError, FormatError, whole_number
 from ._layout import compare_layouts
 from ._schedules import DecaySchedule
 
-__all__ = ["FIELDS", "AveragerOps", "AveragerState", "Cadence", "EMAWeights", "OnlineAverage", "SWAWeights",
+__all__ = ["AVERAGER_META_KEY", "FIELDS", "AveragerOps", "AveragerState", "Cadence", "EMAWeights", "OnlineAverage", "SWAWeights",
            "Update", "Weights", "accumulator_dtype_name", "check_saved_tensors", "next_update", "read_record",
            "weights_from_config"]
 
 #: The fields of a saved averager state, in this order, for every face.
 FIELDS = ("kind", "step", "count", "config", "tensors")
+
+#: Metadata key of the record (JSON, the fields but ``tensors``) in an averager's
+#: safetensors file (``EMA.save``, ``export``, post-hoc EMA snapshots of every face).
+AVERAGER_META_KEY = "polyak_averager"
 
 T = TypeVar("T")
 L = TypeVar("L")  # a live tensor (or whatever a face reads it from: a Keras variable)

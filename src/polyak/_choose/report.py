@@ -22,9 +22,10 @@ from .._errors import ConfigError
 from .metrics import mode_sign
 
 if TYPE_CHECKING:
-    from .results import SweepResults, SweepRow
+    from .results import PosthocSweepResults, SweepResults, SweepRow
 
-__all__ = ["format_table", "plot_alphas", "plot_sweep", "write_csv", "write_json"]
+__all__ = ["format_posthoc_table", "format_table", "plot_alphas", "plot_posthoc", "plot_sweep", "sigma_axis", "write_csv",
+           "write_json"]
 
 _BOLD, _RESET = "\033[1m", "\033[0m"
 
@@ -112,12 +113,16 @@ def write_json(results: SweepResults, path: str | os.PathLike[str], *, extra: Ma
 def write_csv(results: SweepResults, path: str | os.PathLike[str]) -> Path:
     """Write one line per row: kind, scheme, alpha, n, member, seconds, then ``split/metric`` columns."""
     keys = [(s, m) for s in results.splits for m in results.metric_names(s)]
+    # Post-hoc EMA rows carry their width; plain sweeps keep their columns.
+    widths = any(r.sigma_rel is not None for r in results.rows)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["kind", "scheme", "alpha", "n", "member", "seconds", *(f"{s}/{m}" for s, m in keys)])
+    w.writerow(["kind", "scheme", "alpha", *(["sigma_rel"] if widths else []), "n", "member", "seconds",
+                *(f"{s}/{m}" for s, m in keys)])
     for r in results.rows:
         vals = [r.value(m, s) for s, m in keys]
-        w.writerow([r.kind, r.scheme or "", "" if r.alpha is None else f"{r.alpha:g}", r.n, r.member or "",
+        width = ["" if r.sigma_rel is None else repr(r.sigma_rel)] if widths else []
+        w.writerow([r.kind, r.scheme or "", "" if r.alpha is None else f"{r.alpha:g}", *width, r.n, r.member or "",
                     f"{r.seconds:.6f}", *("" if math.isnan(v) else repr(v) for v in vals)])
     return atomic_write_bytes(path, buf.getvalue().encode())
 
@@ -193,5 +198,86 @@ def plot_alphas(results: SweepResults, path: str | os.PathLike[str], metric: str
     ax.set_xlabel("n (newest members)")
     ax.set_ylabel(f"{split} {metric}")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    return _save(fig, path)
+
+
+def format_posthoc_table(results: PosthocSweepResults, metric: str, *, mode: str = "max",
+                         color: bool | None = None) -> str:
+    """A table of a post-hoc EMA sweep: one line per width (``T`` marks a tracked snapshot),
+    ``metric`` on every split, and the profile residual of each rebuilt width; the best
+    value of each split is marked with ``*`` (and bold on a terminal)."""
+    sign = mode_sign(mode)
+    splits = [s for s in results.splits if metric in results.metric_names(s)]
+    if not splits:
+        results.check_metric(metric, results.splits[0] if results.splits else "validation")
+    if color is None:
+        color = bool(getattr(sys.stdout, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
+    rows = sorted((r for r in results.rows if r.kind in ("posthoc", "tracked") and r.sigma_rel is not None),
+                  key=lambda r: (r.sigma_rel, r.kind != "tracked"))
+    best = {}
+    for split in splits:
+        vals = [r.value(metric, split) for r in rows if not math.isnan(r.value(metric, split))]
+        best[split] = max(vals, key=lambda v: sign * v) if vals else math.nan
+    widths = [max(len(s), 9) for s in splits]
+    lines = [f"post-hoc EMA at step {results.step} from {len(results.members)} snapshots: {metric} "
+             f"({'higher' if sign > 0 else 'lower'} is better; * best per column; T = a tracked snapshot itself)",
+             f"{'sigma_rel':>9}  {'residual':>8}  " + "  ".join(f"{s:>{w}}" for s, w in zip(splits, widths, strict=True))]
+    for r in rows:
+        res = "" if r.kind == "tracked" else f"{results.residual(r.sigma_rel or 0.0):.1e}"
+        label = f"{r.sigma_rel:g}" + (" T" if r.kind == "tracked" else "  ")
+        cells = []
+        for split, w in zip(splits, widths, strict=True):
+            v = r.value(metric, split)
+            text = "-" if math.isnan(v) else f"{v:.4f}" + ("*" if v == best[split] else " ")
+            pad = w
+            if color and v == best[split]:
+                text = f"{_BOLD}{text}{_RESET}"
+                pad += len(_BOLD) + len(_RESET)
+            cells.append(f"{text:>{pad}}")
+        lines.append(f"{label:>9}  {res:>8}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def sigma_axis(ax: Any, widths: list[float]) -> None:
+    """A log axis of EMA widths labelled in plain numbers (0.02, 0.05, 0.1, 0.2)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ticks = [v for v in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3) if min(widths) <= v <= max(widths)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_posthoc(results: PosthocSweepResults, path: str | os.PathLike[str], metric: str,
+                 split: str | None = None) -> Path:
+    """The metric of each rebuilt EMA against its width ``σ_rel`` (log axis), one line per
+    split (``split`` first and solid), the tracked snapshots as large markers."""
+    splits = [s for s in results.splits if metric in results.metric_names(s)]
+    if split is not None:
+        results.check_metric(metric, split)
+        splits = [split, *(s for s in splits if s != split)]
+    if not splits:
+        raise ConfigError(f"no split has the metric {metric!r}")
+    rebuilt = results.select_rows(kind="posthoc")
+    if not rebuilt:
+        raise ConfigError("the results hold no rebuilt post-hoc EMAs to plot")
+    rebuilt = sorted(rebuilt, key=lambda r: r.sigma_rel or 0.0)
+    tracked = results.select_rows(kind="tracked")
+    fig, axes = _figure(1)
+    ax = axes[0]
+    for k, s in enumerate(splits):
+        xs = [r.sigma_rel for r in rebuilt]
+        ax.plot(xs, [r.value(metric, s) for r in rebuilt], "-" if k == 0 else "--", marker=".", color=f"C{k}",
+                label=f"{s}: rebuilt EMA")
+        if tracked:
+            ax.plot([r.sigma_rel for r in tracked], [r.value(metric, s) for r in tracked], "D", color=f"C{k}",
+                    markersize=8, markerfacecolor="none", label=f"{s}: tracked snapshot")
+    sigma_axis(ax, [r.sigma_rel or 0.0 for r in rebuilt])
+    ax.set_xlabel("sigma_rel (EMA width relative to the training length)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"post-hoc EMA at step {results.step}")
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="x-small")
     return _save(fig, path)

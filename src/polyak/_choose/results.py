@@ -16,13 +16,22 @@ from typing import Any
 
 from .._errors import ConfigError
 from .metrics import mode_sign
-from .report import format_table, plot_alphas, plot_sweep, write_csv, write_json
+from .report import (
+    format_posthoc_table,
+    format_table,
+    plot_alphas,
+    plot_posthoc,
+    plot_sweep,
+    write_csv,
+    write_json,
+)
 
-__all__ = ["KINDS", "SweepResults", "SweepRow"]
+__all__ = ["KINDS", "PosthocSweepResults", "SweepResults", "SweepRow"]
 
-#: Row kinds: an average of the newest n members, one member alone, or the average of
-#: the predictions of the newest n members.
-KINDS = ("average", "single", "prediction_ensemble")
+#: Row kinds: an average of the newest n members, one member alone, the average of the
+#: predictions of the newest n members; a post-hoc EMA rebuilt from snapshots, and a
+#: tracked snapshot itself (:func:`polyak.posthoc_sweep`).
+KINDS = ("average", "single", "prediction_ensemble", "posthoc", "tracked")
 
 
 @dataclass(frozen=True)
@@ -30,15 +39,18 @@ class SweepRow:
     """One evaluated model.
 
     Attributes:
-        kind: ``"average"``, ``"single"`` or ``"prediction_ensemble"``.
+        kind: ``"average"``, ``"single"``, ``"prediction_ensemble"``, ``"posthoc"`` or
+            ``"tracked"``.
         n: For averages and prediction ensembles, how many of the newest members were
             combined. For a single member, its position counted from the newest (1 = the
-            newest), which is where the tutorial's plots put it.
+            newest), which is where the tutorial's plots put it. For post-hoc EMAs, the
+            number of snapshots combined; 1 for a tracked snapshot.
         scheme: The weighting scheme of an average (``None`` otherwise).
         alpha: The decay rate of an exponential average (``None`` otherwise).
-        member: The label (file) of a single member (``None`` otherwise).
+        member: The label (file) of a single member or tracked snapshot (``None`` otherwise).
         metrics: ``{split: {metric: value}}``.
         seconds: Time spent in evaluate (and predict/score) for this row.
+        sigma_rel: The EMA width of a post-hoc or tracked row (``None`` otherwise).
     """
 
     kind: str
@@ -48,10 +60,14 @@ class SweepRow:
     alpha: float | None = None
     member: str | None = None
     seconds: float = 0.0
+    sigma_rel: float | None = None
 
     @property
     def name(self) -> str:
-        """``"equal"``, ``"exponential(alpha=2)"``, ``"single"`` or ``"prediction_ensemble"``."""
+        """``"equal"``, ``"exponential(alpha=2)"``, ``"single"``, ``"prediction_ensemble"``,
+        ``"posthoc(sigma_rel=0.08)"`` or ``"tracked(sigma_rel=0.1)"``."""
+        if self.sigma_rel is not None:
+            return f"{self.kind}(sigma_rel={self.sigma_rel:g})"
         if self.kind != "average":
             return self.kind
         if self.alpha is not None:
@@ -63,7 +79,7 @@ class SweepRow:
         return float(self.metrics.get(split, {}).get(metric, math.nan))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": self.kind,
             "n": self.n,
             "scheme": self.scheme,
@@ -72,6 +88,9 @@ class SweepRow:
             "metrics": {s: dict(m) for s, m in self.metrics.items()},
             "seconds": self.seconds,
         }
+        if self.sigma_rel is not None:
+            out["sigma_rel"] = self.sigma_rel
+        return out
 
 
 @dataclass
@@ -175,6 +194,7 @@ class SweepResults:
                 alpha=None if r.get("alpha") is None else float(r["alpha"]),
                 member=r.get("member"),
                 seconds=float(r.get("seconds", 0.0)),
+                sigma_rel=None if r.get("sigma_rel") is None else float(r["sigma_rel"]),
             )
             for r in data["rows"]
         ]
@@ -209,3 +229,53 @@ class SweepResults:
 
     def __repr__(self) -> str:
         return f"<SweepResults: {len(self.members)} members, {len(self.rows)} rows, splits {self.splits}>"
+
+
+@dataclass
+class PosthocSweepResults(SweepResults):
+    """What :func:`polyak.posthoc_sweep` measured: rows of kind ``"posthoc"`` (one per
+    rebuilt width) and ``"tracked"`` (the stored snapshots themselves), with the fits.
+
+    Attributes:
+        step: The training step the EMAs were rebuilt at.
+        tracked: The tracked widths (those the snapshots hold).
+        fits: Per rebuilt width: ``{"sigma_rel", "gamma", "t", "residual", "raw_sum",
+            "coefficients"}`` (one signed coefficient per member, oldest → newest).
+    """
+
+    step: int = 0
+    tracked: tuple[float, ...] = ()
+    fits: list[dict[str, Any]] = field(default_factory=list)
+
+    def residual(self, sigma_rel: float) -> float:
+        """The profile residual of the rebuilt width ``sigma_rel`` (NaN if not rebuilt)."""
+        for f in self.fits:
+            if math.isclose(f["sigma_rel"], sigma_rel, rel_tol=1e-9):
+                return float(f["residual"])
+        return math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["posthoc"] = {"step": self.step, "tracked": list(self.tracked), "fits": list(self.fits)}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PosthocSweepResults:
+        base = SweepResults.from_dict(data)
+        extra = data.get("posthoc") or {}
+        return cls(rows=base.rows, members=base.members, seconds=base.seconds, notes=base.notes,
+                   step=int(extra.get("step", 0)), tracked=tuple(float(s) for s in extra.get("tracked", ())),
+                   fits=list(extra.get("fits", [])))
+
+    def table(self, metric: str, split: str | None = None, *, mode: str = "max", color: bool | None = None) -> str:
+        """One line per width: the metric on every split, the profile residual (``split``
+        is ignored: every split is shown)."""
+        return format_posthoc_table(self, metric, mode=mode, color=color)
+
+    def plot(self, path: str | os.PathLike[str], metric: str, split: str | None = None) -> Path:
+        """The metric against ``σ_rel`` (every split; tracked widths marked), as PNG."""
+        return plot_posthoc(self, path, metric, split)
+
+    def __repr__(self) -> str:
+        return (f"<PosthocSweepResults: step {self.step}, {len(self.members)} snapshots, "
+                f"{len(self.select_rows(kind='posthoc'))} widths, splits {self.splits}>")

@@ -72,8 +72,14 @@ class Selection:
     def alpha(self) -> float | None:
         return self.row.alpha
 
+    @property
+    def sigma_rel(self) -> float | None:
+        """The chosen EMA width (post-hoc EMA sweeps; ``None`` otherwise)."""
+        return self.row.sigma_rel
+
     def __str__(self) -> str:
-        text = f"chose {self.row.name}, n={self.n} on {self.on} {self.metric} {self.selected:.4g}"
+        what = self.row.name if self.row.sigma_rel is not None else f"{self.row.name}, n={self.n}"
+        text = f"chose {what} on {self.on} {self.metric} {self.selected:.4g}"
         if self.report is not None:
             text += f"; {self.report} {self.metric} {self.reported:.4g}"
             if not math.isnan(self.last_checkpoint):
@@ -82,7 +88,7 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": self.row.kind, "scheme": self.scheme, "n": self.n, "alpha": self.alpha,
+            "kind": self.row.kind, "scheme": self.scheme, "n": self.n, "alpha": self.alpha, "sigma_rel": self.sigma_rel,
             "metric": self.metric, "on": self.on, "report": self.report, "mode": self.mode,
             "selected": self.selected, "reported": self.reported, "last_checkpoint": self.last_checkpoint,
         }
@@ -110,7 +116,7 @@ def select(
     on: str = "validation",
     report: str | None = "test",
     mode: str | None = None,
-    kinds: Sequence[str] = ("average",),
+    kinds: Sequence[str] | None = None,
 ) -> Selection:
     """Choose (scheme, n, alpha) on the ``on`` split and report only that choice on ``report``.
 
@@ -126,8 +132,10 @@ def select(
             another split, else ``None``.
         mode: ``"max"`` (higher is better) or ``"min"`` (lower is better, e.g. loss).
             Default: ``"min"`` for names like loss/error/mse/perplexity, else ``"max"``.
-        kinds: Which rows compete: ``"average"`` (default), also ``"single"`` and
-            ``"prediction_ensemble"``.
+        kinds: Which rows compete: ``"average"``, ``"single"``,
+            ``"prediction_ensemble"``, ``"posthoc"``, ``"tracked"``. Default:
+            ``("average",)``, or for a post-hoc EMA sweep (:func:`polyak.posthoc_sweep`)
+            ``("posthoc", "tracked")``: every rebuilt width and the tracked ones.
 
     Returns:
         A :class:`Selection` (its ``metric``, ``on``, ``report`` and ``mode`` say what
@@ -169,6 +177,9 @@ def select(
                 SelectionBiasWarning,
                 stacklevel=2,
             )
+    if kinds is None:
+        posthoc_only = not results.select_rows(kind="average") and results.select_rows(kind="posthoc")
+        kinds = ("posthoc", "tracked") if posthoc_only else ("average",)
     row = results.best(metric, on, mode=mode, kinds=kinds)
     newest = [r for r in results.rows if r.kind == "single" and r.n == 1]
     last = newest[0].value(metric, report) if (newest and report is not None) else math.nan

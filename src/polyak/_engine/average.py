@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,22 +31,38 @@ from typing import TYPE_CHECKING, Any, TypedDict, overload
 
 import numpy as np
 
-from .._atomic import check_folder_output, check_output_path, cleanup_stale_temps, refuse_overlap
-from .._dtypes import dtype_from_name, dtype_name, is_float
+from .._atomic import check_folder_output, check_output_folder, check_outputs, cleanup_stale_temps
+from .._dtypes import dtype_name, is_float, output_dtype
 from .._errors import ConfigError
 from .._schemes import get_scheme
 from .._version import __version__
-from ..formats import TensorSource, WriteOptions, open_writer, suffix_format
+from ..formats import (
+    TensorInfo,
+    TensorSource,
+    WriteOptions,
+    check_storable,
+    open_writer,
+    output_files,
+    suffix_format,
+)
 from ..formats import output_format as _output_format
 from ..formats.safetensors import shard_paths
 from .members import MemberLike, check_members, member_names, open_members, select_members
-from .parallel import DistContext, average_parallel, close_distributed, init_distributed
+from .parallel import (
+    DistContext,
+    ShardPlan,
+    average_parallel,
+    close_distributed,
+    init_distributed,
+    plan_parallel,
+)
 from .stream import average_sources, output_infos
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["FOLDER_FORMAT", "AverageOptions", "AverageResult", "Chosen", "average", "choose_members", "parse_size"]
+__all__ = ["FOLDER_FORMAT", "AverageOptions", "AverageResult", "Chosen", "average", "average_chosen", "choose_members",
+           "parse_size"]
 
 #: The format of a folder output (a folder ``from_pretrained`` opens).
 FOLDER_FORMAT = "hf-folder"
@@ -135,15 +152,21 @@ def _join_distributed(stack: contextlib.ExitStack) -> DistContext:
 
 
 def _wants_folder(out: str | os.PathLike[str], out_format: str | None, members: Sequence[MemberLike]) -> bool:
-    """Whether the output is a folder: ``out_format="hf-folder"``, a name ending in ``/``, an
-    existing folder, or folder members and a name without a checkpoint suffix."""
+    """Whether the output is a folder: ``out_format="hf-folder"``, a name ending in ``/``, or a
+    name without a checkpoint suffix that is an existing folder or goes with folder members.
+
+    A name with a checkpoint suffix (``avg.safetensors``) is a file, even where a folder of
+    that name exists: that folder is then refused, never replaced by a file or filled.
+    """
     if out_format is not None:
         return out_format == FOLDER_FORMAT
     text = os.fspath(out)
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+    if text.endswith(("/", os.sep)):
         return True
     if suffix_format(text) is not None:
         return False
+    if Path(text).is_dir():
+        return True
     return any(Path(m).is_dir() for m in members if isinstance(m, (str, os.PathLike)))
 
 
@@ -157,7 +180,11 @@ def _prepare_output(
     split: bool,
     clean: bool,
 ) -> tuple[Path, str | None]:
-    """Check the output path (format, overwrite, overlap with the inputs) before any work.
+    """Check the output before any member is opened: the format and mode, the folder, and
+    the path itself when it is sure to be written. The full plan (every shard, the index)
+    is checked by :func:`_plan_output` once the tensors are known; a folder output is
+    checked as a whole (:func:`~polyak._atomic.check_folder_output`), again once the
+    members' own files are known.
 
     Returns:
         The output path and the format to write it in (``None``: by its suffix).
@@ -171,19 +198,60 @@ def _prepare_output(
             )
         out_path = check_folder_output(out, force=force, inputs=inputs)
         if clean:
-            cleanup_stale_temps(out_path.parent)
+            cleanup_stale_temps(out_path.parent, keep=inputs)
         return out_path, FOLDER_FORMAT
     fmt = _output_format(out, out_format)
     safetensors = fmt.name in ("safetensors", "safetensors-index")
     if (sharded or split) and not safetensors:
         raise ConfigError("--shard-size, --workers and --distributed write safetensors outputs only")
-    out_path = check_output_path(out, force=force, inputs=inputs)
-    if safetensors and (sharded or out_path.name.endswith(".safetensors.index.json")):
-        # A sharded output is judged by its index (the shards are renamed before it).
-        check_output_path(shard_paths(out_path, 1)[0], force=force, inputs=inputs)
-    if clean:
-        cleanup_stale_temps(out_path.parent)
+    out_path = Path(out)
+    if split or (safetensors and out_path.name.endswith(".safetensors.index.json")):
+        sure = [shard_paths(out_path, 1)[0]]  # the index
+    elif sharded:
+        sure = []  # one file or shards + index: known from the tensors' sizes
+    else:
+        sure = [out_path]
+    check_outputs(sure, force=force, inputs=inputs)
+    check_output_folder(out_path.parent)
     return out_path, out_format
+
+
+def _plan_output(
+    out_path: Path,
+    out_infos: list[TensorInfo],
+    metadata: dict[str, str],
+    sources: Sequence[TensorSource],
+    *,
+    force: bool,
+    parts: int | None,
+    out_format: str | None,
+    options: WriteOptions,
+    clean: bool,
+) -> tuple[list[Path], ShardPlan | None]:
+    """Every file the average will create or replace, checked before anything is written.
+
+    The one output policy of every mode (one file, ``shard_size``, an index name,
+    ``workers``, ``distributed``): the names and metadata must be storable, and each planned
+    file must not be an input (any spelling, the shards of input indexes included), must be
+    a regular file or absent, and may exist only with ``force``
+    (:func:`polyak._atomic.check_outputs`). Then stale temporaries of killed runs are
+    removed from the output folders (never an input).
+
+    Returns:
+        The planned files, and the parallel plan when ``parts`` (workers or ranks) is given.
+    """
+    check_storable(out_infos, metadata, out_path)
+    plan = None
+    if parts is not None:
+        plan = plan_parallel(out_infos, out_path, parts=parts, shard_size=options.shard_size)
+        files = plan.files
+    else:
+        files = output_files(out_path, out_infos, format=out_format, template=sources[-1], options=options)
+    check_outputs(files, force=force, inputs=options.inputs)
+    if clean:
+        for folder in dict.fromkeys(f.parent for f in files):
+            cleanup_stale_temps(folder, keep=options.inputs)
+    return files, plan
 
 
 def _sha256(path: Path) -> str:
@@ -232,12 +300,14 @@ def _provenance(
         "members": [_member_record(name, fs, checksum) for name, fs in zip(names, files)],
         "accumulate": "float32 (float64 for float64 tensors)",
         "int_policy": int_policy,
-        "dtype": "as input" if dtype is None else dtype_name(dtype_from_name(dtype)),
+        "dtype": "as input" if dtype is None else dtype_name(output_dtype(dtype)),  # type: ignore[arg-type]
     }
 
 
-def _input_files(sources: Sequence[TensorSource]) -> list[Path]:
-    return [f for src in sources for f in src.files()]
+def _input_files(members: Sequence[MemberLike], sources: Sequence[TensorSource]) -> tuple[Path, ...]:
+    """Every file being read: the members as given and each file of each source (shards)."""
+    given = [Path(m) for m in members if isinstance(m, (str, os.PathLike))]
+    return tuple(dict.fromkeys([*given, *(f for src in sources for f in src.files())]))
 
 
 @dataclass(frozen=True)
@@ -367,7 +437,10 @@ def average(
             (``"5GB"``), with a ``.safetensors.index.json`` index. A folder output is
             sharded like its newest member unless this is given.
         keep_optimizer: Keras archives: copy the newest member's optimizer variables.
-        force: Replace an existing output.
+        force: Replace an existing output (every file of it; a symbolic link is replaced as
+            a link). When a sharded output is replaced, only the old index's files that are
+            stale shards of this output are deleted (others are left alone, with a
+            :class:`~polyak.PolyakWarning`).
         progress: Show a progress bar on stderr (only on a terminal).
         workers: Split the tensors across this many worker threads (needs ``out``, a file,
             and files as members). Above 1 the output is always sharded safetensors:
@@ -385,9 +458,12 @@ def average(
         ConfigError: Invalid options (``SchemeError`` for scheme problems).
         FormatError: An unreadable, corrupt or unsafe member.
         MismatchError: Members disagree on names, shapes or dtypes (all listed at once).
-        NonFiniteError: A member holds NaN/Inf in a floating tensor.
-        OutputError: The output exists (without ``force``), equals an input, or cannot be
-            written. No partial output is left behind.
+        NonFiniteError: A member holds NaN/Inf in a floating tensor, or the cast to the
+            output dtype would write Inf/NaN (a value beyond the dtype's range).
+        OutputError: A file the output would write (the file, a shard, the index) exists
+            (without ``force``), is an input under any spelling, or is not a regular file
+            (a folder, a device, a FIFO); or the output cannot be written. All of this is
+            checked before anything is written, and no partial output is left behind.
 
     Example:
         >>> import numpy as np, polyak
@@ -397,24 +473,72 @@ def average(
         [2.0, 5.0]
     """
     t0 = time.perf_counter()
-    # Options and members (in this order: the first problem found is the one reported).
+    # Options and members (in this order: the first problem found is the one reported),
+    # all before any file is opened or written.
     pick = choose_members(members, scheme=scheme, alpha=alpha, weights=weights, last=last, order=order)
-    chosen, w, scheme = pick.members, pick.weights, pick.scheme
+    return average_chosen(
+        pick, order=order, out=out, format=format, out_format=out_format, key=key, strip_prefix=strip_prefix,
+        dtype=dtype, int_policy=int_policy, checksum=checksum, shard_size=shard_size, keep_optimizer=keep_optimizer,
+        force=force, progress=progress, workers=workers, distributed=distributed, started=t0,
+    )
+
+
+def average_chosen(
+    pick: Chosen,
+    *,
+    order: str = "given",
+    out: str | os.PathLike[str] | None = None,
+    format: str | None = None,
+    out_format: str | None = None,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    dtype: str | None = None,
+    int_policy: str = "newest",
+    checksum: bool = False,
+    shard_size: int | str | None = None,
+    keep_optimizer: bool = False,
+    force: bool = False,
+    progress: bool = False,
+    workers: int = 1,
+    distributed: bool = False,
+    drop_metadata: Sequence[str] = (),
+    copy: Collection[str] = (),
+    started: float | None = None,
+) -> dict[str, np.ndarray] | AverageResult:
+    """The steps of :func:`average` once the members and their weights are chosen.
+
+    ``pick.members`` are oldest → newest (integer tensors come from the last);
+    ``pick.weights`` must sum to 1 but may be negative: :func:`average` passes a scheme's
+    weights (never negative, users' custom weights included: ``_schemes`` refuses those),
+    :func:`polyak.posthoc` the signed coefficients of a post-hoc EMA. ``pick.scheme`` and
+    ``pick.params`` are recorded in the output's provenance; the newest member's metadata
+    is copied into it except the keys in ``drop_metadata``; the floating tensors named in
+    ``copy`` are copied from the newest member, as integers are. The other options are
+    :func:`average`'s.
+    """
+    t0 = time.perf_counter() if started is None else started
+    chosen, w, scheme = pick.members, np.asarray(pick.weights, dtype=np.float64), pick.scheme
+    if len(w) != len(chosen) or not np.all(np.isfinite(w)) or not math.isclose(float(w.sum()), 1.0, abs_tol=1e-9):
+        raise ConfigError(f"need {len(chosen)} finite weights that sum to 1, got {w.tolist()}")
     shard_bytes = None if shard_size is None else parse_size(shard_size)
+    output_dtype(dtype)
     split = _check_split(workers, distributed, out)
+    if split and copy:
+        raise ConfigError("copied floating tensors are not supported with workers/distributed")
     with contextlib.ExitStack() as stack:
         dist = _join_distributed(stack) if distributed else None
         out_path = None
         write_format = out_format
+        clean = dist is None or dist.rank == 0  # other ranks' live temporaries may be on shared storage
         if out is not None:
             out_path, write_format = _prepare_output(
-                out, out_format, chosen, force=force, sharded=shard_bytes is not None, split=split,
-                clean=dist is None or dist.rank == 0,  # other ranks' live temporaries may be on shared storage
+                out, out_format, chosen, force=force, sharded=shard_bytes is not None, split=split, clean=clean,
             )
         sources = stack.enter_context(open_members(chosen, format=format, key=key, strip_prefix=strip_prefix))
         infos = check_members(sources, int_policy=int_policy)
         if out_path is None:
-            return average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, progress=progress)
+            return average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, progress=progress,
+                                   copy=copy)
         out_infos = output_infos(infos, dtype)
         labels = [s.label for s in sources]
         names = member_names(chosen)
@@ -422,28 +546,37 @@ def average(
             names, [s.files() for s in sources], w, scheme=scheme, params=pick.params, order=order,
             int_policy=int_policy, dtype=dtype, checksum=checksum,
         )
-        metadata = {**sources[-1].metadata(), "polyak": json.dumps(record, ensure_ascii=False)}
+        kept = {k: v for k, v in sources[-1].metadata().items() if k not in drop_metadata}
+        metadata = {**kept, "polyak": json.dumps(record, ensure_ascii=False)}
+        options = WriteOptions(shard_size=shard_bytes, keep_optimizer=keep_optimizer, inputs=_input_files(chosen, sources))
+        plan = None
+        if write_format == FOLDER_FORMAT:
+            # A folder is checked as a whole, now also against the members' own files (shards).
+            check_storable(out_infos, metadata, out_path)
+            check_folder_output(out_path, force=force, inputs=options.inputs)
+        else:
+            files, plan = _plan_output(
+                out_path, out_infos, metadata, sources, force=force,
+                parts=None if not split else (dist.world_size if dist is not None else workers),
+                out_format=write_format, options=options, clean=clean,
+            )
         notes: list[str] = []
-        if split:
-            refuse_overlap([out_path, shard_paths(out_path, 1)[0]], _input_files(sources))
+        if plan is not None:
             files = average_parallel(
                 chosen, w, out_infos, out_path, metadata, workers=workers, dist=dist, format=format,  # type: ignore[arg-type]
                 key=key, strip_prefix=strip_prefix, dtype=dtype, int_policy=int_policy, shard_size=shard_bytes,
+                plan=plan, inputs=options.inputs,
             )
         else:
-            if write_format == FOLDER_FORMAT:  # the members' own files are known only now (shards)
-                check_folder_output(out_path, force=force, inputs=_input_files(sources))
             writer = stack.enter_context(open_writer(
                 out_path, out_infos, format=write_format, metadata=metadata, template=sources[-1],
-                aliases=sources[-1].aliases(), options=WriteOptions(shard_size=shard_bytes, keep_optimizer=keep_optimizer),
+                aliases=sources[-1].aliases(), options=options,
             ))
-            # Inputs are known file by file only now (shards of an index): the output must not
-            # replace any of them, under any spelling.
-            refuse_overlap(writer.targets, _input_files(sources))
-            average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress)
+            average_sources(sources, w, infos=infos, dtype=dtype, int_policy=int_policy, writer=writer, progress=progress,
+                            copy=copy)
             files = writer.commit()
             notes = list(writer.notes)
-    n_float = sum(1 for i in infos if is_float(i.dtype))
+    n_float = sum(1 for i in infos if is_float(i.dtype) and i.name not in copy)
     return AverageResult(
         out=out_path,
         files=files,

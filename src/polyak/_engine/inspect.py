@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import PolyakError
+from .._json import json_object
 from .._progress import human_bytes
 from ..formats import TensorInfo, detect_format, open_source
 
@@ -42,10 +44,8 @@ class Inspection:
     def to_dict(self) -> dict[str, Any]:
         meta: dict[str, Any] = {}
         for k, v in self.metadata.items():
-            try:
-                meta[k] = json.loads(v) if k == "polyak" else v
-            except json.JSONDecodeError:
-                meta[k] = v
+            record = _polyak_record(v) if k == "polyak" else None
+            meta[k] = v if record is None else record
         return {
             "path": self.path,
             "format": self.format,
@@ -56,6 +56,28 @@ class Inspection:
             "metadata": meta,
             "extras": {k: v for k, v in self.extras.items() if _jsonable(v)},
         }
+
+
+def _polyak_record(text: str) -> dict[str, Any] | None:
+    """The ``polyak`` metadata record, parsed with limits (``None`` when it is not one)."""
+    try:
+        return json_object(text, "", "polyak record")
+    except PolyakError:
+        return None
+
+
+def _summary(record: dict[str, Any]) -> str | None:
+    """One line about an average's record, or ``None`` when its fields are not as polyak writes them."""
+    weights, members = record.get("weights", []), record.get("members", [])
+    if not isinstance(weights, list) or not isinstance(members, list):
+        return None
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in weights):
+        return None
+    if not all(isinstance(m, dict) for m in members):
+        return None
+    ws = ", ".join(f"{x:.4g}" for x in weights)
+    names = ", ".join(str(m.get("file", "?")) for m in members)
+    return f"polyak: {record.get('scheme')} average of {len(members)} members ({names}); weights {ws}"
 
 
 def _jsonable(v: Any) -> bool:
@@ -106,15 +128,11 @@ def format_inspection(ins: Inspection, *, limit: int | None = 50) -> str:
         if v:
             lines.append(f"{k}: {v}")
     for k, v in sorted(ins.metadata.items()):
-        if k == "polyak":
-            try:
-                rec = json.loads(v)
-                ws = ", ".join(f"{x:.4g}" for x in rec.get("weights", []))
-                names = ", ".join(m.get("file", "?") for m in rec.get("members", []))
-                lines.append(f"polyak: {rec.get('scheme')} average of {len(rec.get('members', []))} members ({names}); weights {ws}")
-                continue
-            except (json.JSONDecodeError, AttributeError):
-                pass
+        record = _polyak_record(v) if k == "polyak" else None
+        line = None if record is None else _summary(record)
+        if line is not None:
+            lines.append(line)
+            continue
         text = v if len(v) <= 200 else v[:200] + "…"
         lines.append(f"metadata {k}: {text}")
     return "\n".join(lines)
@@ -130,14 +148,18 @@ def save(state: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[
         >>> polyak.inspect(p).parameters
         3
     """
-    from .._atomic import check_output_path, cleanup_stale_temps
-    from ..formats import open_writer
+    from .._atomic import check_output_path, check_outputs, cleanup_stale_temps
+    from ..formats import check_storable, open_writer, output_files
     from ..formats._memory import MappingSource
 
     out = check_output_path(path, force=force)
-    cleanup_stale_temps(out.parent)
     src = MappingSource(state, "state")
     infos = list(src.infos().values())
+    check_storable(infos, metadata or {}, out)
+    # The same output policy as polyak.average: every file written (a sharded output's
+    # shards too) is checked before any is.
+    for folder in dict.fromkeys(f.parent for f in check_outputs(output_files(out, infos), force=force)):
+        cleanup_stale_temps(folder)
     writer = open_writer(out, infos, metadata=metadata or {})
     with writer:
         for name in writer.order:

@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .._errors import NonFiniteError
@@ -32,6 +33,7 @@ __all__ = [
     "accumulate_into",
     "add_scaled",
     "all_finite",
+    "check_cast",
     "check_finite",
     "chunks",
     "member_chunks",
@@ -128,6 +130,51 @@ def check_finite(total: float, x: np.ndarray, *, label: str, name: str) -> None:
     raise NonFiniteError(
         f"{label}: tensor \"{name}\" has NaN or Inf values. They would spread into every average "
         "that contains this member; drop it (e.g. with last=) or repair it first"
+    )
+
+
+def check_cast(acc: np.ndarray, out: np.ndarray, *, name: str) -> None:
+    """Refuse a result that the cast to its output dtype turned into NaN or Inf.
+
+    ``acc`` is the finite result in the accumulator dtype, ``out`` the same values in the
+    dtype that is written (``--dtype float16``, or a float16 member's own dtype). A value
+    beyond the output dtype's range becomes Inf (float16, bfloat16) or NaN (float8_e4m3fn);
+    the finiteness of what is actually written is what matters. Two reductions over ``acc``
+    decide; ``out`` is looked at element by element only when a value reaches the range's
+    end (where rounding may still land on the largest finite value).
+
+    Raises:
+        NonFiniteError: Naming the tensor, the largest magnitude reached, and the dtype's range.
+
+    Example:
+        >>> import numpy as np
+        >>> acc = np.array([1.0, 3e38], np.float32)
+        >>> with np.errstate(over="ignore"):
+        ...     out = acc.astype(np.float16)
+        >>> check_cast(acc, out, name="w")
+        Traceback (most recent call last):
+        ...
+        polyak._errors.NonFiniteError: tensor "w": its average reaches 3e+38, beyond the range of float16 (largest finite value 65504); written as float16 it would be Inf. Write a wider dtype (e.g. --dtype float32) or leave --dtype unset
+    """
+    if acc.size == 0:
+        return
+    info = ml_dtypes.finfo(out.dtype)
+    top = float(info.max)
+    signed = float(info.min) == -top
+    if acc.dtype.kind == "c" or not signed:
+        peak = float(np.max(np.abs(acc)))
+    else:
+        peak = max(float(acc.max()), -float(acc.min()))
+        if peak < top:
+            return
+    if all_finite(out):
+        return
+    became = "NaN" if np.isnan(out.astype(np.complex128 if out.dtype.kind == "c" else np.float32)).any() else "Inf"
+    dt = np.dtype(out.dtype).name
+    span = f"largest finite value {top:g}" if signed else f"finite values from {float(info.tiny):g} to {top:g}"
+    raise NonFiniteError(
+        f'tensor "{name}": its average reaches {peak:.4g}, beyond the range of {dt} ({span}); '
+        f"written as {dt} it would be {became}. Write a wider dtype (e.g. --dtype float32) or leave --dtype unset"
     )
 
 

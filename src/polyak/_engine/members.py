@@ -13,9 +13,10 @@ from typing import Any, Union
 import numpy as np
 
 from .._dtypes import is_float, is_integer_like
-from .._errors import ConfigError, FormatError, MismatchError
+from .._errors import ConfigError, FormatError, MismatchError, PolyakError
 from .._layout import compare_layouts, mismatch_error, quoted
 from ..formats import SourceTemplate, SourceView, TensorInfo, TensorSource, open_source
+from ..formats._common import open_files_limit, too_many_open_files
 from ..formats._memory import MappingSource
 
 __all__ = [
@@ -354,7 +355,18 @@ def open_members(
     owned: list[TensorSource] = []  # sources we opened; the caller's own sources stay open
     try:
         for i, m in enumerate(members):
-            src = open_member(m, i, format=format, key=key, strip_prefix=strip_prefix)
+            try:
+                src = open_member(m, i, format=format, key=key, strip_prefix=strip_prefix)
+            except (OSError, PolyakError) as exc:
+                if not too_many_open_files(exc):
+                    raise
+                limit = open_files_limit()
+                raise ConfigError(
+                    f"{member_label(m, i)}: cannot open member {i + 1} of {len(members)}: too many open "
+                    f"files{f' (the limit is {limit})' if limit is not None else ''}; raise the limit "
+                    "with `ulimit -n` or average fewer members at once (safetensors members keep no "
+                    "file open while averaging; other formats keep one each)"
+                ) from None
             opened.append(src)
             if src is not m:
                 owned.append(src)

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,7 +42,7 @@ from ..formats.safetensors import (
     shard_paths,
 )
 from .members import open_members
-from .stream import average_sources, output_infos
+from .stream import Stopped, average_sources, output_infos
 
 __all__ = ["DistContext", "ShardPlan", "average_parallel", "init_distributed", "plan_parallel"]
 
@@ -140,10 +141,12 @@ class _Job:
     shards: list[tuple[str, list[str]]]
 
 
-def _run_job(job: _Job) -> list[tuple[str, str]]:
+def _run_job(job: _Job, stop: threading.Event | None = None) -> list[tuple[str, str]]:
     """Average this worker's shards into finished temporary files; returns (tmp, target) pairs.
 
     On any error the temporaries this worker wrote are deleted before the error propagates.
+    ``stop`` (set when another worker failed or the run was interrupted) ends the job at the
+    next tensor with :class:`~.stream.Stopped`, cleaning up the same way.
     """
     done: list[tuple[str, str]] = []
     try:
@@ -156,6 +159,7 @@ def _run_job(job: _Job) -> list[tuple[str, str]]:
                     average_sources(
                         sources, job.weights, infos=in_infos, dtype=job.dtype, int_policy=job.int_policy,
                         writer=writer, threads=1,  # the workers themselves are the parallelism
+                        stop=stop,
                     )
                     done.append((str(writer.finish()), target))
     except BaseException:
@@ -250,6 +254,8 @@ def average_parallel(
     dtype: str | None = None,
     int_policy: str = "newest",
     shard_size: int | None = None,
+    plan: ShardPlan | None = None,
+    inputs: Sequence[Path] = (),
 ) -> list[Path]:
     """Average already-checked members into a sharded safetensors output, split across workers.
 
@@ -257,6 +263,10 @@ def average_parallel(
     and writes the shards it owns; rank 0 renames them all into place and writes the index
     after every rank has finished. Otherwise ``workers`` threads of this process do the same
     (see :func:`_run_local`) and this process commits.
+
+    ``plan`` is the split the caller already checked (:func:`plan_parallel` with the same
+    arguments when omitted); ``inputs`` are the files being read, which the commit never
+    deletes.
 
     Returns:
         The shard paths and the index path (last).
@@ -271,17 +281,18 @@ def average_parallel(
             raise ConfigError("workers/distributed averaging needs checkpoint files, not in-memory states")
         paths.append(os.fspath(m))
     parts = dist.world_size if dist is not None else workers
-    plan = plan_parallel(out_infos, out, parts=parts, shard_size=shard_size)
+    if plan is None:
+        plan = plan_parallel(out_infos, out, parts=parts, shard_size=shard_size)
     base: dict[str, Any] = {
         "members": paths, "weights": [float(x) for x in weights], "format": format, "key": key,
         "strip_prefix": list(strip_prefix), "dtype": dtype, "int_policy": int_policy, "metadata": dict(metadata),
     }
     if dist is not None:
-        return _run_distributed(plan, base, dist)
+        return _run_distributed(plan, base, dist, inputs)
     jobs = [j for j in _jobs(plan, parts, base) if j.shards]
     if len(jobs) == 1:
-        return plan.commit(_as_paths(_run_job(jobs[0])), base["metadata"])
-    return plan.commit(_as_paths(_run_local(jobs)), base["metadata"])
+        return plan.commit(_as_paths(_run_job(jobs[0])), base["metadata"], inputs=inputs)
+    return plan.commit(_as_paths(_run_local(jobs)), base["metadata"], inputs=inputs)
 
 
 def _run_local(jobs: Sequence[_Job]) -> list[tuple[str, str]]:
@@ -292,27 +303,42 @@ def _run_local(jobs: Sequence[_Job]) -> list[tuple[str, str]]:
     start-up (a fresh process costs a few tenths of a second, as long as a whole 4 GB job
     from the page cache) and no pickling. Each job opens the members itself (its own memory
     maps) and writes its own shards, so the threads share nothing but the output folder.
-    When a job fails, the others still finish (a thread cannot be stopped) and everything
-    they wrote is deleted.
+    When a job fails, or this thread is interrupted (Ctrl-C: ``KeyboardInterrupt``), the
+    others are told to stop at their next tensor, every job is waited for, and everything
+    they wrote is deleted before the error propagates: a stopped run leaves no temporary
+    file, as a single-process run does.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
+    stop = threading.Event()
     done: list[tuple[str, str]] = []
     errors: list[BaseException] = []
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="polyak-worker") as pool:
-        futures = [pool.submit(_run_job, job) for job in jobs]
+    pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="polyak-worker")
+    futures: list[Future[list[tuple[str, str]]]] = []
+    try:
+        futures = [pool.submit(_run_job, job, stop) for job in jobs]
         for future in futures:
             try:
                 done.extend(future.result())
-            except BaseException as exc:  # collect every job before cleaning up
+            except Exception as exc:  # collect every job before cleaning up
                 errors.append(exc)
+                stop.set()
+    except BaseException:  # interrupted while waiting: stop, wait, clean up, re-raise
+        stop.set()
+        for future in futures:
+            with contextlib.suppress(BaseException):
+                done.extend(future.result())
+        _remove([tmp for tmp, _ in done])
+        raise
+    finally:
+        pool.shutdown(wait=True)
     if errors:
         _remove([tmp for tmp, _ in done])
-        raise errors[0]
+        raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
     return done
 
 
-def _run_distributed(plan: ShardPlan, base: dict[str, Any], ctx: DistContext) -> list[Path]:
+def _run_distributed(plan: ShardPlan, base: dict[str, Any], ctx: DistContext, inputs: Sequence[Path]) -> list[Path]:
     import torch.distributed as dist
 
     # This first collective is also the barrier that keeps every rank from writing before
@@ -344,7 +370,7 @@ def _run_distributed(plan: ShardPlan, base: dict[str, Any], ctx: DistContext) ->
     files = [*plan.shard_paths, plan.index_path]
     if ctx.rank == 0:
         try:
-            files = plan.commit(_as_paths([pair for d, _ in results for pair in d]), base["metadata"])
+            files = plan.commit(_as_paths([pair for d, _ in results for pair in d]), base["metadata"], inputs=inputs)
         finally:
             dist.barrier()
     else:

@@ -13,23 +13,28 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypedDict, overload
 
 import numpy as np
 
-from .._dtypes import accumulator_dtype, dtype_from_name, is_float
+from .._dtypes import accumulator_dtype, is_float, output_dtype
 from .._errors import ConfigError, NonFiniteError
 from .._progress import Progress
 from ..formats import TensorInfo, TensorSource, TensorWriter
-from .kernel import Buffers, WriteBehind, accumulate, accumulate_all, all_finite
+from .kernel import Buffers, WriteBehind, accumulate, accumulate_all, all_finite, check_cast
 from .members import check_members
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["StreamOptions", "average_sources", "output_infos"]
+__all__ = ["Stopped", "StreamOptions", "average_sources", "output_infos"]
+
+
+class Stopped(Exception):
+    """A worker of a parallel average was told to stop (another failed, or Ctrl-C)."""
 
 
 def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
@@ -47,7 +52,7 @@ def _refuse_nonfinite(name: str, sources: Sequence[TensorSource]) -> None:
 
 def output_infos(infos: Sequence[TensorInfo], dtype: str | None) -> list[TensorInfo]:
     """The output's tensors: floating ones in ``dtype`` when given, the rest as they are."""
-    out_dt = None if dtype is None else dtype_from_name(dtype)
+    out_dt = output_dtype(dtype)
     return [TensorInfo(i.name, i.shape, out_dt if (out_dt is not None and is_float(i.dtype)) else i.dtype) for i in infos]
 
 
@@ -60,6 +65,8 @@ class StreamOptions(TypedDict, total=False):
     progress: bool
     check_finite: bool
     threads: int | None
+    stop: threading.Event | None
+    copy: Collection[str]
 
 
 class _Collect:
@@ -96,8 +103,13 @@ def average_sources(
     progress: bool = False,
     check_finite: bool = True,
     threads: int | None = None,
+    stop: threading.Event | None = None,
+    copy: Collection[str] = (),
 ) -> dict[str, np.ndarray] | None:
     """Average opened sources with given normalised weights (oldest → newest).
+
+    Integer and bool tensors, and the floating tensors named in ``copy`` (a post-hoc EMA
+    snapshot's copied BatchNorm statistics), are copied from the newest member.
 
     With ``writer`` the tensors are streamed to it in its order (written in a background
     thread while the next tensor is averaged) and ``None`` is returned; a tensor for which
@@ -105,15 +117,14 @@ def average_sources(
     summed straight into it instead; otherwise a dict of
     new arrays (each in its output dtype) is returned. Large tensors of memory-mapped
     members are averaged in ``threads`` parallel parts (default: up to 2, the cores
-    memory bandwidth can feed; 1 when called from a worker of a parallel average).
+    memory bandwidth can feed; 1 when called from a worker of a parallel average). When
+    ``stop`` is set, :class:`Stopped` is raised before the next tensor.
     """
     w = np.asarray(weights, dtype=np.float64)
     if len(w) != len(sources):
         raise ConfigError(f"{len(w)} weights for {len(sources)} members")
     ref_infos = {i.name: i for i in (infos if infos is not None else check_members(sources, int_policy=int_policy))}
-    out_dtype = None if dtype is None else dtype_from_name(dtype)
-    if out_dtype is not None and not is_float(out_dtype):
-        raise ConfigError(f"--dtype must be a floating-point dtype, got {dtype!r}")
+    out_dtype = output_dtype(dtype)
     newest = sources[-1]
     zero_copy = all(s.zero_copy for s in sources)
     scratch = Buffers()  # the kernels' own scratch space
@@ -134,9 +145,14 @@ def average_sources(
         # are computed in) or a dict of copies.
         sink: WriteBehind | _Collect = stack.enter_context(WriteBehind(writer)) if writer is not None else _Collect()
         for name in order:
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped before the end")
             info = ref_infos[name]
-            if not is_float(info.dtype):
-                sink.put(name, newest.read(name))
+            if not is_float(info.dtype) or name in copy:
+                value = newest.read(name)
+                if out_dtype is not None and is_float(info.dtype):
+                    value = np.asarray(value).astype(out_dtype)
+                sink.put(name, value)
                 bar.update(info.nbytes * len(sources))
                 continue
             acc_dt = accumulator_dtype(info.dtype)
@@ -176,6 +192,8 @@ def average_sources(
             if target != acc_dt:
                 out = bufs.get("out", target, info.size).reshape(info.shape)
                 np.copyto(out, value, casting="unsafe")
+                if check_finite:  # what is written must be finite too, not only the sum
+                    check_cast(acc, out, name=name)
                 value = out
             sink.put(name, value)
             bar.update(info.nbytes * len(sources))

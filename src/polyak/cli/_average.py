@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or folders (any order; see --order)")
-    p.add_argument("-o", "--out", required=True, help="output file (its suffix picks the format) or folder (a name ending in /, an existing folder, or folder inputs): a folder from_pretrained opens")
+    p.add_argument("-o", "--out", required=True, help="output file (its suffix picks the format) or folder (a name ending in /, or a name without a suffix that is an existing folder or goes with folder inputs): a folder from_pretrained opens")
     p.add_argument("--scheme", choices=[s for s in SCHEMES if s != "custom"], default="equal", help="weighting scheme (default: equal)")
     alpha = get_scheme("exponential").param("alpha").default
     p.add_argument("--alpha", type=float, help=f"decay rate of --scheme exponential (default: {alpha:g})")

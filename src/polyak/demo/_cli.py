@@ -11,6 +11,7 @@ examples:
   polyak demo --framework torch            # the same with PyTorch (CheckpointSaver + safetensors)
   polyak demo --repeats 30                 # 30 seeds: mean ± std, wins/ties/losses, spread
   polyak demo --members 50 --alphas 0.5,1,2,4,8   # the tutorial's two extensions
+  polyak demo --posthoc --repeats 10       # also post-hoc EMA: the EMA width chosen after training
 
 Data: make_blobs(n_samples=1100, centers=3, n_features=2, cluster_std=2, random_state=2)
 as the tutorial (--seed changes the training run, not the data); train on rows 0..99;
@@ -55,6 +56,8 @@ def register(sub: Any) -> None:
     p.add_argument("--members", type=_positive, default=10, metavar="M", help="save and average the last M epochs (default: 10, the tutorial's)")
     p.add_argument("--alphas", type=_alphas, default=(2.0,), help="decay rates of the exponential scheme, e.g. 0.5,1,2,4,8 (default: 2)")
     p.add_argument("--data-seed", type=int, default=2, help="random_state of make_blobs (default: 2, the tutorial's)")
+    p.add_argument("--posthoc", action="store_true", help="also keep power EMAs (sigma_rel 0.05, 0.10) while training, "
+                   "rebuild EMAs of sigma_rel 0.02..0.25 afterwards and choose one on validation (post-hoc EMA)")
     p.add_argument("--out", default="polyak-demo", help="output folder (default: ./polyak-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no report, only the last line")
     p.add_argument("--epochs", type=_positive, default=500, help=argparse.SUPPRESS)  # shorter runs for tests
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         recipe=Recipe(epochs=args.epochs, members=args.members),
         alphas=args.alphas,
         data_seed=args.data_seed,
+        posthoc=args.posthoc,
     )
     run_demo(config, seed=args.seed, repeats=args.repeats, jobs=args.jobs, out=args.out, quiet=args.quiet)
     return 0

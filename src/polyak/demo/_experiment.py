@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,18 +19,23 @@ from typing import Any
 
 import numpy as np
 
+from .._choose.posthoc import DEFAULT_SWEEP, posthoc_sweep
 from .._choose.results import SweepResults, SweepRow
 from .._choose.select import select
 from .._choose.sweep import sweep
+from .._engine.posthoc import PosthocFitWarning
 from .._errors import ConfigError
+from .._posthoc import DEFAULT_SIGMA_RELS, is_snapshot_name
 from ._data import load_blobs
 from ._model import Evaluator
-from ._train import Recipe, train_keras, train_torch
+from ._train import PosthocCapture, Recipe, steps_per_epoch, train_keras, train_torch
 
 __all__ = ["FRAMEWORKS", "DemoConfig", "run_repetition", "scheme_label"]
 
 FRAMEWORKS = ("keras", "torch")
 SUFFIX = {"keras": ".keras", "torch": ".safetensors"}
+#: The post-hoc EMA snapshot folder inside the checkpoint folder.
+POSTHOC_DIR = "posthoc"
 #: Files the demo itself writes into its checkpoint folder (and removes before a new run).
 _OWN_CHECKPOINT = re.compile(r"^model_(epoch_)?\d+\.(keras|weights\.h5|safetensors)$")
 
@@ -43,12 +49,20 @@ class DemoConfig:
         recipe: Training recipe (epochs, members, ...).
         alphas: Decay rates of the exponential scheme (the tutorial: 2).
         data_seed: ``random_state`` of the blobs (the tutorial: 2); fixed across repeats.
+        posthoc: Also keep power EMAs during training (post-hoc EMA: per-batch updates,
+            a snapshot every :attr:`posthoc_every_epochs` epochs), rebuild every width of
+            ``posthoc_grid`` afterwards and choose one on validation.
+        posthoc_sigma_rels: The tracked widths (EDM2's 0.05 and 0.10).
+        posthoc_grid: The widths rebuilt and compared.
     """
 
     framework: str = "keras"
     recipe: Recipe = field(default_factory=Recipe)
     alphas: tuple[float, ...] = (2.0,)
     data_seed: int = 2
+    posthoc: bool = False
+    posthoc_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS
+    posthoc_grid: tuple[float, ...] = DEFAULT_SWEEP
 
     def __post_init__(self) -> None:
         if self.framework not in FRAMEWORKS:
@@ -65,8 +79,17 @@ class DemoConfig:
         out += [(scheme_label("exponential", a), "exponential", a) for a in self.alphas]
         return out
 
+    @property
+    def posthoc_every_epochs(self) -> int:
+        """Epochs between post-hoc EMA snapshots: 20 snapshots per width over the run."""
+        return max(1, self.recipe.epochs // 20)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"framework": self.framework, "recipe": asdict(self.recipe), "alphas": list(self.alphas), "data_seed": self.data_seed}
+        out = {"framework": self.framework, "recipe": asdict(self.recipe), "alphas": list(self.alphas), "data_seed": self.data_seed}
+        if self.posthoc:
+            out["posthoc"] = {"sigma_rels": list(self.posthoc_sigma_rels), "grid": list(self.posthoc_grid),
+                              "every_epochs": self.posthoc_every_epochs}
+        return out
 
 
 def scheme_label(scheme: str, alpha: float | None) -> str:
@@ -152,11 +175,48 @@ def sweep_members(
 
 
 def prepare_checkpoint_dir(directory: Path) -> None:
-    """Create ``directory``; remove member files an earlier demo run left there."""
+    """Create ``directory``; remove member files and post-hoc EMA snapshots an earlier demo
+    run left there."""
     directory.mkdir(parents=True, exist_ok=True)
     for p in directory.iterdir():
         if p.is_file() and _OWN_CHECKPOINT.match(p.name):
             p.unlink()
+    snapshots = directory / POSTHOC_DIR
+    if snapshots.is_dir():
+        for p in snapshots.iterdir():
+            if p.is_file() and is_snapshot_name(p.name):
+                p.unlink()
+
+
+def posthoc_members(folder: Path, evaluate: Evaluator, config: DemoConfig) -> dict[str, Any]:
+    """``polyak.posthoc_sweep`` over the snapshots, then ``polyak.select`` on validation.
+
+    Returns:
+        ``{"rebuilt": [...], "tracked": [...], "chosen": {...}, "snapshots": N}``: the
+        metrics of every rebuilt width (with its profile residual) and of the tracked
+        EMAs at the end of training, and the width chosen on validation accuracy with its
+        test accuracy.
+    """
+    with warnings.catch_warnings():
+        # Widths the snapshots express poorly are kept, with their residual, in the report.
+        warnings.simplefilter("ignore", PosthocFitWarning)
+        results = posthoc_sweep(folder, _Nested(evaluate), config.posthoc_grid)
+    chosen = select(results, "accuracy", on="validation", report="test")
+
+    def row(r: SweepRow) -> dict[str, Any]:
+        out: dict[str, Any] = {"sigma_rel": r.sigma_rel, **_flat(r)}
+        if r.kind == "posthoc":
+            out["residual"] = results.residual(r.sigma_rel or 0.0)
+        return out
+
+    return {
+        "snapshots": len(results.members),
+        "step": results.step,
+        "rebuilt": [row(r) for r in sorted(results.select_rows(kind="posthoc"), key=lambda r: r.sigma_rel or 0.0)],
+        "tracked": [row(r) for r in sorted(results.select_rows(kind="tracked"), key=lambda r: r.sigma_rel or 0.0)],
+        "chosen": {"sigma_rel": chosen.sigma_rel, "kind": chosen.row.kind, "validation": chosen.selected,
+                   "test": chosen.reported, "holdout": chosen.row.value("accuracy", "holdout")},
+    }
 
 
 def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: bool = True) -> dict[str, Any]:
@@ -166,7 +226,8 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
         A JSON-ready dict: ``final`` (the last epoch's model, with train accuracy),
         ``single`` (each member, oldest → newest), ``averages`` (scheme → metrics of the
         newest n for n = 1..members), ``chosen`` (choices made on validation), ``files``,
-        ``epochs`` (zero-based epoch of each member) and ``seconds`` (timings).
+        ``epochs`` (zero-based epoch of each member) and ``seconds`` (timings); with
+        ``config.posthoc`` also ``posthoc`` (see :func:`posthoc_members`).
     """
     recipe = config.recipe
     data = load_blobs(config.data_seed)
@@ -174,7 +235,11 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
     prepare_checkpoint_dir(directory)
     t0 = time.perf_counter()
     train = train_keras if config.framework == "keras" else train_torch
-    files = train(data, recipe, seed=seed, directory=directory, quiet=quiet)
+    capture = None
+    if config.posthoc:
+        every = config.posthoc_every_epochs * steps_per_epoch(data, recipe)
+        capture = PosthocCapture(directory / POSTHOC_DIR, config.posthoc_sigma_rels, every)
+    files = train(data, recipe, seed=seed, directory=directory, quiet=quiet, posthoc=capture)
     t1 = time.perf_counter()
     if len(files) != recipe.members:
         raise ConfigError(f"expected {recipe.members} member files in {directory}, found {len(files)}: {[f.name for f in files]}")
@@ -182,6 +247,10 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
     final = Evaluator(data, config.framework, train=True)(load_states(files[-1:])[0])
     epochs = list(range(recipe.first_saved, recipe.epochs))
     t2 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if capture is not None:
+        extra["posthoc"] = posthoc_members(capture.folder, Evaluator(data, config.framework), config)
+        extra["seconds_posthoc"] = time.perf_counter() - t2
     return {
         "seed": seed,
         "config": config.to_dict(),
@@ -191,5 +260,6 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
         "single": single,
         "averages": averages,
         "chosen": chosen,
-        "seconds": {"train": t1 - t0, "sweep": t2 - t1},
+        "seconds": {"train": t1 - t0, "sweep": t2 - t1, **({"posthoc": extra.pop("seconds_posthoc")} if extra else {})},
+        **extra,
     }

@@ -19,9 +19,11 @@ from .._errors import ConfigError
 from .._progress import Progress
 from ._experiment import DemoConfig, run_repetition
 from ._show import (
+    figure_posthoc,
     figure_repeats,
     figure_scheme,
     file_stem,
+    posthoc_text,
     repetition_text,
     summary_text,
     write_json,
@@ -64,6 +66,8 @@ def _schemes_figures(rep: dict[str, Any], out: Path) -> list[Path]:
     expo = [lab for lab in labels if lab.startswith("exponential")]
     if len(expo) > 1:
         paths.append(figure_scheme(rep, expo, out / "alphas.png", title=f"exponential decay rates, seed {rep['seed']}"))
+    if "posthoc" in rep:
+        paths.append(figure_posthoc(rep, out / "posthoc.png"))
     return paths
 
 
@@ -110,10 +114,15 @@ def run_demo(
         if not quiet:
             echo(repetition_text(rep))
             echo("")
+            if "posthoc" in rep:
+                echo(posthoc_text(rep))
+                echo("")
         first, last = Path(rep["files"][0]).name, Path(rep["files"][-1]).name
         echo(
             f"files: {out}/ — results.json, {len(figures)} figures ({', '.join(p.name for p in figures)}), "
-            f"{len(rep['files'])} checkpoints (checkpoints/{first} … {last}) [{time.perf_counter() - t0:.1f} s]"
+            f"{len(rep['files'])} checkpoints (checkpoints/{first} … {last})"
+            + (f", {rep['posthoc']['snapshots']} post-hoc EMA snapshots (checkpoints/posthoc/)" if "posthoc" in rep else "")
+            + f" [{time.perf_counter() - t0:.1f} s]"
         )
         return data
     seeds = list(range(seed, seed + repeats))

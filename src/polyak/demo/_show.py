@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_bytes
+from .._choose.report import sigma_axis
 
-__all__ = ["figure_repeats", "figure_scheme", "repetition_text", "summary_text", "write_json"]
+__all__ = ["figure_posthoc", "figure_repeats", "figure_scheme", "posthoc_text", "repetition_text", "summary_text",
+           "write_json"]
 
 Rep = dict[str, Any]
 
@@ -105,8 +107,12 @@ def summary_text(summary: dict[str, Any], *, framework: str) -> str:
         if "fixed_n_holdout" in v:
             c = v["fixed_n_holdout"]
             parts.append(f"n = {m} on held-out {c['better']:>2} / {c['tie']:>2} / {c['worse']:>2}")
-        c = v["chosen_n_test"]
-        parts.append(f"n chosen on validation, on test {c['better']:>2} / {c['tie']:>2} / {c['worse']:>2}")
+        if "chosen_n_test" in v:
+            c = v["chosen_n_test"]
+            parts.append(f"n chosen on validation, on test {c['better']:>2} / {c['tie']:>2} / {c['worse']:>2}")
+        if "chosen_sigma_test" in v:
+            c = v["chosen_sigma_test"]
+            parts.append(f"sigma_rel chosen on validation, on test {c['better']:>2} / {c['tie']:>2} / {c['worse']:>2}")
         lines.append(f"  {label:<22} " + ";  ".join(parts))
     sp = summary["spread"]
     lines += [
@@ -114,7 +120,60 @@ def summary_text(summary: dict[str, Any], *, framework: str) -> str:
         f"within-run spread (std of held-out accuracy across the {m} members / across n = 1..{m}, mean over runs):",
         "  " + ",  ".join(f"{k} {v:.4f}" for k, v in sp.items()),
     ]
+    if "posthoc_chosen_sigma_rels" in summary:
+        counts: dict[float, int] = {}
+        for s in summary["posthoc_chosen_sigma_rels"]:
+            counts[s] = counts.get(s, 0) + 1
+        lines += ["", "post-hoc EMA: sigma_rel chosen on validation (times): "
+                  + ", ".join(f"{k:g} ({v})" for k, v in sorted(counts.items())),
+                  f"post-hoc EMA (sigma_rel chosen on validation) on test versus (better / tie / worse, in "
+                  f"{summary['runs']} runs):"]
+        for label, c in summary["posthoc_versus"].items():
+            lines.append(f"  {label:<36} {c['better']:>2} / {c['tie']:>2} / {c['worse']:>2}")
     return "\n".join(lines)
+
+
+def posthoc_text(rep: Rep) -> str:
+    """The post-hoc EMA part of one repetition's report."""
+    ph = rep["posthoc"]
+    cfg = rep["config"]["posthoc"]
+    tracked = ", ".join(f"{t['sigma_rel']:g}" for t in ph["tracked"])
+    lines = [
+        f"post-hoc EMA: power EMAs of sigma_rel {tracked} updated after every batch, a snapshot every "
+        f"{cfg['every_epochs']} epochs ({ph['snapshots']} files); every width rebuilt at the end of training",
+        f"{'sigma_rel':>10} {'residual':>9} {'held-out':>9} {'validation':>10} {'test':>6}",
+    ]
+    for r in ph["rebuilt"]:
+        lines.append(f"{r['sigma_rel']:>10g} {r['residual']:>9.1e} {r['holdout']:>9.3f} {r['validation']:>10.3f} {r['test']:>6.3f}")
+    for r in ph["tracked"]:
+        lines.append(f"{str(r['sigma_rel']) + ' T':>10} {'':>9} {r['holdout']:>9.3f} {r['validation']:>10.3f} {r['test']:>6.3f}")
+    c = ph["chosen"]
+    lines += [
+        "  (T: the tracked EMA itself; residual: how well the snapshots express that width, 0 = exactly)",
+        f"  chosen on validation: sigma_rel {c['sigma_rel']:g}  test={c['test']:.3f}   (validation {c['validation']:.3f}); "
+        f"final model test={rep['final']['test']:.3f}, chosen checkpoint average test={rep['chosen']['overall']['test']:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+def figure_posthoc(rep: Rep, path: Path) -> Path:
+    """Held-out, validation and test accuracy of every rebuilt width; tracked EMAs marked."""
+    ph = rep["posthoc"]
+    fig = _figure()
+    ax = fig.add_subplot()
+    xs = [r["sigma_rel"] for r in ph["rebuilt"]]
+    for split, colour in (("holdout", "tab:blue"), ("validation", "tab:orange"), ("test", "tab:green")):
+        ax.plot(xs, [r[split] for r in ph["rebuilt"]], marker=".", color=colour, label=f"rebuilt EMA, {split}")
+        ax.plot([t["sigma_rel"] for t in ph["tracked"]], [t[split] for t in ph["tracked"]], "D", color=colour,
+                markerfacecolor="none", markersize=8)
+    ax.axhline(rep["final"]["holdout"], color="grey", linestyle=":", label="final model, held-out")
+    ax.axvline(ph["chosen"]["sigma_rel"], color="black", linewidth=0.8, label="chosen on validation")
+    sigma_axis(ax, xs)
+    ax.set_xlabel("sigma_rel (diamonds: the tracked EMAs)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"post-hoc EMA, seed {rep['seed']}")
+    ax.legend(fontsize="small")
+    return _save_png(fig, path)
 
 
 def _figure(width: float = 6.4, height: float = 4.0) -> Any:

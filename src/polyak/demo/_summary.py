@@ -53,7 +53,16 @@ def rows(reps: Sequence[Rep]) -> list[Row]:
         out.append((f"{label}, n = {m}", _last_average(label, "holdout"), _last_average(label, "test")))
         out.append((f"{label}, n chosen on validation", None, _chosen(label)))
     out.append(("scheme and n chosen on validation", None, lambda r: r["chosen"]["overall"]["test"]))
+    if "posthoc" in first:
+        for i, tracked in enumerate(first["posthoc"]["tracked"]):
+            out.append((f"tracked EMA sigma_rel={tracked['sigma_rel']:g} (end of run)", _tracked(i, "holdout"),
+                        _tracked(i, "test")))
+        out.append(("post-hoc EMA, sigma_rel chosen on validation", None, lambda r: r["posthoc"]["chosen"]["test"]))
     return out
+
+
+def _tracked(i: int, split: str) -> Callable[[Rep], float]:
+    return lambda r: float(r["posthoc"]["tracked"][i][split])
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -93,10 +102,24 @@ def summarise(reps: Sequence[Rep]) -> dict[str, Any]:
             "chosen_n_test": _compare([r["chosen"]["per_scheme"][label]["test"] for r in reps], final_t),
         }
     versus["chosen on validation"] = {"chosen_n_test": _compare([r["chosen"]["overall"]["test"] for r in reps], final_t)}
+    if "posthoc" in reps[0]:
+        versus["post-hoc EMA"] = {"chosen_sigma_test": _compare([r["posthoc"]["chosen"]["test"] for r in reps], final_t)}
     spread = {"single": float(np.mean([np.std([s["holdout"] for s in r["single"]]) for r in reps]))}
     for label in reps[0]["averages"]:
         spread[label] = float(np.mean([np.std([a["holdout"] for a in r["averages"][label]]) for r in reps]))
+    out_posthoc: dict[str, Any] = {}
+    if "posthoc" in reps[0]:
+        chosen_t = [r["posthoc"]["chosen"]["test"] for r in reps]
+        against = {f"tracked EMA sigma_rel={t['sigma_rel']:g}": [r["posthoc"]["tracked"][i]["test"] for r in reps]
+                   for i, t in enumerate(reps[0]["posthoc"]["tracked"])}
+        against["scheme and n chosen on validation"] = [r["chosen"]["overall"]["test"] for r in reps]
+        out_posthoc = {
+            "posthoc_chosen_sigma_rels": [r["posthoc"]["chosen"]["sigma_rel"] for r in reps],
+            # the post-hoc EMA chosen on validation against what needs no choice of width
+            "posthoc_versus": {label: _compare(chosen_t, ref) for label, ref in against.items()},
+        }
     return {
+        **out_posthoc,
         "runs": len(reps),
         "seeds": [r["seed"] for r in reps],
         "members": len(reps[0]["single"]),

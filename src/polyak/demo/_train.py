@@ -40,10 +40,25 @@ import numpy as np
 from .._progress import Progress
 from ._data import Blobs, one_hot
 
-__all__ = ["Recipe", "train_keras", "train_torch"]
+__all__ = ["PosthocCapture", "Recipe", "steps_per_epoch", "train_keras", "train_torch"]
 
 #: ``keras.config.epsilon()``: Keras clips probabilities to [eps, 1 - eps] in its losses.
 KERAS_EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class PosthocCapture:
+    """Power EMAs kept during training for post-hoc EMA: where, which widths, how often.
+
+    Attributes:
+        folder: The snapshot folder.
+        sigma_rels: The tracked widths.
+        every: Optimizer steps (batches) between snapshots.
+    """
+
+    folder: Path
+    sigma_rels: tuple[float, ...]
+    every: int
 
 
 @dataclass(frozen=True)
@@ -123,8 +138,9 @@ def build_torch_mlp(inputs: int, hidden: int, classes: int, *, generator: Any) -
     return model
 
 
-def torch_epoch(model: Any, step: Any, x: Any, y: Any, order: Any, *, batch_size: int) -> None:
-    """One epoch of mean cross-entropy SGD over ``x[order]`` in batches (the last may be short)."""
+def torch_epoch(model: Any, step: Any, x: Any, y: Any, order: Any, *, batch_size: int, after_step: Any = None) -> None:
+    """One epoch of mean cross-entropy SGD over ``x[order]`` in batches (the last may be short);
+    ``after_step()`` runs after every optimizer step (an online averager's update)."""
     params = list(model.parameters())
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
@@ -132,6 +148,8 @@ def torch_epoch(model: Any, step: Any, x: Any, y: Any, order: Any, *, batch_size
             p.grad = None
         keras_crossentropy(model(x[idx]), y[idx]).backward()
         step()
+        if after_step is not None:
+            after_step()
 
 
 def keras_crossentropy(logits: Any, y: Any) -> Any:
@@ -149,7 +167,13 @@ def keras_crossentropy(logits: Any, y: Any) -> Any:
     return -torch.log(proba.gather(1, y[:, None])).mean()
 
 
-def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quiet: bool = True) -> list[Path]:
+def steps_per_epoch(data: Blobs, recipe: Recipe) -> int:
+    """Optimizer steps per epoch (4 for the tutorial: 100 rows in batches of 32)."""
+    return -(-len(data.y_train) // recipe.batch_size)
+
+
+def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quiet: bool = True,
+                posthoc: PosthocCapture | None = None) -> list[Path]:
     """Train with PyTorch and save the last ``recipe.members`` epochs as ``.safetensors``.
 
     Args:
@@ -158,6 +182,8 @@ def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
         seed: Seeds the initial weights and the per-epoch shuffles.
         directory: Where the checkpoints go.
         quiet: No progress bar.
+        posthoc: Also keep power EMAs (``polyak.torch.PostHocEMA``, updated after every
+            batch) with snapshots in ``posthoc.folder``.
 
     Returns:
         The member files, oldest → newest.
@@ -174,9 +200,15 @@ def train_torch(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
     x = torch.from_numpy(np.ascontiguousarray(data.x_train))
     y = torch.from_numpy(data.y_train)
     saver = CheckpointSaver(directory, every=1, unit="epoch", start=recipe.first_saved, format=".safetensors", prefix="model")
+    after = None
+    if posthoc is not None:
+        from ..torch import PostHocEMA
+
+        after = PostHocEMA(model, posthoc.folder, sigma_rels=posthoc.sigma_rels, every=posthoc.every).update
     bar = Progress(recipe.epochs, "training (torch)", enabled=not quiet, unit="epoch")
     for epoch in range(recipe.epochs):
-        torch_epoch(model, step, x, y, torch.randperm(len(y), generator=gen), batch_size=recipe.batch_size)
+        torch_epoch(model, step, x, y, torch.randperm(len(y), generator=gen), batch_size=recipe.batch_size,
+                    after_step=after)
         saver.maybe_save(model, epoch=epoch)
         bar.update()
     bar.close()
@@ -201,7 +233,8 @@ def build_keras_mlp(inputs: int, classes: int, recipe: Recipe) -> Any:
     return model
 
 
-def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quiet: bool = True) -> list[Path]:
+def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quiet: bool = True,
+                posthoc: PosthocCapture | None = None) -> list[Path]:
     """Train with Keras in one ``fit`` call; save the last ``recipe.members`` epochs as ``.keras``.
 
     Args:
@@ -210,6 +243,8 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
         seed: ``keras.utils.set_random_seed(seed)``: initial weights and shuffles.
         directory: Where the checkpoints go.
         quiet: No progress bar.
+        posthoc: Also keep power EMAs (``polyak.keras.PostHocEMACallback``, updated after
+            every batch) with snapshots in ``posthoc.folder``.
 
     Returns:
         The member files, oldest → newest.
@@ -231,6 +266,11 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
             bar.update()
 
     saver = CheckpointCallback(directory, start_epoch=recipe.first_saved, every=1, format=".keras", prefix="model_epoch")
+    callbacks: list[Any] = [saver, _Bar()]
+    if posthoc is not None:
+        from ..keras import PostHocEMACallback
+
+        callbacks.append(PostHocEMACallback(posthoc.folder, sigma_rels=posthoc.sigma_rels, every=posthoc.every))
     model.fit(
         data.x_train,
         one_hot(data.y_train, classes),
@@ -238,7 +278,7 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
         batch_size=recipe.batch_size,
         shuffle=True,
         verbose=0,
-        callbacks=[saver, _Bar()],
+        callbacks=callbacks,
     )
     bar.close()
     return list(saver.saved)

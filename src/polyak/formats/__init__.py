@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from ._base import (
     TensorWriter,
     WriteOptions,
     WriterFactory,
+    check_storable,
 )
 
 __all__ = [
@@ -51,11 +53,13 @@ __all__ = [
     "TensorSource",
     "TensorWriter",
     "WriteOptions",
+    "check_storable",
     "detect_format",
     "format_names",
     "get_format",
     "open_source",
     "open_writer",
+    "output_files",
     "register_format",
     "suffix_format",
 ]
@@ -331,9 +335,30 @@ def open_writer(
     ``template`` is the newest member: when it has the output's format, the writer receives
     its :meth:`TensorSource.template` (the structure to carry over).
     """
-    fmt = output_format(path, format)
-    if template is not None and format is None and template.format_name in CONTENT_DECIDES.get(fmt.name, ()):
-        fmt = get_format(template.format_name)  # e.g. Keras 3 weights written as ``avg.h5``
+    fmt = _writer_format(path, format, template)
     writer = _writer(fmt)
     carried = template.template() if template is not None and template.format_name == fmt.name else None
     return writer(Path(path), infos, metadata=metadata or {}, template=carried, aliases=aliases, options=options)
+
+
+def _writer_format(path: str | os.PathLike[str], format: str | None, template: TensorSource | None) -> Format:
+    fmt = output_format(path, format)
+    if template is not None and format is None and template.format_name in CONTENT_DECIDES.get(fmt.name, ()):
+        fmt = get_format(template.format_name)  # e.g. Keras 3 weights written as ``avg.h5``
+    return fmt
+
+
+def output_files(
+    path: str | os.PathLike[str],
+    infos: Sequence[TensorInfo],
+    *,
+    format: str | None = None,
+    template: TensorSource | None = None,
+    options: WriteOptions | None = None,
+) -> list[Path]:
+    """Every final path that :func:`open_writer` with the same arguments will create or
+    replace (the file itself; every shard and the index of a sharded output), known before
+    the writer is opened so that all of them can be checked first."""
+    fmt = _writer_format(path, format, template)
+    _writer(fmt)
+    return fmt.impl().output_files(Path(path), infos, options or WriteOptions())

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from .._dtypes import dtype_name
+from .._errors import FormatError
 
 __all__ = [
     "FormatImpl",
@@ -35,6 +36,7 @@ __all__ = [
     "TensorWriter",
     "WriteOptions",
     "WriterFactory",
+    "check_storable",
     "contiguous",
 ]
 
@@ -205,10 +207,60 @@ class WriteOptions:
     Attributes:
         shard_size: Largest shard in bytes, or ``None`` for one file (safetensors only).
         keep_optimizer: Keras archives: copy optimizer variables from the template.
+        inputs: The files being read (never replaced or deleted).
     """
 
     shard_size: int | None = None
     keep_optimizer: bool = False
+    #: The files being read. A writer never replaces or deletes them (the engine has
+    #: already refused an output that is one of them; a sharded writer also spares them
+    #: when it removes the shards of the output it replaces).
+    inputs: tuple[Path, ...] = ()
+
+
+def _not_unicode(text: object) -> str | None:
+    """Why ``text`` cannot be stored as UTF-8 (``None`` when it can)."""
+    if not isinstance(text, str):
+        return f"a {type(text).__name__}, not a string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        return f"not valid Unicode (it holds the lone surrogate U+{ord(bad):04X})"
+    return None
+
+
+def check_storable(infos: Sequence[TensorInfo], metadata: Mapping[str, str], path: Path) -> None:
+    """Refuse tensor names and metadata that no checkpoint format can store.
+
+    Every file format stores names and metadata as UTF-8 strings; a lone surrogate
+    (``"a\\ud800"``, which a JSON ``\\ud800`` escape or a Python string can hold) has no
+    UTF-8 form. Every :class:`TensorWriter` calls this before it creates any file, and the
+    engine calls it before it plans an output, so nothing is left behind.
+
+    Raises:
+        FormatError: Naming the tensor (or metadata key) and the fix.
+
+    Example:
+        >>> check_storable([TensorInfo("w\\ud800", (1,), np.dtype("float32"))], {}, Path("avg.npz"))
+        Traceback (most recent call last):
+        ...
+        polyak._errors.FormatError: avg.npz: cannot store the tensor name 'w\\ud800': not valid Unicode (it holds the lone surrogate U+D800); rename the tensor (e.g. with --strip-prefix or in the source checkpoint)
+    """
+    for info in infos:
+        why = _not_unicode(info.name)
+        if why is not None:
+            raise FormatError(
+                f"{path}: cannot store the tensor name {info.name!r}: {why}; rename the tensor "
+                "(e.g. with --strip-prefix or in the source checkpoint)"
+            )
+    for key, value in metadata.items():
+        why = _not_unicode(key)
+        if why is not None:
+            raise FormatError(f"{path}: cannot store the metadata key {key!r}: {why}; drop or rename it")
+        why = _not_unicode(value)
+        if why is not None:
+            raise FormatError(f"{path}: cannot store the metadata value of {key!r}: {why}; drop or fix it")
 
 
 class TensorWriter(ABC):
@@ -237,6 +289,7 @@ class TensorWriter(ABC):
         options: WriteOptions | None = None,
     ) -> None:
         self.path = Path(path)
+        check_storable(infos, metadata, self.path)  # before any subclass creates a file
         self.infos = {i.name: i for i in infos}
         self.metadata = dict(metadata)
         self.template = template
@@ -322,8 +375,19 @@ class FormatImpl:
             ``label`` names the member in messages.
         writer: Creates the :class:`TensorWriter` for an output of this format; ``None``
             when polyak cannot write it.
+        targets: ``targets(path, infos, options) -> [paths]``: every final path the writer
+            will create or replace, when that is more than ``path`` itself (shards and an
+            index, the files of a folder). The engine checks all of them against the inputs
+            and the overwrite rule (:func:`polyak._atomic.check_outputs`) before any writer
+            is opened.
     """
 
     sniff: Callable[[Path, bytes], bool]
     open: SourceOpener
     writer: WriterFactory | None = None
+    targets: Callable[[Path, Sequence[TensorInfo], WriteOptions], list[Path]] | None = None
+
+    def output_files(self, path: Path, infos: Sequence[TensorInfo], options: WriteOptions) -> list[Path]:
+        """Every final path the writer will create or replace for ``path`` (``[path]`` unless
+        the format declares ``targets``), so that all of them are checked before writing."""
+        return [path] if self.targets is None else list(self.targets(path, infos, options))

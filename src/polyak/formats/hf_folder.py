@@ -250,7 +250,9 @@ class FolderWriter(TensorWriter):
         try:
             self._inner = safetensors_writer(
                 self._folder.tmp / weights, stored, metadata=meta,
-                options=WriteOptions(shard_size=(shard_size or DEFAULT_SHARD_SIZE) if sharded else None),
+                options=WriteOptions(
+                    shard_size=(shard_size or DEFAULT_SHARD_SIZE) if sharded else None, inputs=self.options.inputs
+                ),
             )
         except BaseException:
             self._folder.abort()

@@ -34,17 +34,16 @@ import numpy as np
 
 from .._atomic import AtomicFile, temp_path_for
 from .._errors import ConfigError, FormatError, OutputError, UnsafeFileError
+from .._json import json_object
 from ._base import FormatImpl, SourceTemplate, TensorInfo, TensorWriter
-from ._common import reject_key
+from ._common import check_zip, reject_key
 from ._h5 import CORRUPT_ERRORS, H5Source, H5Template, corrupt_file_errors, open_h5
 from .keras_weights import OPTIMIZER_GROUPS, KerasWeightsWriter
 
 WEIGHTS = "model.weights.h5"
 CONFIG = "config.json"
 METADATA = "metadata.json"
-MAX_RATIO = 100  # Keras' own limit; stored members are ~1:1, DEFLATE cannot exceed ~1032:1
-RATIO_FLOOR = 1 << 24  # small members may compress well (JSON)
-MAX_TOTAL = 1 << 40
+MAX_RATIO = 100  # Keras' own limit (above 16 MiB); stored members are 1:1
 MAX_JSON = 64 << 20
 
 
@@ -57,20 +56,6 @@ def sniff_keras(path: Path, head: bytes) -> bool:
     except (zipfile.BadZipFile, OSError, ValueError):
         return False
     return CONFIG in names and (WEIGHTS in names or "model.weights.npz" in names)
-
-
-def check_zip(zf: zipfile.ZipFile, label: str) -> None:
-    """Refuse zip bombs: members expanding > MAX_RATIO× and archives claiming > MAX_TOTAL."""
-    total = 0
-    for zi in zf.infolist():
-        total += zi.file_size
-        if zi.file_size > RATIO_FLOOR and zi.file_size > MAX_RATIO * max(zi.compress_size, 1):
-            raise UnsafeFileError(
-                f"{label}: member {zi.filename} declares {zi.file_size} bytes but stores "
-                f"{zi.compress_size}; refusing a likely zip bomb"
-            )
-    if total > MAX_TOTAL:
-        raise UnsafeFileError(f"{label}: the archive claims {total} bytes of content; refusing it")
 
 
 def read_member(zf: zipfile.ZipFile, name: str, label: str, limit: int = MAX_JSON) -> bytes:
@@ -155,6 +140,7 @@ class KerasArchiveSource(H5Source):
     format_name = "keras"
 
     config: bytes
+    config_object: dict[str, Any]
     keras_metadata: dict[str, Any]
     members: list[zipfile.ZipInfo]
     archive: zipfile.ZipFile
@@ -168,10 +154,7 @@ class KerasArchiveSource(H5Source):
 
     def extras(self) -> dict[str, Any]:
         opt = [g for g in OPTIMIZER_GROUPS if g in self.h5]
-        try:
-            cls = json.loads(self.config).get("class_name")
-        except ValueError:
-            cls = "?"
+        cls = self.config_object.get("class_name", "?")
         return {
             "model class": cls,
             "keras_version": self.keras_metadata.get("keras_version"),
@@ -198,7 +181,7 @@ def open_keras(path: Path, *, key: str | None = None, label: str | None = None) 
 
 
 def _open_keras(path: Path, zf: zipfile.ZipFile, lab: str, owned: list[Any]) -> KerasArchiveSource:
-    check_zip(zf, lab)
+    check_zip(zf, lab, max_ratio=MAX_RATIO)
     names = zf.namelist()
     if WEIGHTS not in names:
         if "model.weights.npz" in names:
@@ -208,14 +191,12 @@ def _open_keras(path: Path, zf: zipfile.ZipFile, lab: str, owned: list[Any]) -> 
             )
         raise FormatError(f"{lab}: the archive has no {WEIGHTS}; not a Keras 3 model file")
     config = read_member(zf, CONFIG, lab)
+    # Parsed with limits even though only copied: `inspect` reports its class, and a file
+    # whose config Keras could not parse is no model file.
+    config_object = json_object(config, lab, CONFIG)
     meta: dict[str, Any] = {}
     if METADATA in names:
-        try:
-            meta = json.loads(read_member(zf, METADATA, lab))
-            if not isinstance(meta, dict):
-                raise ValueError(f"{METADATA} is not a JSON object")
-        except ValueError as exc:
-            raise FormatError(f"{lab}: corrupt {METADATA} ({exc})") from None
+        meta = json_object(read_member(zf, METADATA, lab), lab, METADATA)
     zi = zf.getinfo(WEIGHTS)
     if zi.compress_type == zipfile.ZIP_STORED:
         fileobj: Any = _StoredMember(path, _data_offset(path, zi), zi.file_size)
@@ -235,6 +216,7 @@ def _open_keras(path: Path, zf: zipfile.ZipFile, lab: str, owned: list[Any]) -> 
     h5 = open_h5(fileobj, lab)
     src = KerasArchiveSource(h5, path, label=lab, excluded=OPTIMIZER_GROUPS, owned=owned)
     src.config = config
+    src.config_object = config_object
     src.keras_metadata = meta
     src.members = [z for z in zf.infolist() if z.filename not in (WEIGHTS, CONFIG, METADATA)]
     src.archive = zf

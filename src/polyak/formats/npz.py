@@ -20,21 +20,21 @@ from pathlib import Path
 import numpy as np
 
 from .._atomic import AtomicFile
-from .._dtypes import dtype_from_name, dtype_name
-from .._errors import FormatError, UnsafeFileError
+from .._dtypes import dtype_from_name, dtype_name, is_float, is_integer_like
+from .._errors import ConfigError, FormatError, UnsafeFileError
+from .._json import json_object
 from ._base import FormatImpl, TensorInfo, TensorSource, TensorWriter, contiguous
-from ._common import reject_key
+from ._common import check_zip, reject_key
 
 META_MEMBER = "__polyak__.json"
-#: Refuse members whose uncompressed size is this many times their compressed size.
+#: Refuse members (above 16 MiB) whose uncompressed size is this many times their
+#: compressed size (:func:`~._common.check_zip`). Genuine weights never compress 1000×;
+#: only constant tensors come close.
 MAX_RATIO = 1000
-MAX_TOTAL = 1 << 40  # 1 TiB of claimed content is not a checkpoint
 _NPY_MAGIC = b"\x93NUMPY"
 #: numpy refuses .npy headers above 10000 bytes by default (``max_header_size``); a
 #: little slack for files written with a raised limit, but never an unbounded literal_eval.
 MAX_NPY_HEADER = 100_000
-#: deflate cannot expand more than 1032× (RFC 1951 block limits); a larger claim is a lie.
-DEFLATE_MAX_RATIO = 1100
 #: What a corrupt archive can raise from zipfile and its decompressors. NotImplementedError:
 #: an unknown compression method; zlib.error: a damaged deflate stream.
 _ZIP_ERRORS: tuple[type[BaseException], ...] = (
@@ -100,6 +100,13 @@ def _read_npy_header(fp: object, label: str, member: str) -> tuple[tuple[int, ..
     return shape, dtype, bool(fortran), start + int(hlen)
 
 
+def _string_map(value: object, label: str, what: str) -> dict[str, str]:
+    """An entry of ``__polyak__.json`` that must map strings to strings."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise FormatError(f"{label}: corrupted {META_MEMBER}: {what!r} must map names to strings")
+    return dict(value)
+
+
 class NpzSource(TensorSource):
     format_name = "npz"
 
@@ -114,45 +121,17 @@ class NpzSource(TensorSource):
         self._members: dict[str, tuple[str, bool, np.dtype]] = {}
         self._meta: dict[str, str] = {}
         dtypes: dict[str, str] = {}
-        total = 0
         try:
             zinfos = self._zf.infolist()
-            for zi in zinfos:
-                total += zi.file_size
-                # Sizes come from the archive's directory, which a hostile file controls:
-                # check them against the archive before anything is allocated or inflated.
-                if zi.header_offset + zi.compress_size > archive_size:
-                    raise FormatError(
-                        f"{self.label}: member {zi.filename} claims {zi.compress_size} bytes beyond "
-                        f"the end of the {archive_size}-byte archive; the file is truncated or corrupt"
-                    )
-                if zi.compress_type == zipfile.ZIP_STORED and zi.file_size != zi.compress_size:
-                    raise FormatError(
-                        f"{self.label}: stored member {zi.filename} claims {zi.file_size} bytes of "
-                        f"content in {zi.compress_size} bytes; the archive is corrupt"
-                    )
-                if zi.compress_type == zipfile.ZIP_DEFLATED and zi.file_size > DEFLATE_MAX_RATIO * zi.compress_size + 1024:
-                    raise UnsafeFileError(
-                        f"{self.label}: member {zi.filename} claims to inflate {zi.compress_size} bytes "
-                        f"to {zi.file_size}, more than deflate can; refusing a corrupt or hostile archive"
-                    )
-                # Genuine weights never compress 1000×; only constant tensors come close, and
-                # a small constant tensor is allowed (the size bound).
-                if zi.compress_size and zi.file_size > MAX_RATIO * max(zi.compress_size, 1) and zi.file_size > (1 << 24):
-                    raise UnsafeFileError(
-                        f"{self.label}: member {zi.filename} expands {zi.file_size // max(zi.compress_size, 1)}×; "
-                        "refusing a likely zip bomb"
-                    )
-            if total > MAX_TOTAL:
-                raise UnsafeFileError(f"{self.label}: the archive claims {total} bytes of content; refusing it")
+            check_zip(self._zf, self.label, max_ratio=MAX_RATIO, archive_size=archive_size)
             if META_MEMBER in self._zf.namelist():
                 with self._zf.open(META_MEMBER) as fp:
                     meta_raw = fp.read(10_000_001)
                 if len(meta_raw) > 10_000_000:
                     raise UnsafeFileError(f"{self.label}: {META_MEMBER} is implausibly large")
-                meta = json.loads(meta_raw.decode("utf-8"))
-                dtypes = dict(meta.get("dtypes", {}))
-                self._meta = {str(k): str(v) for k, v in dict(meta.get("metadata", {})).items()}
+                meta = json_object(meta_raw, self.label, META_MEMBER)
+                dtypes = _string_map(meta.get("dtypes", {}), self.label, "dtypes")
+                self._meta = _string_map(meta.get("metadata", {}), self.label, "metadata")
             for zi in zinfos:
                 member = zi.filename
                 if member == META_MEMBER:
@@ -164,7 +143,15 @@ class NpzSource(TensorSource):
                 name = member[:-4]
                 stored = dtype
                 if name in dtypes:
-                    real = dtype_from_name(dtypes[name])
+                    try:
+                        real = dtype_from_name(dtypes[name])
+                    except ConfigError:
+                        real = None
+                    if real is None or not (is_float(real) or is_integer_like(real)):
+                        raise FormatError(
+                            f"{self.label}: {META_MEMBER} records the dtype {dtypes[name]!r} for {name!r}, "
+                            "which is not a numeric dtype; the file is corrupt"
+                        )
                     if real.itemsize != stored.itemsize:
                         raise FormatError(f"{self.label}: dtype record for {name!r} does not match the array")
                     dtype = real
@@ -178,9 +165,9 @@ class NpzSource(TensorSource):
                 self._infos[name] = info
                 self._members[name] = (member, fortran, stored)
         except _ZIP_ERRORS as exc:
+            self._zf.close()
             if isinstance(exc, FormatError):
                 raise
-            self._zf.close()
             raise FormatError(f"{self.label}: corrupt .npz archive ({type(exc).__name__}: {exc})") from None
 
     def infos(self) -> Mapping[str, TensorInfo]:

@@ -17,9 +17,10 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import mmap
 import os
+import re
 import struct
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ from typing import Any, ClassVar
 import ml_dtypes
 import numpy as np
 
-from .._atomic import AtomicFile, commit_many, fsync_dir
-from .._errors import FormatError, OutputError, UnsafeFileError
+from .._atomic import AtomicFile, commit_many, fsync_dir, is_one_of
+from .._errors import FormatError, OutputError, PolyakError, PolyakWarning, UnsafeFileError
+from .._json import json_object, parse_json
 from ._base import (
     FormatImpl,
     TensorInfo,
@@ -38,7 +40,7 @@ from ._base import (
     WriteOptions,
     contiguous,
 )
-from ._common import reject_key
+from ._common import ReadOnlyMap, describe_read_error, reject_key
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -101,7 +103,24 @@ def sniff_safetensors(path: Path, head: bytes) -> bool:
 
 
 def sniff_safetensors_index(path: Path, head: bytes) -> bool:
-    return head.lstrip()[:1] == b"{" and b"weight_map" in head
+    """A JSON object with a ``weight_map``, which may come after a long ``metadata`` (polyak's
+    own record names every member), so the file is searched beyond ``head``."""
+    if head.lstrip()[:1] != b"{":
+        return False
+    if b'"weight_map"' in head:
+        return True
+    try:
+        if path.stat().st_size > MAX_INDEX_SIZE:
+            return False
+        with open(path, "rb") as f:
+            tail = b""
+            while block := f.read(1 << 20):
+                if b'"weight_map"' in tail + block:
+                    return True
+                tail = block[-16:]
+    except OSError:
+        return False
+    return False
 
 
 def _parse_header(path: Path, f: object, size: int, label: str) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]], dict[str, str]]:
@@ -119,13 +138,7 @@ def _parse_header(path: Path, f: object, size: int, label: str) -> tuple[int, di
             f"{label}: truncated or corrupt safetensors file: the header claims {n} bytes but "
             f"the file has only {size - 8} after the length field"
         )
-    raw = read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{label}: corrupted safetensors header (not valid JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{label}: corrupted safetensors header (not a JSON object)")
+    header = json_object(read(n), label, "safetensors header")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise FormatError(f"{label}: corrupted safetensors header (__metadata__ must map strings to strings)")
@@ -181,17 +194,21 @@ class SafetensorsSource(TensorSource):
                 size = os.fstat(f.fileno()).st_size
                 self._data_start, self._infos, self._offsets, self._meta = _parse_header(path, f, size, self.label)
         except OSError as exc:
-            raise FormatError(f"{self.label}: cannot read: {exc.strerror or exc}") from exc
+            raise FormatError(f"{self.label}: cannot read: {describe_read_error(exc)}") from exc
         self._size = size
-        self._mm: mmap.mmap | None = None
+        self._mm: ReadOnlyMap | None = None
 
-    def _map(self) -> mmap.mmap:
+    def _map(self) -> Any:
+        """The file's bytes, memory-mapped once; no file descriptor is kept (ReadOnlyMap)."""
         if self._mm is None:
-            with open(self.path, "rb") as f:  # type: ignore[arg-type]
-                if os.fstat(f.fileno()).st_size != self._size:
-                    raise FormatError(f"{self.label}: the file changed size while polyak was reading it")
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
+            try:
+                with open(self.path, "rb") as f:  # type: ignore[arg-type]
+                    if os.fstat(f.fileno()).st_size != self._size:
+                        raise FormatError(f"{self.label}: the file changed size while polyak was reading it")
+                    self._mm = ReadOnlyMap(f.fileno(), self._size)
+            except OSError as exc:
+                raise FormatError(f"{self.label}: cannot read: {describe_read_error(exc)}") from exc
+        return self._mm.buffer
 
     def infos(self) -> Mapping[str, TensorInfo]:
         return self._infos
@@ -202,6 +219,7 @@ class SafetensorsSource(TensorSource):
         if info.size == 0:
             return np.empty(info.shape, dtype=info.dtype)
         arr = np.frombuffer(self._map(), dtype=info.dtype, count=info.size, offset=self._data_start + begin)
+        arr.flags.writeable = False  # the pages are read-only
         return arr.reshape(info.shape)
 
     def metadata(self) -> dict[str, str]:
@@ -209,9 +227,8 @@ class SafetensorsSource(TensorSource):
 
     def close(self) -> None:
         if self._mm is not None:
-            # Arrays handed out may still view the map; then the GC closes it later.
-            with contextlib.suppress(BufferError):
-                self._mm.close()
+            # Arrays handed out may still view the map; then it is released with them.
+            self._mm.close()
             self._mm = None
 
 
@@ -239,17 +256,18 @@ class SafetensorsIndexSource(TensorSource):
             size = path.stat().st_size
             if size > MAX_INDEX_SIZE:
                 raise UnsafeFileError(f"{self.label}: index file of {size} bytes is implausibly large")
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{self.label}: corrupted index (not valid JSON: {exc})") from None
+            raw = path.read_bytes()
         except OSError as exc:
             raise FormatError(f"{self.label}: cannot read: {exc.strerror or exc}") from exc
-        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        index = json_object(raw, self.label, "index")
+        wmap = index.get("weight_map")
         if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
             raise FormatError(f"{self.label}: corrupted index: 'weight_map' must map tensor names to shard files")
         meta = index.get("metadata") or {}
-        self._meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-        claimed = meta.get("total_size") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict):
+            raise FormatError(f"{self.label}: corrupted index: 'metadata' must be a JSON object")
+        self._meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        claimed = meta.get("total_size")
         self._meta.pop("total_size", None)
         folder = path.parent
         self._shards: dict[str, TensorSource] = {}
@@ -489,18 +507,29 @@ class ShardLayout:
         }
         return json.dumps(index, indent=2, ensure_ascii=False).encode("utf-8")
 
-    def commit(self, temps: Sequence[tuple[Path, Path]], metadata: Mapping[str, str]) -> list[Path]:
+    @property
+    def files(self) -> list[Path]:
+        """Every path :meth:`commit` creates or replaces: the shards, then the index."""
+        return [*self.shard_paths, self.index_path]
+
+    def commit(
+        self, temps: Sequence[tuple[Path, Path]], metadata: Mapping[str, str], *, inputs: Sequence[Path] = ()
+    ) -> list[Path]:
         """Publish finished shards and their index, crash-safely.
 
         Args:
             temps: ``(temporary file, shard path)`` for every shard, each finished (fsynced).
             metadata: String metadata for the index.
+            inputs: The files the output was computed from: never deleted.
 
         The order is what makes a crash at any point harmless: the index is written (under
         a temporary name) first; an old output's index that would end up over a mix of old
         and new shards is deleted (:func:`_retire_old_index`); the shards are renamed into
         place; the index is renamed last; only then are the old output's shards that the
-        new one does not use deleted. On an error every temporary is deleted.
+        new one does not use deleted (:func:`_remove_unused_shards`: only files that are
+        provably stale shards of this output; anything else the old index named is left
+        alone, with a :class:`~polyak.PolyakWarning` saying so). On an error every
+        temporary is deleted.
 
         Returns:
             The shard paths and the index path (last).
@@ -510,7 +539,7 @@ class ShardLayout:
             idx = AtomicFile(self.index_path)
             idx.write(self.index_bytes(metadata))
             idx.finish()
-            old_shards = _retire_old_index(self.index_path, self.shard_paths)
+            listed = _retire_old_index(self.index_path, self.shard_paths)
             commit_many(temps)
             commit_many([(idx.tmp, self.index_path)])
         except BaseException:
@@ -520,39 +549,88 @@ class ShardLayout:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
             raise
-        _remove_unused_shards(old_shards, self.shard_paths)
-        return [*self.shard_paths, self.index_path]
+        _remove_unused_shards(listed, self, inputs)
+        return self.files
+
+    def stale_shard(self, name: str) -> bool:
+        """Whether a file named ``name`` (in the output's folder) is named like a shard of this
+        output (``<stem>-NNNNN-of-NNNNN.safetensors``) without being one of its new shards."""
+        stem = self.index_path.name[: -len(".safetensors.index.json")]
+        if not re.fullmatch(re.escape(stem) + r"-\d{5,}-of-\d{5,}\.safetensors", name):
+            return False
+        return all(name != p.name for p in self.shard_paths)
 
 
-def _retire_old_index(index_path: Path, new_shards: Sequence[Path]) -> set[Path]:
+def _listed_files(index_path: Path) -> list[str]:
+    """The file names an existing index's ``weight_map`` lists (none when it is unreadable)."""
+    try:
+        size = index_path.stat().st_size
+        if size > MAX_INDEX_SIZE:
+            return []
+        index = parse_json(index_path.read_bytes(), str(index_path), "index")
+    except (OSError, PolyakError):
+        return []
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict):
+        return []
+    return sorted({v for v in wmap.values() if isinstance(v, str)})
+
+
+def _retire_old_index(index_path: Path, new_shards: Sequence[Path]) -> list[str]:
     """Make an existing sharded output (``--force``) stop pointing at shards about to be replaced.
 
     Several files cannot be renamed at once. If a new shard would replace a shard of the
     old output, the old index is deleted first, so a crash in between leaves no index
     (no output) rather than an index over a mix of old and new shards. When no names
     collide, the old index stays valid until the new one replaces it atomically.
-    Returns the old output's shard paths (see :func:`_remove_unused_shards`).
+    Returns the names the old index listed (see :func:`_remove_unused_shards`).
     """
     if not index_path.exists():
-        return set()
-    old: set[Path] = set()
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-        wmap = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
-        old = {index_path.with_name(n) for n in set(wmap.values()) if isinstance(n, str) and Path(n).name == n}
+        return []
+    listed = _listed_files(index_path)
     if any(p.exists() for p in new_shards):
         try:
             index_path.unlink()
         except OSError as exc:
             raise OutputError(f"cannot replace {index_path}: {exc.strerror or exc}") from exc
         fsync_dir(index_path.parent)
-    return old
+    return listed
 
 
-def _remove_unused_shards(old_shards: set[Path], new_shards: Sequence[Path]) -> None:
-    """After the new index is in place: delete the replaced output's shards it does not use."""
-    for old in old_shards - set(new_shards):
+def _remove_unused_shards(listed: Sequence[str], layout: ShardLayout, inputs: Sequence[Path] = ()) -> list[str]:
+    """After the new index is in place: delete the replaced output's shards it does not use.
+
+    The old index is a file polyak may not have written, so its list proves nothing: a name
+    is deleted only if it is a stale shard of *this* output, that is, a plain name (a file in
+    the output's folder) following the output's own shard pattern
+    (:meth:`ShardLayout.stale_shard`) that is not one of the new files and not an input.
+    Every other name the old index listed is left alone, and one
+    :class:`~polyak.PolyakWarning` names them. Returns the names left alone.
+    """
+    mine = {p.name for p in layout.files}
+    spared: list[str] = []
+    for name in listed:
+        if name in mine:
+            continue  # replaced by the new output
+        if not name or name in (".", "..") or Path(name).name != name:
+            spared.append(name)  # not a file in the output's folder
+            continue
+        path = layout.index_path.with_name(name)
+        if not layout.stale_shard(name) or is_one_of(path, inputs):
+            if os.path.lexists(path):
+                spared.append(name)
+            continue
         with contextlib.suppress(OSError):
-            old.unlink()
+            path.unlink()
+    if spared:
+        warnings.warn(
+            PolyakWarning(
+                f"{layout.index_path}: the index it replaced also listed {', '.join(map(repr, spared))}, "
+                "which are not stale shards of this output; left them alone"
+            ),
+            stacklevel=2,
+        )
+    return spared
 
 
 class ShardedSafetensorsWriter(TensorWriter):
@@ -593,11 +671,13 @@ class ShardedSafetensorsWriter(TensorWriter):
             self.abort()
             raise OutputError(f"{self.path}: not every shard was written")
         self._done.append(self._writers[-1].finish())
-        return self.layout.commit(list(zip(self._done, self.shard_paths, strict=True)), self.metadata)
+        return self.layout.commit(
+            list(zip(self._done, self.shard_paths, strict=True)), self.metadata, inputs=self.options.inputs
+        )
 
     @property
     def targets(self) -> list[Path]:
-        return [*self.shard_paths, self.index_path]
+        return self.layout.files
 
     def abort(self) -> None:
         for w in self._writers:
@@ -611,15 +691,32 @@ def safetensors_writer(
     ``options.shard_size`` is set and the tensors do not fit in one shard (or the output is
     named ``*.safetensors.index.json``). A safetensors file carries nothing over from a
     template; ``kwargs`` are ``metadata`` and ``aliases``."""
-    opts = options or WriteOptions()
-    total = sum(i.nbytes for i in infos)
-    wants_index = path.name.endswith(".safetensors.index.json")
-    if wants_index or (opts.shard_size is not None and total > opts.shard_size):
-        if opts.shard_size is None:
-            opts = dataclasses.replace(opts, shard_size=DEFAULT_SHARD_SIZE)
+    opts = _sharding(path, infos, options or WriteOptions())
+    if opts.shard_size is not None:
         return ShardedSafetensorsWriter(path, infos, options=opts, **kwargs)
     return SafetensorsWriter(path, infos, options=opts, **kwargs)
 
 
-SAFETENSORS = FormatImpl(sniff=sniff_safetensors, open=open_safetensors, writer=safetensors_writer)
-SAFETENSORS_INDEX = FormatImpl(sniff=sniff_safetensors_index, open=open_safetensors_index, writer=safetensors_writer)
+def _sharding(path: Path, infos: Sequence[TensorInfo], opts: WriteOptions) -> WriteOptions:
+    """``opts`` with ``shard_size`` set when the output is sharded, ``None`` when it is one file."""
+    wants_index = path.name.endswith(".safetensors.index.json")
+    if wants_index or (opts.shard_size is not None and sum(i.nbytes for i in infos) > opts.shard_size):
+        return dataclasses.replace(opts, shard_size=opts.shard_size or DEFAULT_SHARD_SIZE)
+    return dataclasses.replace(opts, shard_size=None)
+
+
+def safetensors_targets(path: Path, infos: Sequence[TensorInfo], options: WriteOptions) -> list[Path]:
+    """What :func:`safetensors_writer` will create or replace: the file, or every shard and
+    the index."""
+    opts = _sharding(path, infos, options)
+    if opts.shard_size is None:
+        return [path]
+    return ShardLayout.plan(path, infos, opts.shard_size).files
+
+
+SAFETENSORS = FormatImpl(
+    sniff=sniff_safetensors, open=open_safetensors, writer=safetensors_writer, targets=safetensors_targets
+)
+SAFETENSORS_INDEX = FormatImpl(
+    sniff=sniff_safetensors_index, open=open_safetensors_index, writer=safetensors_writer, targets=safetensors_targets
+)

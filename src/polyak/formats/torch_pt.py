@@ -26,10 +26,13 @@ import numpy as np
 from .._atomic import AtomicFile
 from .._errors import ConfigError, FormatError, UnsafeFileError
 from ._base import FormatImpl, SourceTemplate, TensorInfo, TensorSource, TensorWriter, contiguous
-from ._common import reject_key
+from ._common import check_zip, reject_key
 from .safetensors import SafetensorsIndexSource, sniff_safetensors_index
 
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+#: torch.save stores every member uncompressed (1:1); a member above 16 MiB that expands
+#: more than this is refused as a zip bomb, as in ``.keras`` archives.
+MAX_RATIO = 100
 
 
 def sniff_torch(path: Path, head: bytes) -> bool:
@@ -98,9 +101,22 @@ def _candidates(obj: Mapping[str, Any]) -> list[str]:
     return [k for k, v in obj.items() if isinstance(v, Mapping) and any(_is_tensor(x) for x in v.values())]
 
 
+def _check_archive(path: Path, label: str) -> None:
+    """torch inflates a compressed member into memory: check a zip's directory against the
+    file (sizes, ratios, total) before ``torch.load`` sees it."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as zf:
+            check_zip(zf, label, max_ratio=MAX_RATIO)
+    except (zipfile.BadZipFile, OSError, EOFError, struct.error, NotImplementedError) as exc:
+        raise FormatError(f"{label}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
 def load_state(path: Path, label: str) -> Any:
     """``torch.load`` with ``weights_only=True``; errors say why and what to do."""
     torch = _torch()
+    _check_archive(path, label)
     try:
         zipped = zipfile.is_zipfile(path)
         with warnings.catch_warnings():
@@ -182,6 +198,27 @@ def _flatten(obj: Any, path: Path, label: str, key: str | None) -> tuple[dict[st
     )
 
 
+def _check_dense(t: Any, name: str, label: str) -> None:
+    """Refuse tensors that hold no plain array of numbers: sparse, quantized, or without data."""
+    torch = _torch()
+    if t.layout != torch.strided:
+        raise FormatError(
+            f"{label}: tensor {name!r} is a sparse tensor ({t.layout}); polyak averages dense "
+            "tensors. Save it dense: state[name] = state[name].to_dense()"
+        )
+    if t.device.type == "meta":
+        raise FormatError(
+            f"{label}: tensor {name!r} is on the 'meta' device and holds no data (the model was "
+            "saved before its weights were materialised). Materialise it first (e.g. "
+            "model.to_empty(device='cpu') and load or initialise the weights), then save again"
+        )
+    if t.is_quantized:
+        raise FormatError(
+            f"{label}: tensor {name!r} is quantized ({t.dtype}); polyak averages floating tensors. "
+            "Save it dequantized: state[name] = state[name].dequantize()"
+        )
+
+
 @dataclass(frozen=True)
 class TorchTemplate(SourceTemplate):
     """What a ``.pt`` output keeps of the newest member: the key its state dict was nested
@@ -204,6 +241,7 @@ class TorchSource(TensorSource):
         seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], Any], str] = {}
         self._aliases: dict[str, str] = {}
         for name, t in self._tensors.items():
+            _check_dense(t, name, self.label)
             arr_dtype = numpy_dtype(t)
             self._infos[name] = TensorInfo(name, tuple(t.shape), arr_dtype)
             if t.numel() == 0:

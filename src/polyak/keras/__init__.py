@@ -30,11 +30,14 @@ from .._layout import compare_layouts, quoted
 from ..formats._memory import MappingSource
 from ._checkpoint import CheckpointCallback
 from ._ema import EMACallback
+from ._load import load_model as _load_model
 from ._names import variable_names
+from ._posthoc import PostHocEMACallback
 
 __all__ = [
     "CheckpointCallback",
     "EMACallback",
+    "PostHocEMACallback",
     "average_models",
     "evaluator",
     "load_models",
@@ -172,8 +175,13 @@ def load_models(
         end: Epoch to stop before (exclusive).
         compile: Passed to ``keras.models.load_model``.
 
+    Each file is loaded with ``keras.models.load_model(path, safe_mode=True)``: Keras builds
+    the model from the file's config, and its safe mode refuses code stored in the file.
+
     Raises:
         ConfigError: Nothing matched.
+        UnsafeFileError: A file holds a ``Lambda`` layer with a Python function (Keras' safe
+            mode refuses it); the message names the file and the layer.
     """
     if isinstance(pattern_or_dir, (str, os.PathLike)):
         p = Path(pattern_or_dir)
@@ -199,7 +207,7 @@ def load_models(
     if not chosen:
         raise ConfigError(f"no Keras model files (.keras, .h5) found in {where} for epochs [{start}, {end})")
     ordered = order_members(chosen, "number")
-    return [keras.models.load_model(q, compile=compile) for q in ordered]
+    return [_load_model(Path(q), compile=compile) for q in ordered]  # type: ignore[arg-type]
 
 
 def evaluator(

@@ -53,8 +53,11 @@ class EMACallback(keras.callbacks.Callback):
     it (same first-copy and constant-momentum rule).
 
     Args:
-        decay: Decay per update once warm, in ``[0, 1)``. Give this or ``half_life``.
+        decay: Decay per update once warm, in ``[0, 1)``. Give this, ``half_life`` or ``sigma_rel``.
         half_life: Optimizer steps after which a step's weight in the average has halved.
+        sigma_rel: A power-function EMA (Karras et al. 2024) of this width relative to the
+            run so far (0.05, 0.10 in EDM2); see :class:`PostHocEMACallback` to choose the
+            width after training.
         warmup: ``None``, ``"timm"`` or ``"tf"`` (see :func:`polyak.make_schedule`).
         start_epoch: First epoch (0-based) whose steps are averaged; its first optimizer
             step is the start step, whose update copies the weights.
@@ -76,6 +79,7 @@ class EMACallback(keras.callbacks.Callback):
         decay: float | None = None,
         *,
         half_life: float | None = None,
+        sigma_rel: float | None = None,
         warmup: str | None = None,
         start_epoch: int = 0,
         every: int = 1,
@@ -84,7 +88,7 @@ class EMACallback(keras.callbacks.Callback):
         save_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        schedule = make_schedule(decay, half_life=half_life, warmup=warmup, every=every)
+        schedule = make_schedule(decay, half_life=half_life, sigma_rel=sigma_rel, warmup=warmup, every=every)
         self.start_epoch = whole_number(start_epoch, "start_epoch", 0)
         self.include_non_trainable = bool(include_non_trainable)
         self.apply_at_end = bool(apply_at_end)

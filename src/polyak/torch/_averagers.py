@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from .._errors import ConfigError, FormatError
+from .._json import json_object
 from .._layout import compare_layouts
 from .._online import (
     AveragerState,
@@ -220,12 +221,17 @@ class _Averager:
         self.state.step, self.state.count = record["step"], record["count"]
         self._core.set_tensors(ours, [self._averages(n, t) for n, t in ours.items()])
 
-    def save(self, path: str | os.PathLike[str]) -> Path | None:
+    def save(self, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None) -> Path | None:
         """Write the average to a standalone safetensors file, settings in its metadata.
 
         The file can be inspected and averaged with the CLI (``polyak inspect``,
         ``polyak average``) and restored with :meth:`load` or :meth:`load_state_dict`.
         Written atomically, on rank 0 only (returns ``None`` on other ranks).
+
+        Args:
+            path: A ``.safetensors`` file (replaced if it exists).
+            metadata: More string entries for the file's metadata (the averager's own
+                record and ``format`` win over entries of the same name).
         """
         from .._engine.inspect import save as save_state
 
@@ -242,7 +248,7 @@ class _Averager:
         if not is_writer_rank():
             return None
         record = self._core.record(self._config())
-        meta = {META_KEY: json.dumps(record), "format": "pt"}
+        meta = {**(metadata or {}), META_KEY: json.dumps(record), "format": "pt"}
         save_state(dict(self.state.tensors), out, metadata=meta, force=True)
         return out
 
@@ -274,10 +280,7 @@ def read_averager_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = src.metadata().get(META_KEY)
         if raw is None:
             raise FormatError(f"{path}: no {META_KEY!r} record in the metadata; it was not written by EMA/SWA.save()")
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{path}: corrupt {META_KEY!r} metadata ({exc})") from None
+        record = json_object(raw, str(path), f"{META_KEY!r} metadata")
         record["tensors"] = {name: numpy_to_tensor(src.read(name)) for name in src.infos()}
     finally:
         src.close()

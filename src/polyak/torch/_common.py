@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .._errors import MismatchError
+from .._online import AVERAGER_META_KEY
 
 __all__ = [
     "LABEL_KEYS",
@@ -37,7 +38,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 #: Metadata key of the record that an averager file (``EMA.save``, ``export``) carries.
-META_KEY = "polyak_averager"
+META_KEY = AVERAGER_META_KEY
 
 
 def canonical_name(name: str) -> str:

@@ -16,6 +16,9 @@ lives here:
 * :func:`export`: the full averaged model as one safetensors file written by rank 0,
   gathering one tensor at a time (``DTensor.full_tensor()``), so rank 0 holds at most one
   full tensor beyond its shards.
+* :func:`full_state_dict` / :func:`load_full_state_dict`: the state with whole tensors,
+  for checkpoints written as one file by rank 0 (Lightning's): gathered one tensor at a
+  time on save, each rank takes its own pieces on load.
 
 References:
     pytorch/pytorch#144289 ("ema should store dtensor"): EMA on FSDP2 shards;
@@ -27,20 +30,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._atomic import TEMP_MARK, fsync_dir, temp_path_for
+from .._atomic import AtomicFolder
 from .._errors import ConfigError, FormatError, OutputError
+from .._json import json_object
 from .._layout import compare_layouts
 from ._common import META_KEY, canonical_name, local_tensor
 
-__all__ = ["export", "is_sharded", "load_sharded", "local_tensor", "save_sharded"]
+__all__ = ["export", "full_state_dict", "is_sharded", "load_full_state_dict", "load_sharded", "local_tensor",
+           "refuse_flat_parameters", "save_sharded"]
 
 #: Key of the averager record (JSON bytes kept as a uint8 tensor, so that loading it never
 #: unpickles anything) in a sharded save.
@@ -68,6 +73,39 @@ def is_sharded(module: torch.nn.Module) -> bool:
     """Whether any parameter of ``module`` is a DTensor (FSDP2, tensor parallel)."""
     dtensor = _dtensor_type()
     return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
+
+
+def refuse_flat_parameters(module: torch.nn.Module, *wrappers: torch.nn.Module, where: str) -> None:
+    """Refuse a module whose parameters were flattened into per-rank buffers without names.
+
+    FSDP1 (``FullyShardedDataParallel``) and DeepSpeed ZeRO-3 replace a module's
+    parameters by flat per-rank buffers (or empty placeholders), which an averager cannot
+    match by name; FSDP2 (``fully_shard``) keeps them as named DTensors and works.
+
+    Args:
+        module: The module an averager would follow.
+        wrappers: Modules wrapping it (a training loop's ``strategy.model``), also searched
+            for FSDP1 wrappers.
+        where: Who asks, for the message (e.g. ``"polyak.lightning.EMACallback"``).
+
+    Raises:
+        ConfigError: Naming the cause and FSDP2 as the fix.
+    """
+    fsdp1 = getattr(torch.distributed.fsdp, "FullyShardedDataParallel", None) if torch.distributed.is_available() else None
+    params = list(module.parameters())
+    reasons = []
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for w in (module, *wrappers) for m in w.modules()):
+        reasons.append("it is wrapped in FSDP1 (FullyShardedDataParallel)")
+    if any(hasattr(p, "ds_id") for p in params):
+        reasons.append("DeepSpeed ZeRO-3 partitioned its parameters")
+    if any(type(p).__name__ == "FlatParameter" for p in params):
+        reasons.append("it holds FSDP1 flat parameters")
+    if not params:
+        reasons.append("it has no parameters (were they flattened by FSDP1 or DeepSpeed?)")
+    if reasons:
+        raise ConfigError(f"{where} cannot follow this model: {'; '.join(reasons)}. Averages are matched by parameter "
+                          "name: use FSDP2 (torch.distributed.fsdp.fully_shard; in Lightning ModelParallelStrategy) "
+                          "or DDP")
 
 
 def _dist() -> tuple[int, int]:
@@ -134,24 +172,22 @@ def save_sharded(averager: Any, path: str | os.PathLike[str], *, force: bool = F
     rank, world = _dist()
     if target.exists() and not force:
         raise OutputError(f"the output {target} already exists; pass force=True to replace it")
-    names = [str(temp_path_for(target))]
+    folder = AtomicFolder(target) if rank == 0 else None  # rank 0 creates and publishes it
+    names = [str(folder.tmp) if folder is not None else ""]
     if world > 1:
         torch.distributed.broadcast_object_list(names, src=0)  # one temporary folder for all
     tmp = Path(names[0])
     state: dict[str, Any] = {TENSORS_KEY: _as_global(averager), RECORD_KEY: _record_tensor(_record(averager))}
-    with _quiet_no_dist():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=world == 1)
-    if world > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}-old")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        with _quiet_no_dist():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=world == 1)
+        if world > 1:
+            torch.distributed.barrier()
+        if folder is not None:
+            folder.commit()
+    finally:
+        if folder is not None:
+            folder.abort()  # only if not committed: removes the temporary folder
     if world > 1:
         torch.distributed.barrier()
     return target
@@ -198,12 +234,13 @@ def load_sharded(averager: Any, path: str | os.PathLike[str]) -> None:
         got = local_tensor(loaded[name])
         if got.data_ptr() != mine.data_ptr():
             mine.copy_(got)
-    rec = json.loads(bytes(state[RECORD_KEY].tolist()).decode("utf-8"))
+    rec = json_object(bytes(state[RECORD_KEY].tolist()), str(folder), "averager record")
     averager.load_state_dict({**rec, "tensors": averager.state.tensors})
 
 
 @torch.no_grad()
-def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path | None:
+def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
+           metadata: Mapping[str, str] | None = None) -> Path | None:
     """Write the full averaged model as one safetensors file, from rank 0.
 
     Call on every rank: each sharded tensor is gathered (``full_tensor()``, a collective) one
@@ -215,6 +252,7 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
         averager: A :class:`polyak.torch.EMA` or :class:`polyak.torch.SWA`.
         path: A ``.safetensors`` file.
         dtype: Cast floating tensors to this dtype (default: as averaged, e.g. float32).
+        metadata: More string entries for the file's metadata.
 
     Returns:
         ``path`` on rank 0, ``None`` on other ranks.
@@ -233,14 +271,12 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
     infos = [TensorInfo(name, tuple(t.shape), numpy_dtype(torch.empty(0, dtype=out_dtype(t)))) for name, t in tensors.items()]
-    meta = {META_KEY: json.dumps(_record(averager)), "format": "pt"}
+    meta = {**(metadata or {}), META_KEY: json.dumps(_record(averager)), "format": "pt"}
     writer = SafetensorsWriter(out, infos, metadata=meta) if rank == 0 else None
     order = writer.order if writer is not None else _order(infos)
-    dtensor = _dtensor_type()
     try:
         for name in order:
-            t = tensors[name]
-            full = t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+            full = _full(tensors[name])
             if writer is not None:
                 writer.write(name, tensor_to_numpy(full.to(device="cpu", dtype=out_dtype(full))))
             del full
@@ -251,6 +287,77 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
             writer.abort()
         raise
     return out if rank == 0 else None
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: ``full_tensor()`` of a DTensor (a collective), any other as is."""
+    dtensor = _dtensor_type()
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+@torch.no_grad()
+def full_state_dict(averager: Any, *, rank0_only: bool = True) -> dict[str, Any]:
+    """The averager's :meth:`~polyak.torch.EMA.state_dict` with whole tensors, for one-file checkpoints.
+
+    For an averager of a sharded (FSDP2/DTensor) module, every averaged tensor is gathered
+    (``full_tensor()``, a collective: call on every rank, in the same order) one at a time
+    and moved to the CPU, so a rank holds its shards plus the gathered tensors it keeps.
+    With ``rank0_only`` (the default) only rank 0 keeps them (the rank that writes the
+    checkpoint); the others get the record with empty ``tensors``. For any other averager
+    this is ``state_dict()`` (tensors not copied). :func:`load_full_state_dict` restores it
+    on any number of ranks.
+
+    Args:
+        averager: A :class:`polyak.torch.EMA` or :class:`polyak.torch.SWA`.
+        rank0_only: Keep the gathered tensors on rank 0 only.
+
+    Returns:
+        ``{"kind", "step", "count", "config", "tensors"}`` with global shapes.
+    """
+    if not is_sharded(averager.module):
+        return dict(averager.state_dict())
+    rank, _ = _dist()
+    keep = rank == 0 or not rank0_only
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in _as_global(averager).items():  # the same order on every rank
+        full = _full(t)
+        if keep:
+            tensors[name] = full.to("cpu", copy=True)
+        del full
+    return {**_record(averager), "tensors": tensors}
+
+
+@torch.no_grad()
+def load_full_state_dict(averager: Any, state: Mapping[str, Any]) -> None:
+    """Restore a state with whole tensors (:func:`full_state_dict`, or ``state_dict()`` of one
+    process) into any averager, sharded or not.
+
+    For an averager of a sharded module every rank takes its own pieces of each tensor
+    (the ``DTensor`` placements of the live parameter; no communication), so each rank
+    must be given the whole state, e.g. by loading the checkpoint on every rank.
+
+    Raises:
+        MismatchError: Tensor names or (global) shapes differ, all listed.
+    """
+    if not is_sharded(averager.module):
+        averager.load_state_dict(state)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    saved = dict(state.get("tensors") or {})
+    targets = _as_global(averager)
+    compare_layouts(targets, saved, ("this averager", "the saved state"), dtypes=False).raise_if_any(
+        "the saved averaged tensors do not match this averager's", fix="load the state of an averager of the same model")
+    dtensor = _dtensor_type()
+    local: dict[str, torch.Tensor] = {}
+    for name, ref in targets.items():
+        full = saved[name]
+        if dtensor is not None and isinstance(ref, dtensor):
+            full = full.to(ref.to_local().device)
+            local[name] = distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None).to_local()
+        else:
+            local[name] = full
+    averager.load_state_dict({**state, "tensors": local})
 
 
 def _order(infos: list[Any]) -> list[str]:

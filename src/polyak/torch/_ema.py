@@ -19,15 +19,20 @@ class EMA(_Averager):
     """Exponential moving average of a module's weights, updated after optimizer steps.
 
     ``avg ← d·avg + (1 − d)·current`` with the decay ``d`` of a schedule (constant,
-    timm-style warmup, TF warmup or a half-life); the first averaged update copies. With
+    timm-style warmup, TF warmup, a half-life, or a power-function EMA of relative width
+    ``sigma_rel``); the first averaged update copies. With
     ``decay=`` alone it matches ``AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(d),
     use_buffers=True)`` step for step. Floating buffers (BatchNorm statistics) are averaged
     unless ``include_buffers=False`` (then copied); integer buffers are copied.
 
     Args:
         module: The model to follow (a DDP/compiled wrapper works too).
-        decay: The decay once warm, in ``[0, 1)``. Give this or ``half_life``.
+        decay: The decay once warm, in ``[0, 1)``. Give this, ``half_life`` or ``sigma_rel``.
         half_life: Steps after which an update's weight has halved.
+        sigma_rel: A power-function EMA (Karras et al. 2024): the ``t``-th averaged
+            update has decay ``(1 − 1/t)^(γ+1)``, so the average always spans
+            ``sigma_rel`` of the run so far (0.05, 0.10 in EDM2); see
+            :class:`PostHocEMA` to choose the width after training.
         warmup: ``None``, ``"timm"`` (``1 − (1 + n/γ)^(−p)`` clamped to
             ``[min_decay, decay]``) or ``"tf"`` (``min(decay, (1 + n)/(10 + n))``), where
             ``n`` counts earlier averaging updates.
@@ -51,6 +56,8 @@ class EMA(_Averager):
         >>> ema.update()  # after optimizer.step()
         >>> round(ema.half_life)
         693
+        >>> EMA(model, sigma_rel=0.1).describe()
+        'power EMA, sigma_rel 0.1 (gamma 6.937): weights ∝ τ^gamma over the run so far; 0 updates, step 0'
     """
 
     kind = "ema"
@@ -61,6 +68,7 @@ class EMA(_Averager):
         *,
         decay: float | None = None,
         half_life: float | None = None,
+        sigma_rel: float | None = None,
         warmup: str | None = None,
         min_decay: float = 0.0,
         warmup_gamma: float = 1.0,
@@ -73,16 +81,39 @@ class EMA(_Averager):
         schedule: DecaySchedule | None = None,
     ) -> None:
         if schedule is not None:
-            if decay is not None or half_life is not None or warmup is not None:
-                raise ConfigError("give either schedule= or decay=/half_life=/warmup=, not both")
+            if decay is not None or half_life is not None or sigma_rel is not None or warmup is not None:
+                raise ConfigError("give either schedule= or decay=/half_life=/sigma_rel=/warmup=, not both")
             if every is not None and every != schedule.every:
                 raise ConfigError(f"every={every} differs from the schedule's every={schedule.every}")
         else:
-            schedule = make_schedule(decay, half_life=half_life, warmup=warmup, min_decay=min_decay,
-                                     warmup_gamma=warmup_gamma, warmup_power=warmup_power,
+            schedule = make_schedule(decay, half_life=half_life, sigma_rel=sigma_rel, warmup=warmup,
+                                     min_decay=min_decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power,
                                      every=1 if every is None else every)
         super().__init__(module, weights=EMAWeights(schedule), start=start, every=schedule.every,
                          include_buffers=include_buffers, dtype=dtype, device=device)
+
+    @classmethod
+    def options(cls, **options: Any) -> dict[str, Any]:
+        """Check the options now; returns the keywords of ``EMA(module, **options)`` for later.
+
+        Takes the constructor's keyword options (``decay``, ``half_life``, ``warmup``, ...,
+        ``schedule``). For callbacks that create their average when training starts (once
+        the model is on its device), such as ``polyak.lightning.EMACallback``: a bad option
+        is refused when the callback is built, not minutes into a run.
+
+        Raises:
+            ConfigError: As the constructor would.
+
+        Example:
+            >>> import torch
+            >>> from polyak.torch import EMA
+            >>> opts = EMA.options(half_life=10)
+            >>> round(EMA(torch.nn.Linear(2, 1), **opts).half_life, 6)
+            10.0
+        """
+        probe = cls(torch.nn.Module(), **options)  # an empty module: nothing to copy, every option checked
+        return {"schedule": probe.schedule, "start": probe.start, "include_buffers": probe.include_buffers,
+                "dtype": probe.dtype, "device": probe.device}
 
     @property
     def schedule(self) -> DecaySchedule:
