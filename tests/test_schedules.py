@@ -57,8 +57,8 @@ def test_round_trip_dict():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "give exactly one of decay= or half_life="),
-        ({"decay": 0.9, "half_life": 10}, "give exactly one of decay= or half_life="),
+        ({}, "give exactly one of decay=, half_life= or sigma_rel="),
+        ({"decay": 0.9, "half_life": 10}, "give exactly one of decay=, half_life= or sigma_rel="),
         ({"decay": 1.0}, "decay must be in [0, 1), got 1.0"),
         ({"decay": -0.1}, "decay must be in [0, 1), got -0.1"),
         ({"decay": float("nan")}, "decay must be in [0, 1), got nan"),
@@ -120,7 +120,7 @@ def test_saved_schedules_are_checked_like_new_ones() -> None:
     cases = [
         ({**d, "bogus": 1, "other": 2}, "unknown decay-schedule fields ['bogus', 'other'] in saved state"),
         ({**d, "name": "cosine"},
-         "unknown decay schedule 'cosine'; valid schedules: ['constant', 'half_life', 'tf_warmup', 'warmup']"),
+         "unknown decay schedule 'cosine'; valid schedules: ['constant', 'half_life', 'power', 'tf_warmup', 'warmup']"),
         ({**d, "every": 0}, "every must be a whole number of steps ≥ 1, got 0"),
         ({**d, "every": 2.0}, "every must be a whole number of steps ≥ 1, got 2.0"),
         ({**d, "every": False}, "every must be a whole number of steps ≥ 1, got False"),
