@@ -11,7 +11,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 #: Under ``POLYAK_IN_PROCESS_ONLY=1`` (``make mutate``): test files that start Keras or torch
 #: models run after the others, so that a mutant is usually killed by a fast test first.
 _SLOW_FILES = ("test_keras", "test_torch", "test_hostile", "test_format_registry", "test_sweep_cli",
-               "test_reliability_numerics")
+               "test_reliability_numerics", "test_lightning", "test_transformers", "test_posthoc", "test_hf_folders")
 
 if os.environ.get("POLYAK_IN_PROCESS_ONLY") == "1":
     # `make mutate` (tests/mutation/mutate.py) changes the code inside the test process; a

@@ -67,6 +67,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     )),
     "npz-checks": ("src/polyak/formats/npz.py", (
         "polyak.formats.npz.x__read_npy_header__*",
+        "polyak.formats.npz.x__string_map__*",
         "polyak.formats.npz.xǁNpzSourceǁ__init____*",
         "polyak.formats.npz.xǁNpzSourceǁread__*",
     )),
@@ -78,15 +79,21 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "polyak.formats._h5.x_dataset_dtype__*",
     )),
     "keras-checks": ("src/polyak/formats/keras_archive.py", (
-        "polyak.formats.keras_archive.x_check_zip__*",
         "polyak.formats.keras_archive.x_read_member__*",
         "polyak.formats.keras_archive.x__data_offset__*",
     )),
     "torch-checks": ("src/polyak/formats/torch_pt.py", (
+        "polyak.formats.torch_pt.x__check_archive__*",
         "polyak.formats.torch_pt.x_load_state__*",
         "polyak.formats.torch_pt.x__named__*",
         "polyak.formats.torch_pt.x__flatten__*",
+        "polyak.formats.torch_pt.x__check_dense__*",
     )),
+    "zip-checks": ("src/polyak/formats/_common.py", (
+        "polyak.formats._common.x_check_zip__*",
+        "polyak.formats._common.x_reject_key__*",
+    )),
+    "json": ("src/polyak/_json.py", ("polyak._json.*",)),
 }
 
 # exit codes of mutmut's per-mutant test run (mutmut.stats.status_by_exit_code)
