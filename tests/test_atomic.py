@@ -135,19 +135,14 @@ def test_fsync_or_rename_failures_remove_the_temporary_file(tmp_path: Path, monk
     def enospc(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(atomic.os, "fsync", enospc)
-    f = AtomicFile(target)
-    f.write(b"x")
-    with pytest.raises(OutputError, match="^no space left on the device while writing"):
-        f.commit()
-    assert _names(tmp_path) == []
-    monkeypatch.undo()
-    monkeypatch.setattr(atomic.os, "replace", enospc)
-    f = AtomicFile(target)
-    f.write(b"x")
-    with pytest.raises(OutputError, match="^no space left on the device while writing"):
-        f.commit()
-    assert _names(tmp_path) == []
+    for step in ("fsync", "replace"):
+        monkeypatch.setattr(atomic.os, step, enospc)
+        f = AtomicFile(target)
+        f.write(b"x")
+        with pytest.raises(OutputError, match="^no space left on the device while writing"):
+            f.commit()
+        assert _names(tmp_path) == []
+        monkeypatch.undo()
 
 
 def test_commit_many_renames_in_order_and_names_the_target_that_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
