@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,8 @@ def test_a_file_appears_only_on_commit_and_every_other_way_out_leaves_nothing(tm
         (errno.EACCES, "cannot write {t}: permission denied or read-only file system"),
         (errno.EPERM, "cannot write {t}: permission denied or read-only file system"),
         (errno.EROFS, "cannot write {t}: permission denied or read-only file system"),
+        (errno.EMFILE, "cannot write {t}: too many open files; raise the limit with `ulimit -n`"),
+        (errno.ENFILE, "cannot write {t}: too many open files; raise the limit with `ulimit -n`"),
         (errno.EIO, "cannot write {t}: Input/output error"),
     ],
 )
@@ -106,6 +109,8 @@ def test_os_errors_are_told_in_words_and_the_temporary_file_goes(tmp_path: Path,
     assert _names(tmp_path) == []
     assert str(atomic.AtomicFile(target).fail(OSError(code, os.strerror(code)))) == message.format(t=target)
     assert _names(tmp_path) == []
+    bare = OSError("no errno, no strerror")  # described by the error itself
+    assert str(atomic.AtomicFile(target).fail(bare)) == f"cannot write {target}: no errno, no strerror"
 
 
 def test_fail_reports_the_first_os_error_a_library_hid(tmp_path: Path) -> None:
@@ -381,6 +386,31 @@ def test_a_folder_appears_whole_and_replaces_the_old_one(tmp_path: Path, monkeyp
     assert _names(tmp_path) == ["avg"] and _names(target) == ["b.json"]  # left without commit
     with pytest.raises(OutputError, match=_esc(f"cannot write {tmp_path / 'no' / 'avg'}: No such file or directory")):
         AtomicFolder(tmp_path / "no" / "avg")
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = tmp_path / "a", tmp_path / "b b"
+    a.mkdir()
+    b.mkdir()
+    (a / "from_a").write_text("a")
+    (b / "from_b").write_text("b")
+    if os.uname().sysname == "Linux":
+        assert atomic._exchange(a, b) is True
+        assert _names(a) == ["from_b"] and _names(b) == ["from_a"]
+        assert atomic._exchange(a, tmp_path / "missing") is False  # renameat2 fails: False, nothing moved
+        assert _names(a) == ["from_b"]
+    monkeypatch.setattr(atomic.sys, "platform", "darwin")
+    assert atomic._exchange(a, b) is False
+    assert _names(a) == (["from_b"] if os.uname().sysname == "Linux" else ["from_a"])
+
+
+def test_aborting_a_folder_never_raises(tmp_path: Path) -> None:
+    f = AtomicFolder(tmp_path / "avg")
+    (f.tmp / "x").write_text("x")
+    shutil.rmtree(f.tmp)  # already gone (removed by someone else)
+    f.abort()
+    f.abort()
+    assert _names(tmp_path) == []
 
 
 def test_a_failed_folder_rename_puts_the_old_folder_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
