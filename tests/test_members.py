@@ -19,6 +19,10 @@ from _helpers import read_safetensors, write_members
 from polyak import ConfigError, FormatError, MismatchError
 
 
+def _exact(text: str) -> str:
+    return f"^{re.escape(text)}$"
+
+
 def _state(value: float, **extra: np.ndarray) -> dict[str, np.ndarray]:
     return {"a.w": np.full((2, 3), value, np.float32), "b.w": np.full(4, value, np.float32), **extra}
 
@@ -190,3 +194,62 @@ def test_checks_of_the_newest_member(tmp_path: Path) -> None:
     strings = [_state(0.0, s=np.array(["a"])), _state(1.0, s=np.array(["b"]))]
     with pytest.raises(MismatchError, match='(?m)^  tensors of unsupported dtypes: "s"$'):
         polyak.average(strings)
+
+
+def _touch_members(folder: Path, names: list[str]) -> list[Path]:
+    paths = []
+    for name in names:
+        p = folder / name
+        polyak.save(_state(1.0), p)
+        paths.append(p)
+    return paths
+
+
+def test_ambiguous_orders_are_named_in_full(tmp_path: Path) -> None:
+    tail = (", and the result depends on their order (the scheme weights them differently); choose it with "
+            "--order mtime|name|given (order='mtime', 'name' or 'given'), or rename them")
+    two_bare = _touch_members(tmp_path, ["best.safetensors", "final.safetensors", "m_1.safetensors"])
+    with pytest.raises(ConfigError, match=_exact("cannot tell the order of the checkpoints: best.safetensors, "
+                                                 "final.safetensors have no number to place them among m_1.safetensors" + tail)):
+        polyak.average(two_bare, scheme="linear")
+    for p in two_bare:
+        p.unlink()
+    many = _touch_members(tmp_path, [f"run{i}_7_3.safetensors" for i in "abcdefgh"])  # 8 with the same numbers
+    with pytest.raises(ConfigError, match=_exact(
+            "cannot tell the order of the checkpoints: runa_7_3.safetensors, runb_7_3.safetensors, "
+            "runc_7_3.safetensors, rund_7_3.safetensors, rune_7_3.safetensors, runf_7_3.safetensors and 2 more "
+            "carry the same numbers (7, 3)" + tail)):
+        polyak.average(many, scheme="linear")
+    for p in many[6:]:
+        p.unlink()
+    with pytest.raises(ConfigError, match=_exact(
+            "cannot tell the order of the checkpoints: runa_7_3.safetensors, runb_7_3.safetensors, "
+            "runc_7_3.safetensors, rund_7_3.safetensors, rune_7_3.safetensors, runf_7_3.safetensors "
+            "carry the same numbers (7, 3)" + tail)):
+        polyak.average(many[:6], scheme="linear")
+
+
+def test_ties_group_only_equal_numbers(tmp_path: Path) -> None:
+    # 1, 2, 2, 3: only the two 2s tie, named with their numbers (not the first member's)
+    paths = _touch_members(tmp_path, ["m_1.safetensors", "a_2.safetensors", "b_2.safetensors", "m_3.safetensors"])
+    with pytest.raises(ConfigError, match="checkpoints: a_2.safetensors, b_2.safetensors carry the same numbers \\(2\\),"):
+        polyak.average(paths, scheme="linear")
+    assert polyak.average(paths)["b.w"][0] == 1.0  # equal weights: the order does not matter
+
+
+def test_a_folder_member_is_as_new_as_its_newest_file(tmp_path: Path) -> None:
+    folders = []
+    for i, when in enumerate((3_000, 1_000, 2_000)):
+        folder = tmp_path / f"step_{i}"
+        folder.mkdir()
+        polyak.save(_state(float(i)), folder / "model.safetensors")
+        os.utime(folder / "model.safetensors", ns=(when * 10**9, when * 10**9))
+        os.utime(folder, ns=(9_000 * 10**9 - i, 9_000 * 10**9 - i))  # the folders' own times say otherwise
+        folders.append(folder)
+    assert polyak.average(folders, order="mtime", last=1)["b.w"][0] == 0.0  # step_0's file is the newest
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    os.utime(empty, ns=(500 * 10**9, 500 * 10**9))
+    from polyak._engine.members import order_members
+
+    assert order_members([*folders, empty], "mtime") == [empty, folders[1], folders[2], folders[0]]
