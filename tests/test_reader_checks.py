@@ -1,0 +1,204 @@
+"""The readers' checks of what a file claims, one claim at a time, with each message in full:
+safetensors headers and indexes, .npz members, .pt archives. (The hostile and broken-file
+matrices in test_hostile_*.py try every format with every kind of damage; here each check
+meets the smallest file that it alone must refuse, and the largest one it must accept.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import polyak
+from polyak import FormatError, UnsafeFileError
+from polyak.formats.safetensors import SafetensorsIndexSource, SafetensorsSource
+
+
+def _exact(text: str) -> str:
+    return f"^{re.escape(text)}$"
+
+
+def _st(path: Path, header: dict[str, Any] | bytes, data: bytes = b"") -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _f32(n: int, begin: int = 0, shape: list[int] | None = None) -> dict[str, Any]:
+    return {"dtype": "F32", "shape": [n] if shape is None else shape, "data_offsets": [begin, begin + 4 * n]}
+
+
+def test_a_valid_header_at_the_edges_is_read(tmp_path: Path) -> None:
+    p = _st(tmp_path / "ok.safetensors", {
+        "__metadata__": {"k": "v"},
+        "b": _f32(2, 8), "a": _f32(2, 0), "empty": {"dtype": "F32", "shape": [0, 3], "data_offsets": [16, 16]},
+        "s": {"dtype": "I64", "shape": [], "data_offsets": [16, 24]},
+    }, np.arange(4, dtype=np.float32).tobytes() + np.array(7, np.int64).tobytes())
+    with polyak.open_source(p) as src:
+        assert list(src.infos()) == ["a", "b", "empty", "s"]  # in file order
+        assert src.read("a").tolist() == [0.0, 1.0] and src.read("b").tolist() == [2.0, 3.0]
+        assert src.read("empty").shape == (0, 3) and int(src.read("s")) == 7
+        assert src.metadata() == {"k": "v"}
+    assert polyak.inspect(_st(tmp_path / "none.safetensors", {"__metadata__": None, "a": _f32(1)}, bytes(4))).tensors
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "error", "why"),
+    [
+        (b"", b"", FormatError, "truncated safetensors file (7 bytes; the header length alone takes 8)"),
+        ({"a": 1}, b"", FormatError, "corrupted safetensors header (entry 'a' is not an object)"),
+        ({"a": {"dtype": "F13", "shape": [1], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "tensor 'a' has unknown dtype 'F13'"),
+        ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "tensor 'a' has unknown dtype ['F32']"),
+        ({"a": {"shape": [1], "data_offsets": [0, 4]}}, bytes(4), FormatError, "tensor 'a' has unknown dtype None"),
+        ({"a": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}, bytes(8), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, True]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": _f32(2)}, bytes(7), FormatError,
+         "tensor 'a' claims bytes [0, 8) for shape (2,) float32 (8 bytes) in a data section of 7 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 4]}}, bytes(8), FormatError,
+         "tensor 'a' claims bytes [4, 4) for shape (2,) float32 (8 bytes) in a data section of 8 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, bytes(8), FormatError,
+         "tensor 'a' claims bytes [-4, 0) for shape (1,) float32 (4 bytes) in a data section of 8 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, bytes(8), FormatError,
+         "tensor 'a' claims bytes [4, 0) for shape (1,) float32 (4 bytes) in a data section of 8 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}, bytes(16), FormatError,
+         "tensor 'a' claims bytes [0, 8) for shape (2, 2) float32 (16 bytes) in a data section of 16 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": _f32(2, 0), "b": _f32(2, 4)}, bytes(12), FormatError,
+         "corrupt safetensors file: tensors overlap in the data section"),
+        ({"__metadata__": {"k": 1}, "a": _f32(1)}, bytes(4), FormatError,
+         "corrupted safetensors header (__metadata__ must map strings to strings)"),
+        ({"__metadata__": ["k"], "a": _f32(1)}, bytes(4), FormatError,
+         "corrupted safetensors header (__metadata__ must map strings to strings)"),
+    ],
+)
+def test_each_header_claim_is_checked(tmp_path: Path, header: Any, data: bytes, error: type, why: str) -> None:
+    p = tmp_path / "m.safetensors"
+    if header == b"":
+        p.write_bytes(bytes(7))
+    else:
+        _st(p, header, data)
+    with pytest.raises(error, match=_exact(f"{p}: {why}")):
+        SafetensorsSource(p)  # the reader itself (as an index opens its shards), not the sniffer
+
+
+def test_the_header_length_is_checked_against_the_limit_and_the_file(tmp_path: Path) -> None:
+    from polyak.formats.safetensors import MAX_HEADER_SIZE
+
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", MAX_HEADER_SIZE + 1) + b"{}")
+    with pytest.raises(UnsafeFileError, match=_exact(
+            f"{p}: the safetensors header claims {MAX_HEADER_SIZE + 1} bytes, above the {MAX_HEADER_SIZE}-byte "
+            "limit; the file is corrupt or hostile")):
+        SafetensorsSource(p)
+    p.write_bytes(struct.pack("<Q", 3) + b"{}")
+    with pytest.raises(FormatError, match=_exact(
+            f"{p}: truncated or corrupt safetensors file: the header claims 3 bytes but the file has only 2 after "
+            "the length field")):
+        SafetensorsSource(p)
+    p.write_bytes(struct.pack("<Q", 2) + b"{}")  # the header exactly fills the file: no tensors
+    assert SafetensorsSource(p).infos() == {}
+    index = _index(tmp_path, {"weight_map": {"a": "short.safetensors"}})
+    (tmp_path / "short.safetensors").write_bytes(bytes(7))  # a shard is opened without sniffing
+    with pytest.raises(FormatError, match=_exact(f"{index} (shard short.safetensors): truncated safetensors file "
+                                                 "(7 bytes; the header length alone takes 8)")):
+        polyak.open_source(index)
+
+
+def _index(folder: Path, index: Any, shards: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+    for name, state in (shards or {}).items():
+        polyak.save(state, folder / name)
+    p = folder / "model.safetensors.index.json"
+    p.write_text(index if isinstance(index, str) else json.dumps(index))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("index", "error", "why"),
+    [
+        ({"weight_map": ["a"]}, FormatError, "corrupted index: 'weight_map' must map tensor names to shard files"),
+        ({"weight_map": {"a": 1}}, FormatError, "corrupted index: 'weight_map' must map tensor names to shard files"),
+        ({}, FormatError, "corrupted index: 'weight_map' must map tensor names to shard files"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": [1]}, FormatError,
+         "corrupted index: 'metadata' must be a JSON object"),
+        ({"weight_map": {"a": "../s1.safetensors"}}, UnsafeFileError,
+         "shard '../s1.safetensors' points outside the checkpoint folder; refusing it"),
+        ({"weight_map": {"a": "/etc/passwd"}}, UnsafeFileError,
+         "shard '/etc/passwd' points outside the checkpoint folder; refusing it"),
+        ({"weight_map": {"a": "sub/s1.safetensors"}}, UnsafeFileError,
+         "shard 'sub/s1.safetensors' points outside the checkpoint folder; refusing it"),
+        ({"weight_map": {"a": "s9.safetensors"}}, FormatError, "shard s9.safetensors listed in the index is missing"),
+        ({"weight_map": {"a": "s1.safetensors", "zz": "s1.safetensors"}}, FormatError,
+         "tensor 'zz' is listed in the index but missing from shard s1.safetensors"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": -1}}, FormatError,
+         "corrupted index: metadata total_size -1 is not a byte count"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": 1.5}}, FormatError,
+         "corrupted index: metadata total_size 1.5 is not a byte count"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": True}}, FormatError,
+         "corrupted index: metadata total_size True is not a byte count"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": "8"}}, FormatError,
+         "corrupted index: metadata total_size '8' is not a byte count"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": 10**6}}, FormatError,
+         "the index claims total_size 1000000 bytes but its shards hold only {on_disk}; the index is corrupt or "
+         "its shards are truncated"),
+    ],
+)
+def test_each_index_claim_is_checked(tmp_path: Path, index: Any, error: type, why: str) -> None:
+    p = _index(tmp_path, index, {"s1.safetensors": {"a": np.ones(2, np.float32)}})
+    why = why.format(on_disk=(tmp_path / "s1.safetensors").stat().st_size)
+    with pytest.raises(error, match=_exact(f"{p}: {why}")):
+        SafetensorsIndexSource(p)
+
+
+def test_an_index_at_the_edges_is_read(tmp_path: Path) -> None:
+    shards = {"s1.safetensors": {"a": np.ones(2, np.float32)}, "s2.safetensors": {"b": np.zeros(3, np.float32)}}
+    p = _index(tmp_path, {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}, shards)
+    on_disk = (tmp_path / "s1.safetensors").stat().st_size + (tmp_path / "s2.safetensors").stat().st_size
+    for total in (None, 0, 20, on_disk, float(on_disk)):
+        meta: dict[str, Any] = {"format": "pt", "nested": {"x": 1}}
+        if total is not None:
+            meta["total_size"] = total
+        p.write_text(json.dumps({"metadata": meta, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+        with polyak.open_source(p) as src:
+            assert src.read("a").tolist() == [1.0, 1.0] and src.read("b").tolist() == [0.0] * 3
+            assert src.metadata()["format"] == "pt" and json.loads(src.metadata()["nested"]) == {"x": 1}
+            assert "total_size" not in src.metadata()
+    p.write_text(json.dumps({"metadata": None, "weight_map": {"a": "s1.safetensors"}}))
+    with polyak.open_source(p) as src:
+        assert list(src.infos()) == ["a"]
+
+
+def test_an_implausibly_large_index_is_refused_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polyak.formats import safetensors as st
+
+    p = _index(tmp_path, {"weight_map": {"a": "s1.safetensors"}}, {"s1.safetensors": {"a": np.ones(2, np.float32)}})
+    size = p.stat().st_size
+    monkeypatch.setattr(st, "MAX_INDEX_SIZE", size - 1)
+    with pytest.raises(UnsafeFileError, match=_exact(f"{p}: index file of {size} bytes is implausibly large")):
+        polyak.open_source(p)
+    monkeypatch.setattr(st, "MAX_INDEX_SIZE", size)
+    assert polyak.open_source(p).keys() == ["a"]
