@@ -202,3 +202,107 @@ def test_an_implausibly_large_index_is_refused_before_it_is_read(tmp_path: Path,
         polyak.open_source(p)
     monkeypatch.setattr(st, "MAX_INDEX_SIZE", size)
     assert polyak.open_source(p).keys() == ["a"]
+
+
+def _npy(header: str | None = None, data: bytes = bytes(8), *, version: int = 1, pad_to: int = 0) -> bytes:
+    text = header if header is not None else "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+    text = text.ljust(pad_to) + "\n"
+    if version == 1:
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1") + data
+    return b"\x93NUMPY" + bytes([version, 0]) + struct.pack("<I", len(text)) + text.encode("latin1") + data
+
+
+def _npz(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, raw in members.items():
+            zf.writestr(name, raw)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("members", "error", "why"),
+    [
+        ({"a.npy": _npy(), "notes.txt": b"x"}, FormatError, "unexpected member notes.txt (not a .npy array)"),
+        ({"a.npy": b"\x93NUMPX" + bytes(20)}, FormatError, "member a.npy is not a .npy array"),
+        ({"a.npy": b"\x93NUM"}, FormatError, "member a.npy is not a .npy array"),
+        ({"a.npy": _npy(version=4)}, FormatError, "member a.npy has unsupported .npy version 4"),
+        ({"a.npy": _npy(pad_to=100_000, version=2)}, UnsafeFileError,
+         "member a.npy claims a 100001-byte .npy header (numpy itself refuses headers above 10000 bytes); "
+         "the file is corrupt or hostile"),
+        ({"a.npy": _npy("{'descr': '|O', 'fortran_order': False, 'shape': (1,), }")}, UnsafeFileError,
+         "array 'a' holds Python objects (a pickle); polyak never unpickles npz members. Save numeric arrays only."),
+        ({"a.npy": _npy("{'descr': '<f4', 'fortran_order': 0, 'shape': (2,), }")}, FormatError,
+         "member a.npy has an invalid shape (2,)"),
+        ({"a.npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-2,), }")}, FormatError,
+         "member a.npy has an invalid shape (-2,)"),
+        ({"a.npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (True,), }")}, FormatError,
+         "member a.npy has an invalid shape (True,)"),
+        ({"a.npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2.0,), }")}, FormatError,
+         "member a.npy has an invalid shape (2.0,)"),
+        ({"a.npy": _npy(data=bytes(4))}, FormatError,
+         "array 'a' should hold 8 bytes for shape (2,) float32, the archive member holds 4; "
+         "the file is truncated or corrupt"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"dtypes": {"a": 1}}'}, FormatError,
+         "corrupted __polyak__.json: 'dtypes' must map names to strings"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"metadata": ["x"]}'}, FormatError,
+         "corrupted __polyak__.json: 'metadata' must map names to strings"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"dtypes": {"a": "U4"}}'}, FormatError,
+         "__polyak__.json records the dtype 'U4' for 'a', which is not a numeric dtype; the file is corrupt"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"dtypes": {"a": "nonsense"}}'}, FormatError,
+         "__polyak__.json records the dtype 'nonsense' for 'a', which is not a numeric dtype; the file is corrupt"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"dtypes": {"a": "bfloat16"}}'}, FormatError,
+         "dtype record for 'a' does not match the array"),
+    ],
+)
+def test_each_npz_claim_is_checked(tmp_path: Path, members: dict[str, bytes], error: type, why: str) -> None:
+    from polyak.formats.npz import NpzSource
+
+    p = _npz(tmp_path / "m.npz", members)
+    with pytest.raises(error, match=_exact(f"{p}: {why}")):
+        NpzSource(p)  # the reader itself: the sniffer already refuses some of these
+
+
+def test_a_corrupted_npy_header_is_named(tmp_path: Path) -> None:
+    from polyak.formats.npz import NpzSource
+
+    for header in ("not a dict", "{'descr': '<f4'}", "{'descr': 'zz', 'fortran_order': False, 'shape': (2,)}"):
+        p = _npz(tmp_path / "m.npz", {"a.npy": _npy(header)})
+        with pytest.raises(FormatError, match=f"^{re.escape(str(p))}: member a.npy has a corrupted .npy header \\(.+\\)$"):
+            NpzSource(p)
+
+
+def test_npz_members_at_the_edges_are_read(tmp_path: Path) -> None:
+    import ml_dtypes
+
+    from polyak.formats.npz import NpzSource
+
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    bf = np.array([1.5, -2.0], ml_dtypes.bfloat16)
+    p = _npz(tmp_path / "m.npz", {
+        "v2.npy": _npy(data=np.array([1.0, 2.0], np.float32).tobytes(), version=2),
+        "v3.npy": _npy(data=np.array([3.0, 4.0], np.float32).tobytes(), version=3),
+        "big.npy": _npy(data=np.array([5.0, 6.0], np.float32).tobytes(), pad_to=100_000 - 1, version=2),  # at the limit
+        "f.npy": _npy("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", fortran.tobytes(order="F")),
+        "bf.npy": _npy("{'descr': '<u2', 'fortran_order': False, 'shape': (2,), }", bf.view(np.uint16).tobytes()),
+        "e.npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (0, 2), }", b""),
+        "__polyak__.json": b'{"dtypes": {"bf": "bfloat16"}, "metadata": {"k": "v"}}',
+    })
+    with NpzSource(p) as src:
+        assert src.read("v2").tolist() == [1.0, 2.0] and src.read("v3").tolist() == [3.0, 4.0]
+        assert src.read("big").tolist() == [5.0, 6.0]
+        np.testing.assert_array_equal(src.read("f"), fortran)
+        assert src.read("bf").dtype == ml_dtypes.bfloat16 and src.read("bf").tolist() == [1.5, -2.0]
+        assert src.read("e").shape == (0, 2)
+        assert src.metadata() == {"k": "v"}
+
+
+def test_the_npz_metadata_member_has_a_size_limit(tmp_path: Path) -> None:
+    from polyak.formats.npz import NpzSource
+
+    at_limit = b'{"metadata": {"k": "v"}}'.ljust(10_000_000)
+    assert NpzSource(_npz(tmp_path / "ok.npz", {"a.npy": _npy(), "__polyak__.json": at_limit})).metadata() == {"k": "v"}
+    p = _npz(tmp_path / "big.npz", {"a.npy": _npy(), "__polyak__.json": at_limit + b" "})
+    with pytest.raises(UnsafeFileError, match=_exact(f"{p}: __polyak__.json is implausibly large")):
+        NpzSource(p)
