@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,73 @@ def test_the_npz_metadata_member_has_a_size_limit(tmp_path: Path) -> None:
     p = _npz(tmp_path / "big.npz", {"a.npy": _npy(), "__polyak__.json": at_limit + b" "})
     with pytest.raises(UnsafeFileError, match=_exact(f"{p}: __polyak__.json is implausibly large")):
         NpzSource(p)
+
+
+def _pt_error(tmp_path: Path, obj: Any, key: str | None = None) -> tuple[type[BaseException], str]:
+    torch = pytest.importorskip("torch")
+    p = tmp_path / "x.pt"
+    torch.save(obj, p)
+    with pytest.raises(polyak.PolyakError) as info:
+        polyak.open_source(p, key=key)
+    return type(info.value), str(info.value).replace(str(p), "P")
+
+
+def test_each_pt_claim_is_checked(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    w = torch.ones(2)
+    with warnings.catch_warnings():  # torch's deprecation notice of quantized tensors
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
+    cases: list[tuple[Any, str | None, type, str]] = [
+        ([w], None, FormatError, "P: holds a list, not a state dict; save model.state_dict() (or a dict of tensors)"),
+        ({"model": {"w": w}, "epoch": 3}, "nope", polyak.ConfigError,
+         "P: no key 'nope' in the checkpoint; the keys at the top level: 'model', 'epoch'"),
+        ({"model": {"w": w}, "epoch": 3}, "epoch/x", polyak.ConfigError,
+         "P: no key 'epoch/x' in the checkpoint; 'epoch' holds a value of type int, not a dict"),
+        ({"a": {"b": {"w": w}}, "c": {}}, "a/zz", polyak.ConfigError,
+         "P: no key 'a/zz' in the checkpoint; the keys under 'a': 'b'"),
+        ({"a": {}, "w": w}, "a/zz", polyak.ConfigError, "P: no key 'a/zz' in the checkpoint; the keys under 'a': none"),
+        ({"model": {"w": w}, "epoch": 3}, "epoch", polyak.ConfigError, "P: the entry 'epoch' holds no tensors"),
+        ({"model": {"w": w}, "opt": {"lr": 0.1}}, "opt", polyak.ConfigError, "P: the entry 'opt' holds no tensors"),
+        ({"epoch": 3, "lr": 0.1}, None, FormatError, "P: no tensors found (top-level keys: 'epoch', 'lr')"),
+        ({"model": {"w": w}, "ema": {"w": w}, "step": 1}, None, polyak.ConfigError,
+         "P: the checkpoint holds several state dicts ('model', 'ema'); choose one with --key (key=), e.g. --key model"),
+        ({0: w}, None, FormatError, "P: tensor key 0 is of type int, not a name; not a state dict"),
+        ({"model": {("a",): w}}, "model", FormatError, "P: tensor key ('a',) is of type tuple, not a name; not a state dict"),
+        ({"w": w.to_sparse()}, None, FormatError,
+         "P: tensor 'w' is a sparse tensor (torch.sparse_coo); polyak averages dense tensors. Save it dense: "
+         "state[name] = state[name].to_dense()"),
+        ({"w": torch.empty(2, device="meta")}, None, FormatError,
+         "P: tensor 'w' is on the 'meta' device and holds no data (the model was saved before its weights were "
+         "materialised). Materialise it first (e.g. model.to_empty(device='cpu') and load or initialise the "
+         "weights), then save again"),
+        ({"w": quantized}, None, FormatError,
+         "P: tensor 'w' is quantized (torch.quint8); polyak averages floating tensors. Save it dequantized: "
+         "state[name] = state[name].dequantize()"),
+    ]
+    for obj, key, error, message in cases:
+        assert _pt_error(tmp_path, obj, key) == (error, message)
+
+
+def test_pt_state_dicts_are_found_where_they_are(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    w = torch.arange(2.0)
+    for obj, key, found in [
+        ({"w": w, "step": 3}, None, None),  # flat: the tensors, other entries ignored
+        ({"model": {"w": w, "n": 3}, "epoch": 3}, None, "model"),  # the one nested state dict
+        ({"a": {"b": {"w": w}}}, "a/b", "a/b"),
+    ]:
+        p = tmp_path / "x.pt"
+        torch.save(obj, p)
+        with polyak.open_source(p, key=key) as src:
+            assert src.keys() == ["w"] and src.read("w").tolist() == [0.0, 1.0] and src.extras()["key"] == found
+
+
+def test_a_pt_zip_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from polyak.formats.torch_pt import load_state
+
+    p = tmp_path / "x.pt"
+    p.write_bytes(b"PK\x03\x04" + bytes(40) + b"PK\x05\x06" + bytes(18))  # a zip whose directory is nonsense
+    with pytest.raises(FormatError, match=f"^{re.escape(str(p))}: not a readable PyTorch checkpoint \\(.+\\)$"):
+        load_state(p, str(p))
