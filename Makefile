@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.polyak-installed
 # Keras 3 runs on the torch backend here; respect a backend the user has chosen.
 export KERAS_BACKEND ?= torch
+# Keras fixes its backend when it is imported, so `make test` runs the tests marked `keras`
+# once more in one pytest process per other backend.
+KERAS_BACKENDS := torch jax tensorflow
 
 .PHONY: install test lint docs demo bench fuzz mutate clean
 
@@ -18,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install lint docs
 	$(PY) -m pytest -n 2 -q
+	@set -e; for backend in $(filter-out $(KERAS_BACKEND),$(KERAS_BACKENDS)); do \
+	  echo "tests marked keras, on the $$backend backend:"; \
+	  KERAS_BACKEND=$$backend $(PY) -m pytest -n 2 -q -m keras; \
+	done
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -1,4 +1,5 @@
-"""Small helpers shared by tests: random states, writing members, independent references."""
+"""Small helpers shared by tests: random states, writing members, independent references (tutorial
+weights, the safetensors package, the per-step EMA, a power EMA)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,24 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             t = f.get_tensor(name)
             out[name] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
     return out
+
+
+def per_step_ema(executions: list[tuple[int, list[np.ndarray]]], start: int, every: int,
+                 schedule: polyak.DecaySchedule) -> tuple[list[np.ndarray], int]:
+    """The EMA over the optimizer steps ``start + k·every``, one by one, in float64; each
+    step has the weights of the execution that ran it (seen at its last step)."""
+    avg: list[np.ndarray] | None = None
+    n, first = 0, 0
+    for end, value in executions:
+        for t in range(max(first, start), end + 1):
+            if (t - start) % every == 0:
+                d = schedule(n)
+                avg = [v.astype(np.float64) for v in value] if avg is None else [
+                    d * a + (1 - d) * v for a, v in zip(avg, value, strict=True)]
+                n += 1
+        first = end + 1
+    assert avg is not None
+    return avg, n
 
 
 def power_gamma(sigma_rel: float) -> float:

@@ -6,6 +6,8 @@ import subprocess
 import pytest
 
 # polyak starts Keras itself in tests: use the torch backend unless the user chose one.
+# `make test` runs the tests marked `keras` again under jax and tensorflow (Keras fixes
+# its backend at import, so one pytest process per backend).
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 #: Under ``POLYAK_IN_PROCESS_ONLY=1`` (``make mutate``): test files that start Keras or torch
@@ -28,3 +30,6 @@ if os.environ.get("POLYAK_IN_PROCESS_ONLY") == "1":
 
     def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items.sort(key=lambda item: item.path.name.startswith(_SLOW_FILES))
+
+def pytest_report_header(config):  # type: ignore[no-untyped-def]
+    return f"keras backend: {os.environ['KERAS_BACKEND']} (KERAS_BACKEND)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from polyak.demo._train import Recipe
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "polyak", "demo", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "polyak", "demo", *args], capture_output=True, text=True, timeout=300)
 
 
 def _accuracies(obj: Any) -> list[float]:
@@ -60,15 +61,21 @@ def test_torch_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_keras_end_to_end(tmp_path: Path) -> None:
+    # The command on this run's backend; the demo on each backend (its accuracies) is
+    # test_demo.py's test_keras_demo_accuracy_is_in_the_reference_range, and the command on
+    # JAX-only and TensorFlow-only installs is test_demo_backend.py's.
     pytest.importorskip("keras")
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
     r = _demo("--epochs", "12", "--members", "3", "--quiet", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1 and r.stdout.startswith("files:")  # --quiet: only the last line
+    backend = os.environ["KERAS_BACKEND"]
+    assert f"[keras on {backend}, " in r.stdout
     assert len([p for p in (out / "checkpoints").iterdir() if p.suffix == ".keras"]) == 3
     data = json.loads((out / "results.json").read_text())
     assert data["config"]["framework"] == "keras" and data["epochs"] == [9, 10, 11]
+    assert data["backend"] == {"name": backend, "reason": "set by KERAS_BACKEND"}
     assert all(0.0 <= v <= 1.0 for v in _accuracies(data))
     assert (out / "exponential_alpha_2.png").exists()
 

@@ -167,6 +167,7 @@ def test_strip_prefix_on_a_nested_pt_keeps_the_nesting_key(tmp_path):
     torch.testing.assert_close(got["model"]["w"], torch.full((2,), 0.5))
 
 
+@pytest.mark.keras
 def test_strip_prefix_on_a_keras_archive_keeps_config_and_layout(tmp_path):
     # Used to fail: "a .keras output copies the model config from the newest member, which
     # must itself be a .keras file" (the prefix-stripping view hid the archive).

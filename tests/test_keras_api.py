@@ -20,11 +20,11 @@ pytest.importorskip("h5py")
 
 import polyak  # noqa: E402
 import polyak.keras as pk  # noqa: E402
-from _helpers import tutorial_weights  # noqa: E402
+from _helpers import per_step_ema, tutorial_weights  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.keras, pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
+)]
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(48, 4)).astype("float32")
@@ -301,48 +301,46 @@ def test_bf16_variables_average_in_float32(ops: str, tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(w, np.float32), 2.0)
 
 
-def _rule(seen: list[int], start: int, every: int, last: int) -> list[bool]:
-    """The torch rule, written out: a seen step is averaged iff a due step start + k·every
-    lies in (previous seen step, this step] (one at a time: (step − start) % every == 0)."""
-    out = []
-    for s in seen:
-        out.append(any(last < g <= s for g in range(start, s + 1, every)))
-        last = s
-    return out
-
-
-def test_steps_follow_the_torch_rule_from_start_epoch(ops: str) -> None:
+@pytest.mark.parametrize(("every", "warmup"), [(3, None), (1, "tf")])
+def test_steps_follow_the_torch_rule_from_start_epoch(ops: str, every: int, warmup: str | None) -> None:
+    # fit's hooks as Keras calls them with steps_per_execution=2 (also on the torch
+    # backend, which refuses it in fit): 5 batches per epoch, so executions end at batch
+    # indices 1, 3 and 5 (the last one short: one step, though Keras says 5).
     model = _plain_model()
-    ema = pk.EMACallback(0.7, every=3, start_epoch=1)
+    ema = pk.EMACallback(0.7, warmup=warmup, every=every, start_epoch=1)
     ema.set_model(model)
     ema.on_train_begin()
+    reads = 0
+    iterations = ema._iterations
+
+    def counted() -> int:
+        nonlocal reads
+        reads += 1
+        return iterations()
+
+    ema._iterations = counted  # type: ignore[method-assign]
     rng = np.random.default_rng(3)
-    # Steps as the callback sees them: epoch 0 = 1..4; then jumps (steps_per_execution 2
-    # with a short last execution per epoch).
-    epochs = {0: [1, 2, 3, 4], 1: [6, 8, 9], 2: [11, 13, 14], 3: [16, 18, 19]}
-    seen, values, ref = [], [], None
-    for epoch, steps in epochs.items():
+    executions = []
+    for epoch in range(4):
         ema.on_epoch_begin(epoch)
-        for step in steps:
+        for batch, steps in ((1, 2), (3, 2), (5, 1)):
             value = [rng.normal(size=tuple(v.shape)).astype("float32") for v in model.weights]
             model.set_weights(value)
-            ema.update(step=step)
+            model.optimizer.iterations.assign(int(model.optimizer.iterations.numpy()) + steps)
+            ema.on_train_batch_end(batch)
             if epoch == 0:  # before start_epoch the average follows the weights
                 for got, raw in zip(ema.average_weights(), value, strict=True):
                     np.testing.assert_array_equal(got, raw)
             else:
-                seen.append(step)
-                values.append(value)
-    averaged = _rule(seen, start=6, every=3, last=4)
-    assert averaged == [True, False, True, False, True, False, True, True, False]  # 6, 9, 13, 16, 18
-    for value, on in zip(values, averaged, strict=True):
-        if on:
-            ref = [v.astype(np.float64) for v in value] if ref is None else [
-                0.7 * r + 0.3 * v for r, v in zip(ref, value, strict=True)]
-    assert ema.start == 6 and ema.count == sum(averaged) and ema.last_step == 19
-    assert ref is not None
+                executions.append((5 * epoch + batch // 2 * 2 + steps, value))
+    # start = the first optimizer step of epoch 1 (step 6, inside the first execution)
+    ref, due = per_step_ema(executions, start=6, every=every, schedule=ema.schedule)
+    assert (ema.start, ema.count, ema.last_step) == (6, due, 20)
+    assert due == {3: 5, 1: 15}[every]  # 6, 9, 12, 15, 18 / 6..20
     for got, exp in zip(ema.average_weights(), ref, strict=True):
         np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+    # the count was read at each epoch's start and when an update was due, not per batch
+    assert reads == {3: 4 + 3 + 6, 1: 4 + 3 + 9}[every]
 
 
 def test_state_layout_is_the_torch_one_and_01_states_load(ops: str) -> None:

@@ -19,9 +19,9 @@ from _helpers import tutorial_weights  # noqa: E402
 from polyak import FormatError, UnsafeFileError  # noqa: E402
 
 # Keras 3.15's Variable.numpy() trips numpy 2's __array__(copy=) deprecation: Keras' bug.
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.keras, pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
+)]
 # Keras 3 warns about the input_shape argument in every Keras 2 model config it loads.
 legacy_warning = pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`:UserWarning")
 

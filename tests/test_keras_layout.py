@@ -19,9 +19,9 @@ pytest.importorskip("h5py")
 import polyak  # noqa: E402
 import polyak.keras as pk  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.keras, pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
+)]
 
 X = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
 

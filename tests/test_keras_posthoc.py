@@ -1,8 +1,7 @@
 """Post-hoc EMA with Keras (any backend): PostHocEMACallback and EMACallback(sigma_rel=)
 against a power EMA written here from the definition; rebuilds to .weights.h5; resume.
 
-Backend-neutral: `make test` runs it on torch; run it by hand with KERAS_BACKEND=jax and
-KERAS_BACKEND=tensorflow as well."""
+Marked `keras`: `make test` runs it on torch, jax and tensorflow."""
 
 from __future__ import annotations
 
@@ -19,9 +18,9 @@ import polyak.keras as pk  # noqa: E402
 from _helpers import PowerEMA  # noqa: E402
 from polyak import ConfigError  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.keras, pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
+)]
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(64, 4)).astype("float32")

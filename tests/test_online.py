@@ -272,3 +272,33 @@ def test_configure_takes_every_from_the_saved_schedule() -> None:
     avg = OnlineAverage(EMAWeights(make_schedule(0.7, every=2)), Cadence(5, 2), NumpyOps())
     avg.configure({"schedule": make_schedule(0.7, every=4).to_dict(), "every": 1})
     assert avg.cadence == Cadence(5, 4) and avg.weights.every == 4
+
+
+@pytest.mark.parametrize(("start", "every", "seen"), [(3, 1, [2, 5, 6, 10, 11, 15, 16]), (2, 3, [4, 7, 14, 15, 30])])
+@pytest.mark.parametrize("weights", [SWAWeights("equal"), SWAWeights("linear"),
+                                     EMAWeights(make_schedule(0.8, warmup="tf", every=3))], ids=["equal", "linear", "ema"])
+def test_a_jump_over_m_due_steps_weighs_as_m_updates(start: int, every: int, seen: list[int], weights) -> None:  # type: ignore[no-untyped-def]
+    # Steps seen now and then (steps_per_execution): the average equals the one over every
+    # due step, each with the weights of the next seen step (the weights it stood in for).
+    if getattr(weights, "every", None) not in (None, every):
+        weights = EMAWeights(make_schedule(0.8, warmup="tf", every=every))
+    rng = np.random.default_rng(1)
+    values = {s: rng.normal(size=3) for s in seen}
+    avg = OnlineAverage(weights, Cadence(start, every), NumpyOps())
+    live = [np.zeros(3)]
+    avg.reset(["w"], live, [True])
+    for s in seen:
+        live[0][...] = values[s]
+        avg.update(lambda: live, step=s)
+    due = [t for t in range(start, seen[-1] + 1) if (t - start) % every == 0]
+    stand_in = [values[min(s for s in seen if s >= t)] for t in due]
+    if isinstance(weights, SWAWeights):  # the weighted mean, written out
+        w = np.ones(len(due)) if weights.weighting == "equal" else np.arange(1, len(due) + 1)
+        expected = np.average(stand_in, axis=0, weights=w)
+    else:  # the EMA recursion, one due step at a time, in float64
+        expected = stand_in[0]
+        for n, x in enumerate(stand_in[1:], start=1):
+            d = min(0.8, (1 + n) / (10 + n))
+            expected = d * expected + (1 - d) * x
+    np.testing.assert_allclose(avg.state.tensors["w"], expected, rtol=1e-12)
+    assert (avg.state.step, avg.state.count) == (seen[-1], len(due))

@@ -31,9 +31,9 @@ from ._errors import ConfigError, FormatError, whole_number
 from ._layout import compare_layouts
 from ._schedules import DecaySchedule
 
-__all__ = ["AVERAGER_META_KEY", "FIELDS", "AveragerOps", "AveragerState", "Cadence", "EMAWeights", "OnlineAverage", "SWAWeights",
-           "Update", "Weights", "accumulator_dtype_name", "check_saved_tensors", "next_update", "read_record",
-           "weights_from_config"]
+__all__ = ["AVERAGER_META_KEY", "FIELDS", "AveragerOps", "AveragerState", "Cadence", "EMAWeights", "OnlineAverage",
+           "SWAWeights", "Update", "Weights", "accumulator_dtype_name", "check_saved_tensors", "combined_weight",
+           "next_update", "read_record", "weights_from_config"]
 
 #: The fields of a saved averager state, in this order, for every face.
 FIELDS = ("kind", "step", "count", "config", "tensors")
@@ -80,7 +80,9 @@ class AveragerState(Generic[T]):
 
     Attributes:
         step: Training steps seen (``update()`` calls, or the last ``step=`` given).
-        count: Averaging updates applied since ``start`` (0: nothing averaged yet).
+        count: Due steps averaged since ``start`` (0: nothing averaged yet); one per
+            update when steps come one at a time, ``m`` for an update that stands in for
+            ``m`` due steps (see :func:`next_update`).
         tensors: Canonical name → stored tensor: the average of floating tensors (in the
             accumulator dtype) and a copy of the others.
     """
@@ -211,6 +213,22 @@ class Cadence:
             whole_number(self.start, "start", 0)
         whole_number(self.every, "every", 1)
 
+    def next_due(self, step: int) -> int:
+        """The first step after ``step`` whose update changes the average.
+
+        While the average follows the weights (before ``start``, or ``start`` not fixed)
+        that is the next step; from ``start`` on, the next ``start + k·every``. A face that
+        sees steps only now and then (Keras' ``steps_per_execution``) uses it to do nothing
+        between updates.
+
+        Example:
+            >>> Cadence(start=3, every=4).next_due(1), Cadence(3, 4).next_due(3), Cadence(None, 4).next_due(8)
+            (2, 7, 9)
+        """
+        if self.start is None or step + 1 < self.start:
+            return step + 1
+        return self.start + -(-(step + 1 - self.start) // self.every) * self.every
+
 
 @dataclass(slots=True)
 class Update:
@@ -218,7 +236,7 @@ class Update:
 
     Attributes:
         step: The step just completed (the state's new ``step``).
-        count: The state's new ``count``.
+        count: The state's new ``count`` (it grows by the number of due steps covered).
         weight: ``avg ← lerp(avg, current, weight)``; 1 copies; ``None``: leave the average.
     """
 
@@ -233,10 +251,12 @@ def next_update(state: AveragerState[Any], cadence: Cadence, weights: Weights, *
     Steps before ``cadence.start`` copy the weights (the average follows them; ``count``
     stays 0). From ``start`` on, the steps ``start + k·every`` are averaged, with weight
     ``weights(count)`` (1, a copy, for the first); the others leave the average as it is.
-    A step that jumps over one of those steps (Keras' ``steps_per_execution``, a loop
-    that passes ``step=`` only now and then) stands in for it, so no averaging is lost;
-    when steps come one at a time this is exactly "every ``every``-th step from
-    ``start``".
+    A step that jumps over such due steps (Keras' ``steps_per_execution``, a loop that
+    passes ``step=`` only now and then) stands in for all ``m`` of them: it weighs as
+    ``m`` updates with its weights, ``1 − Π_{j<m} (1 − weights(count + j))``, and
+    ``count`` grows by ``m``, so decays, half-lives and warmups keep counting steps
+    (an EMA with decay ``d`` moves by ``1 − d^m``). When steps come one at a time this
+    is exactly "every ``every``-th step from ``start``".
 
     Example:
         >>> w = SWAWeights()
@@ -247,15 +267,43 @@ def next_update(state: AveragerState[Any], cadence: Cadence, weights: Weights, *
         ...     steps.append("copy" if u.weight == 1 else "-" if u.weight is None else round(u.weight, 2))
         >>> steps  # steps 1..8
         ['copy', 'copy', 'copy', '-', 0.5, '-', 0.33, '-']
+        >>> from polyak import make_schedule
+        >>> u = next_update(AveragerState(step=4, count=1), Cadence(0, 1), EMAWeights(make_schedule(0.9)), step=7)
+        >>> u.count, round(u.weight, 6)  # steps 5, 6, 7 at once: 1 - 0.9**3
+        (4, 0.271)
     """
     now = state.step + 1 if step is None else whole_number(step, "step", 0)
     start = cadence.start
     if start is None or now < start:
         return Update(now, state.count, 1.0)
-    grid = start + (now - start) // cadence.every * cadence.every  # the last due step ≤ now
+    every = cadence.every
+    grid = start + (now - start) // every * every  # the last due step ≤ now
     if grid != now and grid <= state.step:  # off the grid and its due step was already seen
         return Update(now, state.count, None)
-    return Update(now, state.count + 1, weights(state.count))
+    # Due steps in (state.step, now]; a repeated or backward step on the grid counts once.
+    covered = max(1, (grid - cadence.next_due(max(state.step, start - 1))) // every + 1)
+    return Update(now, state.count + covered, combined_weight(weights, state.count, covered))
+
+
+def combined_weight(weights: Weights, count: int, covered: int) -> float:
+    """The lerp weight of ``covered`` updates with the same current value, the first after ``count``.
+
+    ``1 − Π_{j<covered} (1 − weights(count + j))``: the average keeps the product of
+    what each update keeps. For one update, ``weights(count)``.
+
+    Example:
+        >>> w = SWAWeights()  # a mean: 2 more samples after 3 weigh 2/5
+        >>> round(combined_weight(w, 3, 2), 12), combined_weight(w, 0, 5)
+        (0.4, 1.0)
+    """
+    if covered == 1:
+        return weights(count)
+    keep = 1.0
+    for j in range(covered):
+        keep *= 1.0 - weights(count + j)
+        if keep == 0.0:  # a copy: nothing of the old average is left
+            break
+    return 1.0 - keep
 
 
 class AveragerOps(Protocol[L_in, A]):
@@ -292,7 +340,7 @@ class AveragerOps(Protocol[L_in, A]):
         ...
 
     def to_numpy(self, value: A) -> Any:
-        """A numpy array of one average (for plain-data state)."""
+        """A numpy array of one average (for plain-data state): a copy, which later updates leave alone."""
         ...
 
     def from_numpy(self, array: Any, like: A) -> A:

@@ -221,7 +221,7 @@ class TorchOps:
     def to_numpy(self, value: torch.Tensor) -> np.ndarray:
         import torch
 
-        t = value.detach().cpu()
+        t = value.detach().to("cpu", copy=True)  # a copy: the average is updated in place
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: through float32, exactly
             import ml_dtypes
 

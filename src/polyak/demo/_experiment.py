@@ -26,6 +26,7 @@ from .._choose.sweep import sweep
 from .._engine.posthoc import PosthocFitWarning
 from .._errors import ConfigError
 from .._posthoc import DEFAULT_SIGMA_RELS, is_snapshot_name
+from ._backend import use_keras_backend
 from ._data import load_blobs
 from ._model import Evaluator
 from ._train import PosthocCapture, Recipe, steps_per_epoch, train_keras, train_torch
@@ -226,7 +227,8 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
         A JSON-ready dict: ``final`` (the last epoch's model, with train accuracy),
         ``single`` (each member, oldest → newest), ``averages`` (scheme → metrics of the
         newest n for n = 1..members), ``chosen`` (choices made on validation), ``files``,
-        ``epochs`` (zero-based epoch of each member) and ``seconds`` (timings); with
+        ``epochs`` (zero-based epoch of each member), ``backend`` (Keras: the backend's
+        ``name`` and the ``reason`` it was chosen) and ``seconds`` (timings); with
         ``config.posthoc`` also ``posthoc`` (see :func:`posthoc_members`).
     """
     recipe = config.recipe
@@ -234,6 +236,10 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
     directory = Path(directory)
     prepare_checkpoint_dir(directory)
     t0 = time.perf_counter()
+    backend = None
+    if config.framework == "keras":
+        choice = use_keras_backend()
+        backend = {"name": choice.name, "reason": choice.reason}
     train = train_keras if config.framework == "keras" else train_torch
     capture = None
     if config.posthoc:
@@ -260,6 +266,7 @@ def run_repetition(config: DemoConfig, *, seed: int, directory: Path, quiet: boo
         "single": single,
         "averages": averages,
         "chosen": chosen,
+        **({"backend": backend} if backend else {}),
         "seconds": {"train": t1 - t0, "sweep": t2 - t1, **({"posthoc": extra.pop("seconds_posthoc")} if extra else {})},
         **extra,
     }

@@ -17,12 +17,14 @@ from typing import Any
 
 from .._errors import ConfigError
 from .._progress import Progress
+from ._backend import use_keras_backend
 from ._experiment import DemoConfig, run_repetition
 from ._show import (
     figure_posthoc,
     figure_repeats,
     figure_scheme,
     file_stem,
+    framework_label,
     posthoc_text,
     repetition_text,
     summary_text,
@@ -47,7 +49,8 @@ def run_repetitions(config: DemoConfig, seeds: list[int], out: Path, *, jobs: in
             results[s] = _one(config, s, dirs[s])
             bar.update()
     else:
-        os.environ.setdefault("KERAS_BACKEND", "torch")  # the workers inherit it
+        if config.framework == "keras":
+            use_keras_backend()  # sets KERAS_BACKEND: the workers inherit it
         ctx = multiprocessing.get_context("spawn")  # no fork after a framework started threads
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures = {pool.submit(_one, config, s, dirs[s]): s for s in seeds}
@@ -122,7 +125,7 @@ def run_demo(
             f"files: {out}/ — results.json, {len(figures)} figures ({', '.join(p.name for p in figures)}), "
             f"{len(rep['files'])} checkpoints (checkpoints/{first} … {last})"
             + (f", {rep['posthoc']['snapshots']} post-hoc EMA snapshots (checkpoints/posthoc/)" if "posthoc" in rep else "")
-            + f" [{time.perf_counter() - t0:.1f} s]"
+            + f" [{framework_label(rep, reason=False)}, {time.perf_counter() - t0:.1f} s]"
         )
         return data
     seeds = list(range(seed, seed + repeats))
@@ -133,10 +136,11 @@ def run_demo(
     write_json(out / "repeats.json", data)
     figure_repeats(reps, summary, out / "repeats.png")
     if not quiet:
-        echo(summary_text(summary, framework=config.framework))
+        echo(summary_text(summary, framework=framework_label(reps[0])))
         echo("")
     echo(
         f"files: {out}/ — repeats.json, repeats.png, checkpoints/seed_<seed>/ for seeds {seeds[0]}..{seeds[-1]}"
-        f" [{time.perf_counter() - t0:.1f} s, {workers} process{'es' if workers > 1 else ''}]"
+        f" [{framework_label(reps[0], reason=False)}, {time.perf_counter() - t0:.1f} s, "
+        f"{workers} process{'es' if workers > 1 else ''}]"
     )
     return data

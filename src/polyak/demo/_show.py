@@ -16,10 +16,19 @@ from typing import Any
 from .._atomic import atomic_write_bytes
 from .._choose.report import sigma_axis
 
-__all__ = ["figure_posthoc", "figure_repeats", "figure_scheme", "posthoc_text", "repetition_text", "summary_text",
-           "write_json"]
+__all__ = ["figure_posthoc", "figure_repeats", "figure_scheme", "framework_label", "posthoc_text", "repetition_text",
+           "summary_text", "write_json"]
 
 Rep = dict[str, Any]
+
+
+def framework_label(rep: Rep, *, reason: bool = True) -> str:
+    """``"torch"``, or the Keras backend that ran: ``"keras on jax (set by KERAS_BACKEND)"``."""
+    backend = rep.get("backend")
+    if not backend:
+        return str(rep["config"]["framework"])
+    text = f"{rep['config']['framework']} on {backend['name']}"
+    return f"{text} ({backend['reason']})" if reason else text
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -45,7 +54,7 @@ def repetition_text(rep: Rep) -> str:
     m = len(epochs)
     labels = list(rep["averages"])
     lines = [
-        f"{cfg['framework']}, seed {rep['seed']}: {cfg['recipe']['epochs']} epochs, members = the models after "
+        f"{framework_label(rep)}, seed {rep['seed']}: {cfg['recipe']['epochs']} epochs, members = the models after "
         f"epochs {epochs[0]}..{epochs[-1]} (zero-based, as the tutorial)",
         f"final model (epoch {epochs[-1]}): train={rep['final']['train']:.3f}, held-out={rep['final']['holdout']:.3f}"
         "   (tutorial: ~0.86 and ~0.81)",
@@ -235,5 +244,5 @@ def figure_repeats(reps: Sequence[Rep], summary: dict[str, Any], path: Path) -> 
         ax.set_title(title, fontsize="medium")
         ax.tick_params(axis="y", labelsize="small")
     right.set_xlabel("accuracy (dots: runs; bars: mean ± std)")
-    fig.suptitle(f"{summary['runs']} runs, {reps[0]['config']['framework']}")
+    fig.suptitle(f"{summary['runs']} runs, {framework_label(reps[0], reason=False)}")
     return _save_png(fig, path)

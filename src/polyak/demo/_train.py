@@ -30,7 +30,6 @@ The random streams differ (Keras draws from its backend's generator), so the sam
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .._progress import Progress
+from ._backend import use_keras_backend
 from ._data import Blobs, one_hot
 
 __all__ = ["PosthocCapture", "Recipe", "steps_per_epoch", "train_keras", "train_torch"]
@@ -237,6 +237,9 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
                 posthoc: PosthocCapture | None = None) -> list[Path]:
     """Train with Keras in one ``fit`` call; save the last ``recipe.members`` epochs as ``.keras``.
 
+    Keras runs on the backend :func:`polyak.demo._backend.use_keras_backend` picks (the
+    user's ``KERAS_BACKEND`` or ``keras.json``, else torch or another installed one).
+
     Args:
         data: The splits; trains on ``data.x_train``.
         recipe: The training recipe.
@@ -249,7 +252,7 @@ def train_keras(data: Blobs, recipe: Recipe, *, seed: int, directory: Path, quie
     Returns:
         The member files, oldest → newest.
     """
-    os.environ.setdefault("KERAS_BACKEND", "torch")
+    use_keras_backend()
     import keras
 
     from ..keras import CheckpointCallback

@@ -24,33 +24,41 @@ __all__ = ["EMACallback"]
 class EMACallback(keras.callbacks.Callback):
     """Keep an exponential moving average (EMA) of the model's weights during ``fit``.
 
-    After optimizer steps (counted by ``optimizer.iterations``, so ``steps_per_execution``
-    is honoured) the average is updated as ``average ← d · average + (1 − d) · weights``,
-    with ``d`` from :func:`polyak.make_schedule` (the same schedules as ``polyak.torch``):
-    the first averaged update copies the weights, later ones use the constant ``decay``
-    (or ``half_life``), with an optional ``"timm"`` / ``"tf"`` warmup. Steps are counted
-    as in ``polyak.torch.EMA`` (one core, :mod:`polyak._online`): before the start step
-    the average follows the weights (a copy); the first optimizer step of epoch
+    After optimizer steps (``optimizer.iterations``) the average is updated as
+    ``average ← d · average + (1 − d) · weights``, with ``d`` from
+    :func:`polyak.make_schedule` (the same schedules as ``polyak.torch``): the first
+    averaged update copies the weights, later ones use the constant ``decay`` (or
+    ``half_life``), with an optional ``"timm"`` / ``"tf"`` warmup. Steps are counted as in
+    ``polyak.torch.EMA`` (one core, :mod:`polyak._online`): before the start step the
+    average follows the weights (a copy); the first optimizer step of epoch
     ``start_epoch`` is the start step, and the steps ``start``, ``start + every``, ...
-    are averaged, also in later ``fit`` calls (a step that jumps over one of them, with
-    ``steps_per_execution``, stands in for it). Validation inside ``fit`` (and ``predict``
-    called from other callbacks during ``fit``) runs on the average: it is swapped in at
-    ``on_test_begin`` / ``on_predict_begin`` and the raw weights are put back at the
-    matching ``*_end``, so training continues from the raw weights. After ``fit`` the model
+    are averaged, also in later ``fit`` calls. With ``steps_per_execution=k`` the callback
+    sees the weights once per k optimizer steps; an update then stands in for every due
+    step it covers (an EMA moves by ``1 − d^m`` for m steps), so ``decay``, ``half_life``
+    and warmups mean optimizer steps whatever ``k`` is. Between updates a batch costs a
+    counter: the model and ``optimizer.iterations`` are read only when an update is due
+    (on JAX, reading the model attaches the trained state to it).
+
+    Validation inside ``fit`` (and ``predict`` called from other callbacks during
+    ``fit``) runs on the average: it is swapped in at ``on_test_begin`` /
+    ``on_predict_begin`` and the raw weights are put back at the matching ``*_end``, so
+    training continues from the raw weights. After ``fit`` the model
     keeps its raw weights unless ``apply_at_end=True``; the average is available from
     :meth:`average_weights`, :meth:`average_state` and :meth:`save`. Passing the callback
     to ``model.evaluate(..., callbacks=[ema])`` or ``predict`` evaluates the average.
 
-    Averages of bfloat16/float16 variables are kept in float32 on every backend. On the
-    torch backend updates run as grouped multi-tensor ``torch._foreach_lerp_`` calls over
-    the variables' own tensors (the kernels of ``polyak.torch``); on other backends through
-    ``keras.ops``.
+    Averages of bfloat16/float16 variables are kept in float32 on every backend. An
+    update is one call over all variables (:func:`polyak.keras._ops.backend_ops`): grouped
+    ``torch._foreach_lerp_`` over the variables' own tensors on torch (the kernels of
+    ``polyak.torch``), one jitted XLA computation with the averages' buffers donated on
+    JAX, one XLA-compiled ``tf.function`` over ``tf.Variable`` averages on TensorFlow.
 
     Differences from the optimizer's ``use_ema=True``: that one averages trainable weights
     only, overwrites the model's weights with the average at the end of ``fit``, has no
     warmup or half-life, and evaluates raw weights during ``fit``. With
     ``decay=m, include_non_trainable=False, apply_at_end=True`` this callback reproduces
-    it (same first-copy and constant-momentum rule).
+    it (same first-copy and constant-momentum rule), also with ``steps_per_execution``
+    on JAX and TensorFlow as far as the callback sees the weights (once per execution).
 
     Args:
         decay: Decay per update once warm, in ``[0, 1)``. Give this, ``half_life`` or ``sigma_rel``.
@@ -97,6 +105,12 @@ class EMACallback(keras.callbacks.Callback):
         self._core: OnlineAverage[Any, Any] = OnlineAverage(
             EMAWeights(schedule), Cadence(None, schedule.every), backend_ops())
         self._epoch = 0
+        # Optimizer steps counted without reading the model: the last value read from
+        # optimizer.iterations plus each batch's steps (from the batch indices Keras gives,
+        # which advance by steps_per_execution); the step of the next due update.
+        self._seen = 0
+        self._last_batch = -1
+        self._due = 0
         self._vars: list[Any] = []  # averaged variables (floats), in the order of the state
         self._names: list[str] = []
         self._backup: list[Any] | None = None
@@ -121,7 +135,8 @@ class EMACallback(keras.callbacks.Callback):
 
     @property
     def count(self) -> int:
-        """Averaging updates applied (0: the average still follows the weights)."""
+        """Due optimizer steps averaged (0: the average still follows the weights); with
+        ``steps_per_execution`` an update counts every due step it stands in for."""
         return self._core.state.count
 
     @property
@@ -167,20 +182,54 @@ class EMACallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch = epoch
+        self._last_batch = -1
+        self._seen = self._iterations()  # the state is attached at an epoch's start: no sync
+        cadence = self._core.cadence
+        if cadence.start is None and epoch >= self.start_epoch:
+            # The epoch's first optimizer step, also inside a steps_per_execution block.
+            self._core.cadence = Cadence(self._seen + 1, cadence.every)
+        self._due = self._core.cadence.next_due(self._core.state.step)
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        self.update(step=int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+        # A counter between updates: touching the model would sync every variable on JAX.
+        self._seen += max(1, batch - self._last_batch)
+        self._last_batch = batch
+        if self._seen >= self._due:
+            self._update_at_optimizer_step()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        # Catch up with the true step (the state is attached again at an epoch's end), so
+        # that last_step and a saved state are exact; an update that is due still happens.
+        self._update_at_optimizer_step()
+
+    def _iterations(self) -> int:
+        return int(keras.ops.convert_to_numpy(self._synced_model().optimizer.iterations))
+
+    def _synced_model(self) -> Any:
+        """The model with its current weights: on JAX, Keras keeps the trained state apart
+        from the variables during an epoch and ``Callback.model`` attaches it."""
+        return self.model
+
+    def _update_at_optimizer_step(self) -> None:
+        """An update is due by the count: read the true step and update for it."""
+        now = self._iterations()
+        self._seen = now
+        if now != self._core.state.step:  # the same step again: the weights did not move
+            self.update(step=now)
+        self._due = self._core.cadence.next_due(self._core.state.step)
 
     def update(self, *, step: int | None = None) -> None:
         """Fold the model's current weights into the average (called after each optimizer step).
 
         Args:
             step: The optimizer step just completed (default: one more than the last).
-                Before the start step the average follows the weights (copy); the first
-                step seen in epoch ``start_epoch`` or later fixes the start step, which
-                is averaged (a copy); then the steps ``start + k·every`` (a step that
-                jumps over one of them, as with ``steps_per_execution``, stands in for it).
+                Before the start step the average follows the weights (copy). The start
+                step (averaged: a copy) is fixed when epoch ``start_epoch`` begins in
+                ``fit``, else by the first step seen in that epoch or later; then the steps
+                ``start + k·every`` are averaged (a step that jumps over some of them, as
+                with ``steps_per_execution``, stands in for all).
         """
+        self._synced_model()
         if not self._core.state.tensors:
             self._collect()
             self._start_averages()
@@ -193,6 +242,7 @@ class EMACallback(keras.callbacks.Callback):
     def _swap_in(self) -> None:
         if self._swapped or not self._core.state.tensors:
             return
+        self._synced_model()
         self._backup = self._core.ops.backup(self._vars, self._backup)
         self._core.ops.assign(self._vars, self._core.averages())
         self._swapped = True

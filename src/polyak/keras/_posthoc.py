@@ -58,7 +58,8 @@ class PostHocEMACallback(keras.callbacks.Callback):
     floating ones too with ``include_non_trainable``), the others (BatchNorm statistics by
     default, integer variables) copied from the model at the snapshot. Averages of
     bfloat16/float16 variables are kept and stored in float32. Works on every Keras backend
-    (torch: grouped ``torch._foreach_lerp_``; JAX and TensorFlow through ``keras.ops``).
+    with the same one-call update as :class:`EMACallback` (torch: grouped
+    ``torch._foreach_lerp_``; JAX: one jitted, donated update; TensorFlow: one ``tf.function``).
 
     Args:
         folder: Where the snapshots go (created if missing). Keep one run per folder.

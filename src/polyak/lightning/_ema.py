@@ -160,6 +160,12 @@ class EMACallback(pl.Callback):
             raise FormatError(f"{trainer.ckpt_path}: the EMA state is incomplete: no {missing}; was it saved by an "
                               "EMACallback with another name=?")
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resumed without an EMA state: the average starts from the restored weights at the
+        # resumed step, so the steps before it do not count as updates (warmups start here).
+        if self.ema is not None and self.ema.state.step == self.ema.state.count == 0 and trainer.global_step > 0:
+            self.ema.state.step = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         # global_step counts optimizer steps: under gradient accumulation it moves only on

@@ -139,8 +139,8 @@ class _Averager:
             step: The training step just completed (default: one more than the last).
                 Before ``start`` the average follows the weights (copy); from ``start`` on,
                 the steps ``start``, ``start + every``, ... are averaged and the first such
-                update copies. A ``step=`` that jumps over one of those steps averages in
-                its place.
+                update copies. A ``step=`` that jumps over some of those steps stands in
+                for all of them (weighing as that many updates: decays stay in steps).
         """
         self._core.update(lambda: self._current(module), step=step)
 

@@ -144,6 +144,7 @@ class EMACallback(transformers.TrainerCallback):
             warnings.warn(f"resuming at step {state.global_step}, but {path} does not exist: the EMA starts again from "
                           "the restored weights; pass EMACallback(resume_from=<checkpoint folder>) if the checkpoint "
                           "is elsewhere", UserWarning, stacklevel=2)
+            self.ema.state.step = state.global_step  # the average starts here: earlier steps are not updates
             return
         self.ema.load_state_dict(path)
         if self.ema.state.step != state.global_step:
