@@ -45,6 +45,16 @@ def test_every_public_module_has_a_reference_page():
     assert faces <= documented, f"add a reference page for {sorted(faces - documented)}"
 
 
+def test_every_public_name_is_documented():
+    """Summary, Args, Returns, Raises and an Example for every public name (tools/audit_docstrings.py)."""
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("audit_docstrings", ROOT / "tools" / "audit_docstrings.py")
+    audit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(audit)  # type: ignore[union-attr]
+    gaps = audit.audit(ROOT)
+    assert not gaps, "docstring gaps (python tools/audit_docstrings.py):\n" + "\n".join(gaps)
+
+
 def test_cli_reference_has_every_subcommand():
     from polyak.cli import build_parser
 

@@ -47,7 +47,11 @@ SCHEDULES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class DecaySchedule:
-    """A named EMA decay schedule (plain data).
+    """A named EMA decay schedule (plain data): the decay of each update, saved with an averager's state.
+
+    Build one with :func:`polyak.make_schedule`, which validates it; call it with the number
+    of updates already applied to get the next update's decay. The EMA averagers
+    (``polyak.torch.EMA``, ``polyak.keras.EMACallback``) take one as ``schedule=``.
 
     Attributes:
         name: One of ``constant``, ``warmup``, ``tf_warmup``, ``half_life``, ``power``.
@@ -62,6 +66,17 @@ class DecaySchedule:
         sigma_rel: For ``power``: the width of the averaging profile relative to the
             number of updates so far (0.05 and 0.10 in EDM2).
         gamma: For ``power``: the exponent ``γ`` that ``sigma_rel`` implies.
+
+    Example:
+        >>> import polyak
+        >>> s = polyak.make_schedule(half_life=100)
+        >>> s.name, round(s.decay, 6), round(s.window, 1), s(0), s(5) == s.decay
+        ('half_life', 0.993092, 144.8, 0.0, True)
+        >>> polyak.DecaySchedule.from_dict(s.to_dict()) == s  # as saved in a state file
+        True
+        >>> w = polyak.make_schedule(0.999, warmup="timm")
+        >>> [round(w(n), 4) for n in (0, 1, 10, 100_000)]  # the decay grows to 0.999
+        [0.0, 0.37, 0.7978, 0.999]
     """
 
     name: str
@@ -125,7 +140,11 @@ class DecaySchedule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DecaySchedule:
-        """Rebuild a schedule saved with :meth:`to_dict`."""
+        """Rebuild a schedule saved with :meth:`to_dict`, validated as :func:`make_schedule` does.
+
+        Raises:
+            ConfigError: An unknown field or schedule name, or a value out of range.
+        """
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

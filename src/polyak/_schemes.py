@@ -319,15 +319,42 @@ register_scheme(Scheme(
 
 
 def scheme_names() -> list[str]:
-    """The registered scheme names, in registry order."""
+    """The names of the registered weighting schemes: what ``scheme=`` and ``--scheme`` accept.
+
+    Returns:
+        The names in registry order (the built-in ``equal``, ``linear``, ``exponential``
+        and ``custom`` first, then any added with ``polyak._schemes.register_scheme``).
+
+    Example:
+        >>> import polyak
+        >>> polyak.scheme_names()
+        ['equal', 'linear', 'exponential', 'custom']
+    """
     return list(SCHEMES)
 
 
 def get_scheme(name: str) -> Scheme:
-    """Look a scheme up by name.
+    """Look a weighting scheme up by name: its formula, parameters and weights.
+
+    Args:
+        name: A registered scheme name (see :func:`polyak.scheme_names`).
+
+    Returns:
+        The registered ``Scheme``: its ``name``, ``summary``, ``formula``, ``reference``,
+        its parameters (``parameters``, ``resolve()`` to validate and fill in defaults) and
+        ``weights(n, **params)``, the normalised weights of the newest ``n`` members,
+        oldest → newest.
 
     Raises:
         SchemeError: The name is not registered; the message lists the valid names.
+
+    Example:
+        >>> import polyak
+        >>> s = polyak.get_scheme("exponential")
+        >>> s.formula, s.parameters, s.resolve()
+        ('exp(-(j + 1) / alpha)', ('alpha',), {'alpha': 2.0})
+        >>> s.weights(3, **s.resolve()).round(3).tolist()
+        [0.186, 0.307, 0.506]
     """
     try:
         return SCHEMES[name]

@@ -55,7 +55,10 @@ class AveragingWarning(PolyakWarning):
 
 @dataclass
 class Diagnosis:
-    """What :func:`diagnose` found.
+    """What :func:`polyak.diagnose` measured: how far apart the members are, and what looks unsafe.
+
+    Prints as a table (one line per member: relative distance, lowest cosine), then the
+    issues or "no problems found".
 
     Attributes:
         members: Member labels, oldest → newest.
@@ -63,6 +66,19 @@ class Diagnosis:
         cosine: Pairwise cosine similarity of the flattened floating weights (N × N).
         norms: Each member's L2 norm over all floating tensors.
         issues: Human-readable problems (each also given as an :class:`AveragingWarning`).
+
+    Example:
+        >>> import numpy as np, polyak
+        >>> run = [{"w": np.array([1.0, 1.0])}, {"w": np.array([1.0, 1.1])}, {"w": np.array([1.1, 1.1])}]
+        >>> d = polyak.diagnose(run, warn=False)
+        >>> d.ok, [round(x, 3) for x in d.distance], round(d.cosine[0][2], 4)
+        (True, [0.05, 0.032, 0.05], 1.0)
+        >>> print(d)  # doctest: +NORMALIZE_WHITESPACE
+        member                                  rel. distance   min cosine
+        member 0                                      0.05019     0.998868
+        member 1                                      0.03174     0.998868
+        member 2                                      0.05019     0.998868
+        no problems found
     """
 
     members: list[str]
@@ -73,9 +89,12 @@ class Diagnosis:
 
     @property
     def ok(self) -> bool:
+        """Whether no issue was found."""
         return not self.issues
 
     def to_dict(self) -> dict[str, Any]:
+        """The diagnosis as a JSON-able dict (``members``, ``distance``, ``cosine``, ``norms``,
+        ``issues``), as ``polyak sweep --out`` stores it in ``results.json``."""
         return {"members": self.members, "distance": self.distance, "cosine": self.cosine,
                 "norms": self.norms, "issues": self.issues}
 
@@ -105,6 +124,19 @@ def check_results(results: SweepResults, metric: str, *, split: str | None = Non
 
     Returns:
         One message per flagged (scheme, n), worst first; empty when all is well.
+
+    Raises:
+        ConfigError: ``metric`` or ``split`` is not in the results, or ``mode`` is neither
+            ``"max"`` nor ``"min"``.
+
+    Example:
+        >>> import polyak
+        >>> from polyak import SweepResults, SweepRow
+        >>> rows = [SweepRow("single", 1, {"eval": {"acc": 0.80}}, member="b"),
+        ...         SweepRow("single", 2, {"eval": {"acc": 0.78}}, member="a"),
+        ...         SweepRow("average", 2, {"eval": {"acc": 0.40}}, scheme="equal")]
+        >>> polyak.check_results(SweepResults(rows, ["a", "b"]), "acc")
+        ["the equal average of the newest 2 members has eval acc 0.4, 49% worse than its members' (same-weighted) mean 0.79: the members may not share a basin (different runs, or too far apart); use fewer members"]
     """
     sign = mode_sign(mode if mode is not None else default_mode(metric))
     split = split or results.splits[0]
@@ -171,7 +203,14 @@ def diagnose(
         A :class:`Diagnosis`.
 
     Raises:
+        ConfigError: Invalid options (an unknown ``order``, a ``last`` below 1...), or a
+            ``metric``/``split`` not in ``results``.
+        FormatError: An unreadable, corrupt or unsafe member.
+        MismatchError: Members disagree on names, shapes or dtypes (all listed at once).
         NonFiniteError: A member holds NaN/Inf in a floating tensor (named, with the member).
+
+    Warns:
+        AveragingWarning: For each issue, when ``warn`` is true.
 
     Example:
         >>> import numpy as np, polyak

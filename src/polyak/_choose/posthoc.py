@@ -76,10 +76,32 @@ def posthoc_sweep(
         PosthocFitWarning: Once, when some widths are expressed poorly.
 
     Example:
-        >>> import polyak  # doctest: +SKIP
-        >>> res = polyak.posthoc_sweep("run/posthoc", evaluate, [0.03, 0.05, 0.08, 0.1, 0.15])  # doctest: +SKIP
-        >>> print(polyak.select(res, "accuracy"))  # doctest: +SKIP
-        chose posthoc(sigma_rel=0.08) on validation accuracy 0.912; test accuracy 0.905
+        >>> import tempfile, torch, polyak
+        >>> from polyak.torch import PostHocEMA
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> folder = tempfile.mkdtemp()
+        >>> phema = PostHocEMA(model, folder, every=5)  # tracks sigma_rel 0.05 and 0.10
+        >>> with torch.no_grad():
+        ...     for step in range(1, 21):  # training: the weight is the step number
+        ...         _ = model.weight.fill_(step)
+        ...         phema.update()
+        >>> def evaluate(state):  # the best weight is 18.5 on validation data, 18.6 on test data
+        ...     w = float(state["weight"][0, 0])
+        ...     return {"validation": {"err": abs(w - 18.5)}, "test": {"err": abs(w - 18.6)}}
+        >>> res = polyak.posthoc_sweep(folder, evaluate, [0.05, 0.06, 0.07, 0.08, 0.09, 0.10])
+        >>> print(res.table("err", mode="min", color=False))
+        post-hoc EMA at step 20 from 8 snapshots: err (lower is better; * best per column; T = a tracked snapshot itself)
+        sigma_rel  residual  validation       test
+           0.05 T               0.8718     0.7718
+           0.05     0.0e+00     0.8718     0.7718
+           0.06     2.9e-02     0.6164     0.5164
+           0.07     3.6e-02     0.3869     0.2869
+           0.08     3.1e-02     0.1671     0.0671*
+           0.09     1.8e-02     0.0510*    0.1510
+            0.1 T               0.2709     0.3709
+            0.1     0.0e+00     0.2709     0.3709
+        >>> print(polyak.select(res, "err"))  # chosen on validation, reported on test
+        chose posthoc(sigma_rel=0.09) on validation err 0.05097; test err 0.151
     """
     t0 = time.perf_counter()
     snaps = read_folder(folder)

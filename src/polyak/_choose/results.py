@@ -36,7 +36,7 @@ KINDS = ("average", "single", "prediction_ensemble", "posthoc", "tracked")
 
 @dataclass(frozen=True)
 class SweepRow:
-    """One evaluated model.
+    """One evaluated model of a sweep: what it was (kind, n, scheme...) and its metrics per split.
 
     Attributes:
         kind: ``"average"``, ``"single"``, ``"prediction_ensemble"``, ``"posthoc"`` or
@@ -51,6 +51,12 @@ class SweepRow:
         metrics: ``{split: {metric: value}}``.
         seconds: Time spent in evaluate (and predict/score) for this row.
         sigma_rel: The EMA width of a post-hoc or tracked row (``None`` otherwise).
+
+    Example:
+        >>> from polyak import SweepRow
+        >>> row = SweepRow("average", 3, {"validation": {"acc": 0.8}}, scheme="exponential", alpha=2.0)
+        >>> row.name, row.value("acc", "validation"), row.value("acc", "test")
+        ('exponential(alpha=2)', 0.8, nan)
     """
 
     kind: str
@@ -79,6 +85,7 @@ class SweepRow:
         return float(self.metrics.get(split, {}).get(metric, math.nan))
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as a JSON-able dict (its fields; ``sigma_rel`` only when set)."""
         out = {
             "kind": self.kind,
             "n": self.n,
@@ -95,7 +102,11 @@ class SweepRow:
 
 @dataclass
 class SweepResults:
-    """Everything a :func:`polyak.sweep` measured.
+    """Everything a :func:`polyak.sweep` measured: one row per evaluated model, with readers and reports.
+
+    Choose from it with :func:`polyak.select` (on validation data, reported on test
+    data); print :meth:`table`, save :meth:`to_json`/:meth:`to_csv` (read back with
+    :meth:`from_dict`), draw :meth:`plot`.
 
     Attributes:
         rows: One :class:`SweepRow` per evaluated model, in evaluation order.
@@ -104,6 +115,24 @@ class SweepResults:
         alphas: The exponential decay rates swept.
         seconds: Total wall time of the sweep.
         notes: Diagnostic messages gathered while sweeping.
+
+    Example:
+        >>> import numpy as np, polyak
+        >>> members = [{"w": np.array([float(i)])} for i in range(4)]  # the newest is w = 3
+        >>> evaluate = lambda state: {"validation": {"err": abs(float(state["w"][0]) - 2.0)}}
+        >>> res = polyak.sweep(members, evaluate, schemes=["equal", "linear"])
+        >>> res
+        <SweepResults: 4 members, 12 rows, splits ['validation']>
+        >>> print(res.table("err", mode="min", color=False))
+        validation err (lower is better; * best per column)
+           n    single     equal    linear
+           1   1.0000    1.0000    1.0000
+           2   0.0000*   0.5000    0.6667
+           3   1.0000    0.0000*   0.3333
+           4   2.0000    0.5000    0.0000*
+        >>> best = res.best("err", "validation", mode="min")
+        >>> best.name, best.n, res.curves()
+        ('equal', 3, [('equal', None), ('linear', None)])
     """
 
     rows: list[SweepRow]
@@ -133,7 +162,12 @@ class SweepResults:
         return list(seen)
 
     def check_metric(self, metric: str, split: str) -> None:
-        """Raise a :class:`ConfigError` naming what exists when ``metric``/``split`` does not."""
+        """Check that the results hold ``metric`` on ``split``.
+
+        Raises:
+            ConfigError: They do not; the message names the splits, or the metrics of
+                ``split``, that exist.
+        """
         if split not in self.splits:
             raise ConfigError(
                 f"no split {split!r} in the results; they have {self.splits}. Return "
@@ -164,7 +198,18 @@ class SweepResults:
         return list(seen)
 
     def best(self, metric: str, split: str, *, mode: str = "max", kinds: Sequence[str] = ("average",)) -> SweepRow:
-        """The row with the best ``metric`` on ``split`` (ties: the smallest n, then sweep order)."""
+        """The row with the best ``metric`` on ``split`` (ties: the smallest n, then sweep order).
+
+        Args:
+            metric: The metric to compare.
+            split: The split to compare it on.
+            mode: ``"max"`` (higher is better) or ``"min"``.
+            kinds: Which kinds of rows compete (default: averages only).
+
+        Raises:
+            ConfigError: ``metric`` is not on ``split``, ``mode`` is neither ``"max"`` nor
+                ``"min"``, or no row of ``kinds`` has the metric.
+        """
         self.check_metric(metric, split)
         sign = mode_sign(mode)
         rows = [r for r in self.rows if r.kind in kinds and not math.isnan(r.value(metric, split))]
@@ -173,6 +218,8 @@ class SweepResults:
         return max(rows, key=lambda r: (sign * r.value(metric, split), -r.n))
 
     def to_dict(self) -> dict[str, Any]:
+        """The results as a JSON-able dict (``members``, ``schemes``, ``alphas``, ``seconds``,
+        ``notes``, ``rows``); :meth:`from_dict` reads it back."""
         return {
             "members": list(self.members),
             "schemes": list(self.schemes),
@@ -233,14 +280,29 @@ class SweepResults:
 
 @dataclass
 class PosthocSweepResults(SweepResults):
-    """What :func:`polyak.posthoc_sweep` measured: rows of kind ``"posthoc"`` (one per
-    rebuilt width) and ``"tracked"`` (the stored snapshots themselves), with the fits.
+    """What :func:`polyak.posthoc_sweep` measured: one row per rebuilt EMA width, and the fits.
+
+    Rows are of kind ``"posthoc"`` (one per rebuilt width) and ``"tracked"`` (the stored
+    snapshots themselves), each with its ``sigma_rel``. :func:`polyak.select` chooses
+    among them; :meth:`table` has one line per width.
 
     Attributes:
         step: The training step the EMAs were rebuilt at.
         tracked: The tracked widths (those the snapshots hold).
         fits: Per rebuilt width: ``{"sigma_rel", "gamma", "t", "residual", "raw_sum",
             "coefficients"}`` (one signed coefficient per member, oldest → newest).
+
+    Example:
+        >>> from polyak import PosthocSweepResults, SweepRow, select
+        >>> rows = [SweepRow("posthoc", 4, {"validation": {"acc": v}, "test": {"acc": t}}, sigma_rel=s)
+        ...         for s, v, t in [(0.05, 0.80, 0.79), (0.08, 0.83, 0.81), (0.12, 0.82, 0.82)]]
+        >>> res = PosthocSweepResults(rows, ["a", "b", "c", "d"], step=400, tracked=(0.05, 0.10))
+        >>> print(select(res, "acc"))
+        chose posthoc(sigma_rel=0.08) on validation acc 0.83; test acc 0.81
+        >>> PosthocSweepResults.from_dict(res.to_dict()) == res
+        True
+
+        :func:`polyak.posthoc_sweep` shows a sweep of real snapshots.
     """
 
     step: int = 0
@@ -255,6 +317,7 @@ class PosthocSweepResults(SweepResults):
         return math.nan
 
     def to_dict(self) -> dict[str, Any]:
+        """As :meth:`SweepResults.to_dict`, plus ``"posthoc"``: ``step``, ``tracked`` and ``fits``."""
         data = super().to_dict()
         data["posthoc"] = {"step": self.step, "tracked": list(self.tracked), "fits": list(self.fits)}
         return data

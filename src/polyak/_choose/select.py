@@ -38,7 +38,9 @@ class SelectionBiasWarning(PolyakWarning):
 
 @dataclass(frozen=True)
 class Selection:
-    """The average chosen on one split, with its score on another.
+    """The model :func:`polyak.select` chose on one split, with its score on another.
+
+    Prints as one line (``chose equal, n=2 on validation acc 0.75; test acc 0.72``).
 
     Attributes:
         row: The chosen :class:`SweepRow` (scheme, n, alpha, all its metrics).
@@ -49,6 +51,14 @@ class Selection:
         selected: The chosen row's ``metric`` on ``on``.
         reported: The chosen row's ``metric`` on ``report`` — the number to publish.
         last_checkpoint: The newest member alone on ``report`` (NaN when not measured).
+
+    Example:
+        >>> from polyak import SweepResults, SweepRow, select
+        >>> rows = [SweepRow("average", n, {"validation": {"acc": v}, "test": {"acc": t}}, scheme="equal")
+        ...         for n, v, t in [(1, 0.70, 0.71), (2, 0.75, 0.72), (3, 0.74, 0.76)]]
+        >>> sel = select(SweepResults(rows, ["a", "b", "c"]), "acc")
+        >>> sel.scheme, sel.n, sel.selected, sel.reported
+        ('equal', 2, 0.75, 0.72)
     """
 
     row: SweepRow
@@ -62,14 +72,17 @@ class Selection:
 
     @property
     def scheme(self) -> str | None:
+        """The chosen average's weighting scheme (``None`` for other kinds of rows)."""
         return self.row.scheme
 
     @property
     def n(self) -> int:
+        """How many of the newest members the chosen model combines (see :class:`SweepRow`)."""
         return self.row.n
 
     @property
     def alpha(self) -> float | None:
+        """The chosen exponential average's decay rate (``None`` otherwise)."""
         return self.row.alpha
 
     @property
@@ -87,6 +100,8 @@ class Selection:
         return text
 
     def to_dict(self) -> dict[str, Any]:
+        """The selection as a JSON-able dict (the chosen row's kind, scheme, n, alpha and
+        sigma_rel, and the fields), as ``polyak sweep`` stores it in ``results.json``."""
         return {
             "kind": self.row.kind, "scheme": self.scheme, "n": self.n, "alpha": self.alpha, "sigma_rel": self.sigma_rel,
             "metric": self.metric, "on": self.on, "report": self.report, "mode": self.mode,
@@ -193,7 +208,7 @@ def select(
 
 @dataclass
 class SoupResult:
-    """A greedy soup.
+    """What :func:`polyak.greedy_soup` built: the members kept, the soup's weights and its scores.
 
     Attributes:
         members: Labels of the members in the soup, in the order they were added.
@@ -203,6 +218,15 @@ class SoupResult:
         metrics: All metrics of the soup (every split evaluate returned).
         individual: Each member's ``metric`` on ``on``, oldest → newest.
         history: ``(label, score of the soup with it, accepted)`` for each candidate tried.
+
+    Example:
+        >>> import numpy as np, polyak
+        >>> members = [{"w": np.array([w])} for w in (0.75, 1.5, 4.0, 1.125)]
+        >>> soup = polyak.greedy_soup(members, lambda s: {"validation": {"err": abs(s["w"][0] - 1.0)}}, "err")
+        >>> soup.members, soup.state["w"].tolist(), soup.score, soup.individual
+        (['member 3', 'member 0'], [0.9375], 0.0625, [0.25, 0.5, 3.0, 0.125])
+        >>> [(label, round(score, 4), kept) for label, score, kept in soup.history]
+        [('member 3', 0.125, True), ('member 0', 0.0625, True), ('member 1', 0.125, False), ('member 2', 0.9583, False)]
     """
 
     members: list[str]
@@ -280,7 +304,8 @@ def greedy_soup(
 
     Args:
         members: Checkpoint paths or in-memory states.
-        evaluate: See :class:`polyak.sweep`'s ``evaluate``; must measure the split ``on``.
+        evaluate: ``evaluate(state) -> metrics``, as for :func:`polyak.sweep` (see
+            :class:`polyak.Evaluate`); must measure ``metric`` on the split ``on``.
         metric: The metric to compare.
         on: The split to choose on (default ``"validation"``).
         mode: ``"max"`` or ``"min"``; default from the metric's name, as in :func:`select`.
@@ -297,8 +322,19 @@ def greedy_soup(
         A :class:`SoupResult`.
 
     Raises:
-        ConfigError: ``evaluate`` does not return ``metric`` on ``on``.
+        ConfigError: ``evaluate`` does not return ``metric`` on ``on``, or invalid options
+            (``mode``, ``order``, ``last``).
+        FormatError: An unreadable, corrupt or unsafe member.
+        MismatchError: Members disagree on names, shapes or dtypes (all listed at once).
         NonFiniteError: A member holds NaN/Inf in a floating tensor.
+
+    Example:
+        >>> import numpy as np, polyak
+        >>> members = [{"w": np.array([w])} for w in (0.75, 1.5, 4.0, 1.125)]
+        >>> evaluate = lambda state: {"validation": {"err": abs(float(state["w"][0]) - 1.0)}}
+        >>> soup = polyak.greedy_soup(members, evaluate, "err")  # err: lower is better
+        >>> soup.members, soup.state["w"].tolist(), soup.score
+        (['member 3', 'member 0'], [0.9375], 0.0625)
 
     References:
         Wortsman et al. 2022, "Model soups", arXiv:2203.05482 (greedy soup, Recipe 1).

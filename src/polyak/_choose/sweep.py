@@ -55,31 +55,70 @@ def sweep_schemes() -> list[str]:
 
 
 class Evaluate(Protocol):
-    """``evaluate(state) -> metrics``: score one set of weights.
+    """``evaluate(state) -> metrics``: the function a sweep calls to score one set of weights.
 
     ``state`` maps tensor names to numpy arrays (the members' names, after
     ``strip_prefix``). **The arrays are reused for the next model**: load them into your
     model (which copies) or copy them; do not keep references after returning, and do
     not write into them. Return ``{metric: number}`` or ``{split: {metric: number}}``
-    (e.g. ``{"validation": {"accuracy": 0.81}, "test": {"accuracy": 0.80}}``).
+    (e.g. ``{"validation": {"accuracy": 0.81}, "test": {"accuracy": 0.80}}``); a flat dict
+    is one split named ``"eval"``. ``polyak.torch.evaluator`` and
+    ``polyak.keras.evaluator`` build one from a model and data.
+
+    Example:
+        >>> import numpy as np, polyak
+        >>> x, y = np.array([[1.0], [2.0]]), np.array([2.0, 4.0])  # validation data of y = 2x
+        >>> def evaluate(state):
+        ...     return {"validation": {"mse": float(np.mean((x @ state["w"] - y) ** 2))}}
+        >>> members = [{"w": np.array([1.0])}, {"w": np.array([3.0])}]
+        >>> res = polyak.sweep(members, evaluate, schemes=["equal"])
+        >>> [(r.name, r.n, r.value("mse", "validation")) for r in res.rows]
+        [('single', 1, 2.5), ('equal', 1, 2.5), ('single', 2, 2.5), ('equal', 2, 0.0)]
     """
 
     def __call__(self, state: Mapping[str, np.ndarray], /) -> Mapping[str, Any]: ...
 
 
 class Predict(Protocol):
-    """``predict(state) -> predictions``: an array (or ``{split: array}``) of model outputs.
+    """``predict(state) -> predictions``: a model's outputs, for a sweep's prediction-ensemble baseline.
 
-    Outputs should be probabilities (or other quantities whose mean is meaningful); the
-    prediction ensemble of the newest n members is the element-wise mean of their outputs.
+    Returns an array (or ``{split: array}``) of model outputs, the same shapes for every
+    state. Outputs should be probabilities (or other quantities whose mean is meaningful);
+    the prediction ensemble of the newest n members is the element-wise mean of their
+    outputs, which :class:`Score` turns into metrics. ``state`` is as for
+    :class:`Evaluate` (reused arrays: do not keep them).
+
+    Example:
+        >>> import numpy as np, polyak
+        >>> x, y = np.array([[1.0], [2.0]]), np.array([2.0, 4.0])
+        >>> def predict(state):  # the model's outputs on the validation inputs
+        ...     return {"validation": x @ state["w"]}
+        >>> def score(predictions):  # metrics of the mean of several members' outputs
+        ...     return {split: {"mse": float(np.mean((p - y) ** 2))} for split, p in predictions.items()}
+        >>> members = [{"w": np.array([1.0])}, {"w": np.array([3.0])}]
+        >>> res = polyak.sweep(members, lambda s: score(predict(s)), schemes=["equal"], predict=predict, score=score)
+        >>> [r.value("mse", "validation") for r in res.select_rows(kind="prediction_ensemble")]
+        [2.5, 0.0]
     """
 
     def __call__(self, state: Mapping[str, np.ndarray], /) -> Any: ...
 
 
 class Score(Protocol):
-    """``score(predictions) -> metrics``: metrics of averaged predictions (same shape as
-    :class:`Predict` returns), in the same convention as :class:`Evaluate`."""
+    """``score(predictions) -> metrics``: the metrics of a prediction ensemble's mean outputs.
+
+    ``predictions`` has the shape :class:`Predict` returns (an array or ``{split: array}``),
+    averaged over the newest n members; return metrics in the convention of
+    :class:`Evaluate` (``{metric: number}`` or ``{split: {metric: number}}``).
+
+    Example:
+        >>> import numpy as np
+        >>> labels = np.array([0, 1])
+        >>> def score(probabilities):  # the members' predicted class probabilities, averaged
+        ...     return {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels))}
+        >>> score(np.array([[0.9, 0.1], [0.3, 0.7]]))
+        {'accuracy': 1.0}
+    """
 
     def __call__(self, predictions: Any, /) -> Mapping[str, Any]: ...
 
@@ -351,7 +390,8 @@ def sweep(
 
     Raises:
         ConfigError: Invalid options or metrics (``SchemeError`` for schemes and alphas).
-        FormatError, MismatchError: Unreadable or mismatched members.
+        FormatError: An unreadable, corrupt or unsafe member.
+        MismatchError: Members disagree on names, shapes or dtypes (all listed at once).
         NonFiniteError: A member holds NaN/Inf in a floating tensor.
 
     Example:

@@ -70,7 +70,10 @@ FOLDER_FORMAT = "hf-folder"
 
 @dataclass
 class AverageResult:
-    """What :func:`average` wrote.
+    """The summary of an average written to disk: its files, members, weights and provenance.
+
+    :func:`polyak.average` returns one when given ``out=`` (and :func:`polyak.posthoc` a
+    :class:`~polyak.PosthocResult`, which adds the plan).
 
     Attributes:
         out: The output path given.
@@ -90,6 +93,16 @@ class AverageResult:
             (``checkpoint-40``, not ``model.safetensors``), oldest → newest.
         notes: What the writer did beyond the tensors, one line each (a folder output:
             the files copied from the newest member and those left out).
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> a = {"w": np.array([0.0, 3.0], np.float32), "step": np.array(10)}
+        >>> b = {"w": np.array([3.0, 6.0], np.float32), "step": np.array(20)}
+        >>> res = polyak.average([a, b], scheme="linear", out=os.path.join(tempfile.mkdtemp(), "avg.safetensors"))
+        >>> [f.name for f in res.files], res.members, [round(w, 3) for w in res.weights]
+        (['avg.safetensors'], ['member 0', 'member 1'], [0.333, 0.667])
+        >>> res.averaged, res.copied, res.nbytes, res.metadata["scheme"]
+        (1, 1, 16, 'linear')
     """
 
     out: Path
@@ -112,11 +125,26 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
 
 
 def parse_size(text: str | int) -> int:
-    """Parse ``"5GB"``, ``"500MiB"`` or a number of bytes.
+    """Read a size in bytes as the command line's ``--shard-size`` takes it: ``"5GB"``, ``"500MiB"``, 123.
+
+    Args:
+        text: A number of bytes (an ``int``, or a string of digits), or a number with a
+            unit: ``B``, decimal ``KB``/``MB``/``GB``/``TB`` (powers of 1000) or binary
+            ``KiB``/``MiB``/``GiB``/``TiB`` (powers of 1024); case and spaces are ignored,
+            and the number may have a fraction (``"1.5GB"``).
+
+    Returns:
+        The size in bytes (fractions of a byte rounded down), at least 1.
+
+    Raises:
+        ConfigError: The text is not a number with a known unit, or the size is below
+            1 byte.
 
     Example:
         >>> parse_size("5GB"), parse_size("1MiB"), parse_size(123)
         (5000000000, 1048576, 123)
+        >>> parse_size("5 gb"), parse_size("1.5KiB")
+        (5000000000, 1536)
     """
     if isinstance(text, int) and not isinstance(text, bool):
         value = text

@@ -17,7 +17,27 @@ from ..formats import TensorInfo, detect_format, open_source
 
 @dataclass
 class Inspection:
-    """A checkpoint's contents: format, tensors, totals and metadata."""
+    """What :func:`polyak.inspect` found in a checkpoint: its format, tensors, totals and metadata.
+
+    Attributes:
+        path: The checkpoint, as given.
+        format: The format's registry name (``"safetensors"``, ``"torch"``, ``"keras"``...).
+        tensors: Every tensor's :class:`~polyak.formats.TensorInfo` (name, shape, dtype), in
+            the checkpoint's own order.
+        metadata: The string metadata stored with the checkpoint (a ``"polyak"`` entry is
+            the provenance record of an average polyak wrote).
+        extras: Format-specific details (e.g. a ``.pt`` file's other top-level keys).
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> _ = polyak.save({"w": np.ones((2, 3), np.float32), "step": np.array(7)}, p, metadata={"epoch": "3"})
+        >>> ins = polyak.inspect(p)
+        >>> ins.format, [(t.name, t.shape, t.dtype_name) for t in ins.tensors]
+        ('safetensors', [('step', (), 'int64'), ('w', (2, 3), 'float32')])
+        >>> ins.parameters, ins.nbytes, ins.dtypes(), ins.metadata
+        (7, 32, {'int64': 1, 'float32': 6}, {'epoch': '3'})
+    """
 
     path: str
     format: str
@@ -32,6 +52,7 @@ class Inspection:
 
     @property
     def nbytes(self) -> int:
+        """Total bytes of tensor data (headers and metadata not counted)."""
         return sum(t.nbytes for t in self.tensors)
 
     def dtypes(self) -> dict[str, int]:
@@ -42,6 +63,12 @@ class Inspection:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
+        """The inspection as a JSON-able dict (what ``polyak inspect --json`` prints).
+
+        Keys: ``path``, ``format``, ``parameters``, ``bytes``, ``dtypes``, ``tensors`` (name,
+        shape, dtype, bytes each), ``metadata`` (a polyak provenance record parsed into a
+        dict) and the JSON-able ``extras``.
+        """
         meta: dict[str, Any] = {}
         for k, v in self.metadata.items():
             record = _polyak_record(v) if k == "polyak" else None
@@ -140,6 +167,27 @@ def format_inspection(ins: Inspection, *, limit: int | None = 50) -> str:
 
 def save(state: dict[str, Any], path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None, force: bool = False) -> list[Any]:
     """Write a name-keyed state (numpy arrays or tensors) to any writable format, atomically.
+
+    The format comes from the suffix (``.safetensors``, ``.npz``, ``.pt``,
+    ``.weights.h5``...). Every file is checked before any is written and written under a
+    temporary name, then renamed into place, so a failure leaves nothing behind.
+
+    Args:
+        state: Tensor name → numpy array, torch tensor, Keras/JAX array or nested list of
+            numbers.
+        path: The output file.
+        metadata: String metadata to store where the format allows (default: none).
+        force: Replace an existing file.
+
+    Returns:
+        Every file written (one, unless the format writes several).
+
+    Raises:
+        ConfigError: The state is not a mapping of string names to numeric arrays, or the
+            suffix names no format polyak writes.
+        FormatError: A tensor name or a metadata entry cannot be stored (not valid Unicode).
+        OutputError: ``path`` exists (without ``force``), is not a regular file, or cannot
+            be written.
 
     Example:
         >>> import numpy as np, polyak, tempfile, os

@@ -170,9 +170,6 @@ def order_members(members: Sequence[MemberLike], order: str = "number") -> list[
 
     Args:
         members: Paths (or in-memory states, which keep their given order).
-
-    Returns:
-        The members oldest → newest; paths as :class:`~pathlib.Path` objects.
         order: ``"number"`` (by the numbers in the part of the paths that differs between
             the members, at any depth: ``model_9`` before ``model_10``, and
             ``checkpoint-5/model.safetensors`` before ``checkpoint-40/model.safetensors``),
@@ -180,6 +177,9 @@ def order_members(members: Sequence[MemberLike], order: str = "number") -> list[
             (plain string order of that differing part) or ``"given"`` (as passed). Members
             whose numbers tie (or that have none) keep a deterministic order here;
             :func:`polyak.average` and the sweeps refuse them when the result depends on it.
+
+    Returns:
+        The members oldest → newest; paths as :class:`~pathlib.Path` objects.
 
     Raises:
         ConfigError: Unknown order, or a file-based order asked for in-memory states.

@@ -245,7 +245,10 @@ def resume_point(folder: str | os.PathLike[str], sigma_rels: Sequence[float], *,
 
 @dataclass(frozen=True)
 class PosthocPlan:
-    """Which snapshots rebuild which EMA, with which coefficients.
+    """How a post-hoc EMA is rebuilt: which snapshots, with which coefficients, and how well they fit.
+
+    :func:`polyak.posthoc_plan` makes one without reading any tensor; :func:`polyak.posthoc`
+    follows it (and returns it as :attr:`PosthocResult.plan`).
 
     Attributes:
         folder: The snapshot folder.
@@ -253,6 +256,8 @@ class PosthocPlan:
         fit: The coefficients (one per member, signed, summing to 1) and the residual.
         members: The snapshots used (those at or before ``T``), oldest → newest; the
             last one's integer tensors are copied.
+
+    :func:`polyak.posthoc_plan`'s example makes one.
     """
 
     folder: SnapshotFolder
@@ -262,14 +267,18 @@ class PosthocPlan:
 
     @property
     def sigma_rel(self) -> float:
+        """The relative width of the rebuilt EMA."""
         return self.fit.sigma_rel
 
     @property
     def coefficients(self) -> np.ndarray:
+        """One signed coefficient per member (oldest → newest), summing to 1 (float64)."""
         return self.fit.coefficients
 
     @property
     def residual(self) -> float:
+        """The relative L2 mismatch between the wanted EMA's weight profile and the one the
+        coefficients give (0: exact; above :data:`MAX_RESIDUAL` a rebuild warns)."""
         return self.fit.residual
 
     def describe(self, limit: int = 6) -> str:
@@ -286,6 +295,8 @@ class PosthocPlan:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as a JSON-able dict: ``folder``, ``step``, the fit (``sigma_rel``,
+        ``gamma``, ``t``, ``coefficients``, ``residual``, ``raw_sum``) and the ``members``' names."""
         return {"folder": str(self.folder.folder), "step": self.step, **self.fit.to_dict(),
                 "members": [m.label for m in self.members]}
 
@@ -304,8 +315,38 @@ def plan(folder: str | os.PathLike[str] | SnapshotFolder, sigma_rel: float, *, s
         warn: Warn (:class:`PosthocFitWarning`) when the residual exceeds
             :data:`MAX_RESIDUAL`, or ``step`` is not a snapshot step.
 
+    Returns:
+        A :class:`PosthocPlan`: the rebuilt step, the snapshots used and their
+        coefficients, and the profile residual. No tensor is read.
+
     Raises:
-        ConfigError: An invalid ``sigma_rel`` or ``step`` (see :meth:`SnapshotFolder.snapshot_step`).
+        ConfigError: No or mixed snapshots in the folder, an invalid ``sigma_rel`` or a
+            ``step`` before the first or after the last snapshot.
+        FormatError: A snapshot's record is missing or corrupt.
+        MismatchError: Snapshots disagree on the model's tensor names.
+
+    Warns:
+        PosthocFitWarning: With ``warn``, when the residual exceeds :data:`MAX_RESIDUAL` or
+            ``step`` is not a snapshot step.
+
+    Example:
+        >>> import tempfile, torch, polyak
+        >>> from polyak.torch import PostHocEMA
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> folder = tempfile.mkdtemp()
+        >>> phema = PostHocEMA(model, folder, every=5)  # tracks sigma_rel 0.05 and 0.10
+        >>> with torch.no_grad():
+        ...     for step in range(1, 21):  # training: the weight is the step number
+        ...         _ = model.weight.fill_(step)
+        ...         phema.update()
+        >>> plan = polyak.posthoc_plan(folder, 0.08)
+        >>> plan.step, plan.sigma_rel, len(plan.members), round(float(plan.coefficients.sum()), 9)
+        (20, 0.08, 8, 1.0)
+        >>> plan.residual < 0.1  # the profiles of 0.05 and 0.10 express 0.08 well
+        True
+        >>> plan = polyak.posthoc_plan(folder, 0.08, step=12, warn=False)  # no snapshot at 12: step 10's
+        >>> plan.step, [m.label for m in plan.members][-2:]
+        (10, ['posthoc_sigma0.05_step000000010.safetensors', 'posthoc_sigma0.1_step000000010.safetensors'])
     """
     snaps = folder if isinstance(folder, SnapshotFolder) else read_folder(folder)
     target = check_sigma_rel(sigma_rel)
@@ -335,7 +376,17 @@ def plan(folder: str | os.PathLike[str] | SnapshotFolder, sigma_rel: float, *, s
 
 @dataclass
 class PosthocResult(AverageResult):
-    """What :func:`polyak.posthoc` wrote: an :class:`~polyak.AverageResult` and its plan."""
+    """What :func:`polyak.posthoc` wrote: the :class:`~polyak.AverageResult` fields and the plan followed.
+
+    Its ``scheme`` is ``"posthoc"``, its ``weights`` the plan's signed coefficients, and
+    its ``metadata["params"]`` records ``sigma_rel``, ``gamma``, ``step``, ``t``, the
+    ``residual`` and the tracked widths.
+
+    Attributes:
+        plan: The :class:`PosthocPlan` that was followed.
+
+    :func:`polyak.posthoc`'s example makes one.
+    """
 
     plan: PosthocPlan | None = None
 
@@ -400,9 +451,24 @@ def posthoc(
             :data:`MAX_RESIDUAL`).
 
     Example:
-        >>> import polyak  # doctest: +SKIP
-        >>> ema = polyak.posthoc("run/posthoc", sigma_rel=0.08)  # doctest: +SKIP
-        >>> polyak.posthoc("run/posthoc", sigma_rel=0.08, out="ema_0.08.safetensors")  # doctest: +SKIP
+        >>> import tempfile, torch, polyak
+        >>> from polyak.torch import PostHocEMA
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> folder = tempfile.mkdtemp()
+        >>> phema = PostHocEMA(model, folder, every=5)  # tracks sigma_rel 0.05 and 0.10
+        >>> with torch.no_grad():
+        ...     for step in range(1, 21):  # training: the weight is the step number
+        ...         _ = model.weight.fill_(step)
+        ...         phema.update()
+        >>> ema = polyak.posthoc(folder, sigma_rel=0.08)  # after training: any width
+        >>> round(ema["weight"].item(), 2)  # between the tracked 0.05 (19.37) and 0.10 (18.23)
+        18.67
+        >>> tracked = polyak.posthoc(folder, sigma_rel=0.10)["weight"].item()
+        >>> abs(tracked - phema.ema(0.10).state.tensors["weight"].item()) < 1e-5  # a tracked width comes back
+        True
+        >>> res = polyak.posthoc(folder, sigma_rel=0.08, out=f"{folder}/ema_0.08.safetensors")
+        >>> [f.name for f in res.files], res.scheme, res.plan.step, len(res.weights)  # a PosthocResult
+        (['ema_0.08.safetensors'], 'posthoc', 20, 8)
 
     References:
         Karras et al. (2024), "Analyzing and Improving the Training Dynamics of Diffusion

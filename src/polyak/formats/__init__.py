@@ -66,7 +66,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Format:
-    """A registered checkpoint format.
+    """A registered checkpoint format: its name, the suffixes that select it, and its implementation.
 
     Attributes:
         name: Used by ``--format`` and in messages.
@@ -76,6 +76,14 @@ class Format:
             imported on first use.
         description: One line for ``--help``.
         directory: The "file" is a folder (e.g. a torch.distributed checkpoint).
+
+    Example:
+        >>> from polyak.formats import get_format
+        >>> fmt = get_format("safetensors")
+        >>> fmt.suffixes, fmt.writable, fmt.impl().writer is not None
+        (('.safetensors',), True, True)
+        >>> get_format("dcp").directory, get_format("dcp").writable  # read-only folders
+        (True, False)
     """
 
     name: str
@@ -85,7 +93,11 @@ class Format:
     directory: bool = False
 
     def impl(self) -> FormatImpl:
-        """The format's implementation (its module is imported now if it was not yet)."""
+        """The format's implementation (its module is imported now if it was not yet).
+
+        Raises:
+            ConfigError: ``provider`` does not name a :class:`FormatImpl`.
+        """
         if isinstance(self.provider, FormatImpl):
             return self.provider
         module, _, attr = self.provider.partition(":")
@@ -101,10 +113,37 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {}
+"""The format registry: name → :class:`Format`, the built-in formats first.
+
+Filled by :func:`register_format`; read by :func:`get_format`, :func:`detect_format`,
+:func:`suffix_format` and the command line's ``--format`` choices.
+"""
 
 
 def register_format(fmt: Format) -> Format:
-    """Add a format to the registry (a later registration of the same name replaces it)."""
+    """Add a checkpoint format to the registry, so that ``polyak.average``, ``inspect`` and the CLI read it.
+
+    A later registration of the same name replaces the earlier one. Where two formats
+    claim a suffix, the longer suffix wins; the content (the format's ``sniff``) must
+    then confirm it.
+
+    Args:
+        fmt: The format: its name, suffixes, implementation (or where to import it from)
+            and a description.
+
+    Returns:
+        ``fmt``.
+
+    Example:
+        >>> from polyak.formats import FORMATS, Format, get_format, register_format, suffix_format
+        >>> st = get_format("safetensors")
+        >>> _ = register_format(Format("st-weights", (".st",), st.provider, "safetensors files named *.st"))
+        >>> suffix_format("model_10.st").name
+        'st-weights'
+        >>> del FORMATS["st-weights"]  # leave the registry as it was
+
+        :class:`FormatImpl` shows a format of one's own.
+    """
     FORMATS[fmt.name] = fmt
     return fmt
 
@@ -163,10 +202,36 @@ CONTENT_DECIDES: dict[str, tuple[str, ...]] = {"keras2-h5": ("keras-weights",)}
 
 
 def format_names() -> list[str]:
+    """The names of the registered checkpoint formats: what ``format=`` and ``--format`` accept.
+
+    Returns:
+        The names, sorted.
+
+    Example:
+        >>> from polyak.formats import format_names
+        >>> format_names()
+        ['dcp', 'hf-folder', 'keras', 'keras-weights', 'keras2-h5', 'npz', 'safetensors', 'safetensors-index', 'torch', 'torch-index']
+    """
     return sorted(FORMATS)
 
 
 def get_format(name: str) -> Format:
+    """Look a registered checkpoint format up by name.
+
+    Args:
+        name: A registered name (see :func:`format_names`).
+
+    Returns:
+        The :class:`Format`.
+
+    Raises:
+        ConfigError: No format has that name; the message lists the known ones.
+
+    Example:
+        >>> from polyak.formats import get_format
+        >>> get_format("npz").description
+        'numpy .npz archive'
+    """
     try:
         return FORMATS[name]
     except KeyError:
@@ -184,7 +249,22 @@ def _by_suffix(path: Path) -> Format | None:
 
 
 def suffix_format(path: str | os.PathLike[str]) -> Format | None:
-    """The format a file name's suffix selects (longest match), or ``None``."""
+    """The format a file name's suffix selects, without looking at the file.
+
+    Args:
+        path: A file name or path (it need not exist); case is ignored.
+
+    Returns:
+        The :class:`Format` whose suffix matches the name's end (the longest match), or
+        ``None`` when none does.
+
+    Example:
+        >>> from polyak.formats import suffix_format
+        >>> suffix_format("out/model.safetensors.index.json").name, suffix_format("epoch_9.CKPT").name
+        ('safetensors-index', 'torch')
+        >>> suffix_format("notes.txt") is None
+        True
+    """
     return _by_suffix(Path(path))
 
 
@@ -216,11 +296,40 @@ def _sniff(path: Path) -> list[Format]:
 
 
 def detect_format(path: str | os.PathLike[str], format: str | None = None) -> Format:
-    """Choose the format of an existing file: ``format`` if given, else suffix, checked by content.
+    """Choose the format of an existing checkpoint: ``format`` if given, else its suffix, checked by content.
+
+    A file's suffix selects a format (:func:`suffix_format`), whose magic bytes or structure
+    must then match the content; a folder is the one folder format that recognises it.
+
+    Args:
+        path: The checkpoint file (or folder).
+        format: A registered format name to use instead of the suffix (still checked
+            against the content).
+
+    Returns:
+        The :class:`Format`.
 
     Raises:
-        FormatError: The file is missing or empty, or its content does not match its suffix
-            (the message names the format the content looks like and the ``--format`` fix).
+        ConfigError: ``format`` names no registered format.
+        FormatError: The file is missing or empty, its suffix is unknown, or its content
+            does not match its suffix or ``format`` (the message names the format the
+            content looks like and the ``--format`` fix); a folder that no folder format
+            (or more than one) recognises.
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> from polyak.formats import detect_format
+        >>> d = tempfile.mkdtemp()
+        >>> _ = polyak.save({"w": np.arange(3.0)}, os.path.join(d, "m.npz"))
+        >>> detect_format(os.path.join(d, "m.npz")).name
+        'npz'
+        >>> os.rename(os.path.join(d, "m.npz"), os.path.join(d, "m.safetensors"))
+        >>> detect_format(os.path.join(d, "m.safetensors"))
+        Traceback (most recent call last):
+        ...
+        polyak._errors.FormatError: /.../m.safetensors: the name says safetensors but the content looks like npz; rename the file or pass --format npz
+        >>> detect_format(os.path.join(d, "m.safetensors"), "npz").name
+        'npz'
     """
     p = Path(path)
     if not p.exists():
@@ -305,7 +414,11 @@ def open_source(
     key: str | None = None,
     label: str | None = None,
 ) -> TensorSource:
-    """Open a checkpoint lazily as a :class:`TensorSource`.
+    """Open a checkpoint lazily as a :class:`TensorSource`: names, shapes and dtypes now, tensors on demand.
+
+    The format is detected as :func:`detect_format` does. Only the header is read when the
+    source opens; each :meth:`TensorSource.read` reads one tensor. Close the source (or use
+    it as a context manager) to release files and memory maps.
 
     Args:
         path: The checkpoint file (or folder for folder formats).
@@ -313,8 +426,24 @@ def open_source(
         key: For nested checkpoints (``{"model": {...}}``), the key holding the tensors.
         label: How the member is named in messages (default: the path).
 
+    Returns:
+        The open :class:`TensorSource`.
+
     Raises:
-        FormatError: Unreadable, corrupt or unsafe file.
+        ConfigError: ``format`` names no registered format; ``key`` is given for a format
+            without nesting, or names no entry of the checkpoint.
+        FormatError: Unreadable, corrupt or truncated file, or content that does not match
+            its suffix.
+        UnsafeFileError: A file that would need code execution (a pickle beyond
+            ``torch.load(weights_only=True)``), links outside itself or unbounded resources.
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> _ = polyak.save({"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}, p)
+        >>> with polyak.open_source(p) as src:
+        ...     src.format_name, list(src), src.infos()["w"].shape, src.read("w")[1].tolist()
+        ('safetensors', ['w'], (2, 3), [3.0, 4.0, 5.0])
     """
     fmt = detect_format(path, format)
     return fmt.impl().open(Path(path), key=key, label=label)
@@ -330,10 +459,42 @@ def open_writer(
     aliases: dict[str, str] | None = None,
     options: WriteOptions | None = None,
 ) -> TensorWriter:
-    """Create the writer for ``path`` (format from ``format`` or the suffix).
+    """Create the atomic :class:`TensorWriter` for an output: its format from ``format`` or the suffix.
 
-    ``template`` is the newest member: when it has the output's format, the writer receives
-    its :meth:`TensorSource.template` (the structure to carry over).
+    Nothing appears under ``path`` before the writer's :meth:`~TensorWriter.commit`; use it
+    as a context manager so that an error aborts it. Check the output files first with
+    :func:`output_files` (the engine refuses existing outputs and inputs before it opens a
+    writer; the writer itself replaces what is there).
+
+    Args:
+        path: The output file.
+        infos: The tensors to write (name, shape, output dtype), in the caller's order.
+        format: Force the output format by name (default: from the suffix).
+        metadata: String metadata to store where the format allows.
+        template: The newest member: when it has the output's format, the writer receives
+            its :meth:`TensorSource.template` (the structure to carry over).
+        aliases: Tied tensors ``{name: canonical name}`` (written once where the format
+            can share storage).
+        options: :class:`WriteOptions` (shard size, inputs never to replace...).
+
+    Returns:
+        The writer; call :meth:`~TensorWriter.write` for each name of its
+        :attr:`~TensorWriter.order`, then :meth:`~TensorWriter.commit`.
+
+    Raises:
+        ConfigError: The format cannot be told from the suffix, or polyak cannot write it.
+        FormatError: A tensor name or metadata entry cannot be stored (not valid Unicode).
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> from polyak.formats import TensorInfo, open_writer
+        >>> p = os.path.join(tempfile.mkdtemp(), "out.safetensors")
+        >>> with open_writer(p, [TensorInfo("w", (2,), np.dtype("float32"))], metadata={"epoch": "9"}) as writer:
+        ...     for name in writer.order:
+        ...         writer.write(name, np.ones(2, np.float32))
+        ...     files = writer.commit()
+        >>> [f.name for f in files], polyak.inspect(p).metadata
+        (['out.safetensors'], {'epoch': '9'})
     """
     fmt = _writer_format(path, format, template)
     writer = _writer(fmt)
@@ -356,9 +517,34 @@ def output_files(
     template: TensorSource | None = None,
     options: WriteOptions | None = None,
 ) -> list[Path]:
-    """Every final path that :func:`open_writer` with the same arguments will create or
-    replace (the file itself; every shard and the index of a sharded output), known before
-    the writer is opened so that all of them can be checked first."""
+    """Every file an output will create or replace, known before any is written.
+
+    The file itself, or every shard and the index of a sharded output: what
+    :func:`open_writer` with the same arguments will create or replace, so that all of them
+    can be checked first (nothing is read or written here).
+
+    Args:
+        path: The output file.
+        infos: The tensors to write (their sizes decide the shards).
+        format: Force the output format by name (default: from the suffix).
+        template: The newest member, as for :func:`open_writer`.
+        options: :class:`WriteOptions` (``shard_size`` splits a safetensors output).
+
+    Returns:
+        The final paths.
+
+    Raises:
+        ConfigError: The format cannot be told from the suffix, or polyak cannot write it.
+
+    Example:
+        >>> import numpy as np
+        >>> from polyak.formats import TensorInfo, WriteOptions, output_files
+        >>> infos = [TensorInfo(f"w{i}", (256,), np.dtype("float32")) for i in range(4)]  # 1 KiB each
+        >>> [p.name for p in output_files("avg.safetensors", infos)]
+        ['avg.safetensors']
+        >>> [p.name for p in output_files("avg.safetensors", infos, options=WriteOptions(shard_size=2048))]
+        ['avg-00001-of-00002.safetensors', 'avg-00002-of-00002.safetensors', 'avg.safetensors.index.json']
+    """
     fmt = _writer_format(path, format, template)
     _writer(fmt)
     return fmt.impl().output_files(Path(path), infos, options or WriteOptions())

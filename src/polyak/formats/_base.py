@@ -49,7 +49,20 @@ def contiguous(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Name, shape and dtype of one tensor."""
+    """The name, shape and dtype of one tensor: what a checkpoint's header tells without reading data.
+
+    Attributes:
+        name: The tensor's name in the checkpoint (``"encoder.layer.0.weight"``).
+        shape: Its shape (``()`` for a scalar).
+        dtype: Its numpy dtype (``ml_dtypes.bfloat16`` for bfloat16 tensors).
+
+    Example:
+        >>> import numpy as np
+        >>> from polyak.formats import TensorInfo
+        >>> info = TensorInfo("w", (2, 3), np.dtype("float16"))
+        >>> info.size, info.nbytes, info.dtype_name
+        (6, 12, 'float16')
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -63,10 +76,12 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return self.size * np.dtype(self.dtype).itemsize
 
     @property
     def dtype_name(self) -> str:
+        """The dtype's name as checkpoints spell it (``"float32"``, ``"bfloat16"``)."""
         return dtype_name(self.dtype)
 
 
@@ -76,6 +91,17 @@ class SourceTemplate:
     A source returns one from :meth:`TensorSource.template` (an HDF5 file's tree, a Keras
     archive's config, a ``.pt`` file's nesting key); the writer of the same format receives
     it as ``template``. Subclasses are usually frozen dataclasses.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from polyak.formats import SourceTemplate
+        >>> @dataclass(frozen=True)
+        ... class Layout(SourceTemplate):  # the newest member's tensor order, to write the output in it
+        ...     order: tuple
+        ...     def renamed(self, names):
+        ...         return Layout(tuple(names.get(n, n) for n in self.order))
+        >>> Layout(("module.w", "module.b")).renamed({"module.w": "w", "module.b": "b"})
+        Layout(order=('w', 'b'))
     """
 
     def renamed(self, names: Mapping[str, str]) -> SourceTemplate:
@@ -89,16 +115,35 @@ class SourceTemplate:
 
 
 class TensorSource(ABC):
-    """One checkpoint as lazy, name-keyed tensors.
+    """One checkpoint as lazy, name-keyed tensors: shapes and dtypes up front, data one tensor at a time.
 
-    Subclasses implement :meth:`infos` and :meth:`read`. ``label`` names the member in
-    error messages (usually the file path).
+    :func:`polyak.open_source` opens one for any registered format. Subclasses (a format's
+    reader, see :class:`FormatImpl`) implement :meth:`infos` and :meth:`read`, and
+    override the other methods where the format has more to tell. A source iterates over
+    its tensor names and is a context manager that closes it.
+
+    Args:
+        path: The checkpoint (``None`` for a source without a file).
+        label: How the member is named in error messages (default: the path).
+
+    Attributes:
+        path: The checkpoint as a :class:`~pathlib.Path` (``None`` without a file).
+        label: The member's name in error messages.
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
+        >>> _ = polyak.save({"w": np.arange(3.0), "step": np.array(7)}, p)
+        >>> with polyak.open_source(p) as src:
+        ...     src.keys(), src.infos()["w"].dtype_name, src.read("w").tolist(), src.nbytes
+        (['w', 'step'], 'float64', [0.0, 1.0, 2.0], 32)
     """
 
     format_name: ClassVar[str] = "?"
-    #: True when :meth:`read` returns views of memory-mapped data (no copy per read), so
-    #: that the engine may hold one tensor of every member at once.
+    """The registry name of the source's format (``"safetensors"``, ``"npz"``...)."""
     zero_copy: ClassVar[bool] = False
+    """True when :meth:`read` returns views of memory-mapped data (no copy per read), so
+    that the engine may hold one tensor of every member at once."""
 
     def __init__(self, path: str | os.PathLike[str] | None, label: str | None = None) -> None:
         self.path = None if path is None else Path(path)
@@ -139,6 +184,7 @@ class TensorSource(ABC):
         return [] if self.path is None else [self.path]
 
     def keys(self) -> list[str]:
+        """The tensor names, in the checkpoint's own order."""
         return list(self.infos())
 
     def __iter__(self) -> Iterator[str]:
@@ -149,6 +195,7 @@ class TensorSource(ABC):
 
     @property
     def nbytes(self) -> int:
+        """Total bytes of tensor data."""
         return sum(i.nbytes for i in self.infos().values())
 
     def __enter__(self) -> TensorSource:
@@ -166,7 +213,25 @@ class SourceView(TensorSource):
 
     What wrappers share (``strip_prefix``'s renaming view, a checkpoint folder that opens
     the weights file inside it): they change how a source is named or found, never how
-    its tensors are read.
+    its tensors are read. Its ``format_name`` and ``zero_copy`` are the inner source's;
+    closing the view closes the inner source.
+
+    Args:
+        inner: The source seen through the view.
+        path: The view's path (default: the inner source's).
+        label: The view's label (default: the inner source's).
+
+    Attributes:
+        inner: The source seen through the view.
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> from polyak.formats import SourceView
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
+        >>> _ = polyak.save({"w": np.arange(3.0)}, p)
+        >>> with SourceView(polyak.open_source(p), label="epoch 3") as view:
+        ...     view.label, view.format_name, view.read("w").tolist()
+        ('epoch 3', 'npz', [0.0, 1.0, 2.0])
     """
 
     def __init__(self, inner: TensorSource, path: str | os.PathLike[str] | None = None, label: str | None = None) -> None:
@@ -207,14 +272,20 @@ class WriteOptions:
     Attributes:
         shard_size: Largest shard in bytes, or ``None`` for one file (safetensors only).
         keep_optimizer: Keras archives: copy optimizer variables from the template.
-        inputs: The files being read (never replaced or deleted).
+        inputs: The files being read. A writer never replaces or deletes them (the engine
+            has already refused an output that is one of them; a sharded writer also
+            spares them when it removes the shards of the output it replaces).
+
+    Example:
+        >>> import numpy as np
+        >>> from polyak.formats import TensorInfo, WriteOptions, output_files
+        >>> infos = [TensorInfo(f"w{i}", (256,), np.dtype("float32")) for i in range(4)]  # 1 KiB each
+        >>> [p.name for p in output_files("avg.safetensors", infos, options=WriteOptions(shard_size=3000))]
+        ['avg-00001-of-00002.safetensors', 'avg-00002-of-00002.safetensors', 'avg.safetensors.index.json']
     """
 
     shard_size: int | None = None
     keep_optimizer: bool = False
-    #: The files being read. A writer never replaces or deletes them (the engine has
-    #: already refused an output that is one of them; a sharded writer also spares them
-    #: when it removes the shards of the output it replaces).
     inputs: tuple[Path, ...] = ()
 
 
@@ -237,6 +308,11 @@ def check_storable(infos: Sequence[TensorInfo], metadata: Mapping[str, str], pat
     (``"a\\ud800"``, which a JSON ``\\ud800`` escape or a Python string can hold) has no
     UTF-8 form. Every :class:`TensorWriter` calls this before it creates any file, and the
     engine calls it before it plans an output, so nothing is left behind.
+
+    Args:
+        infos: The tensors to be written.
+        metadata: The string metadata to be written.
+        path: The output, for the message.
 
     Raises:
         FormatError: Naming the tensor (or metadata key) and the fix.
@@ -266,6 +342,11 @@ def check_storable(infos: Sequence[TensorInfo], metadata: Mapping[str, str], pat
 class TensorWriter(ABC):
     """Writes one output atomically: nothing appears under the final name before commit.
 
+    :func:`polyak.formats.open_writer` creates the writer of an output's format. A format's
+    writer subclasses this and implements :meth:`write`, :meth:`commit` and :meth:`abort`
+    (the constructor checks that the names and metadata can be stored before any file is
+    created). Used as a context manager, an exception aborts it.
+
     Args:
         path: The output path.
         infos: The tensors to write (name, shape, output dtype), in the caller's order.
@@ -276,6 +357,26 @@ class TensorWriter(ABC):
         aliases: Tied tensors ``{name: canonical}``; formats that can share storage write
             the data once.
         options: :class:`WriteOptions`.
+
+    Attributes:
+        notes: Lines for the summary about what the writer did beyond the tensors (files
+            copied along, a format chosen for the user); filled by the time :meth:`commit`
+            returns.
+
+    Raises:
+        FormatError: A tensor name or metadata entry cannot be stored (:func:`check_storable`).
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> from polyak.formats import TensorInfo, open_writer
+        >>> p = os.path.join(tempfile.mkdtemp(), "out.npz")
+        >>> with open_writer(p, [TensorInfo("w", (2,), np.dtype("float32"))]) as writer:
+        ...     writer.write("w", np.array([1.0, 2.0], np.float32))
+        ...     os.path.exists(p)  # nothing under the final name yet
+        ...     files = writer.commit()
+        False
+        >>> [f.name for f in files], polyak.open_source(p).read("w").tolist()
+        (['out.npz'], [1.0, 2.0])
     """
 
     def __init__(
@@ -295,8 +396,6 @@ class TensorWriter(ABC):
         self.template = template
         self.aliases = dict(aliases or {})
         self.options = options or WriteOptions()
-        #: Lines for the summary about what the writer did beyond the tensors (files copied
-        #: along, a format chosen for the user); filled by the time :meth:`commit` returns.
         self.notes: list[str] = []
 
     @property
@@ -364,7 +463,9 @@ class WriterFactory(Protocol):
 
 @dataclass(frozen=True)
 class FormatImpl:
-    """What a format module provides: one of these, named in its registry entry.
+    """What a format module provides to polyak: how to recognise, read and write the format.
+
+    One of these, named in the format's registry entry (:class:`Format`), is a format.
 
     Attributes:
         sniff: ``sniff(path, head) -> bool``: whether the file looks like this format
@@ -380,6 +481,30 @@ class FormatImpl:
             index, the files of a folder). The engine checks all of them against the inputs
             and the overwrite rule (:func:`polyak._atomic.check_outputs`) before any writer
             is opened.
+
+    Example:
+        A read-only format of JSON files (``{"name": [numbers]}``), registered and averaged:
+
+        >>> import json, tempfile, numpy as np, polyak
+        >>> from pathlib import Path
+        >>> from polyak.formats import FORMATS, Format, FormatImpl, TensorInfo, TensorSource, register_format
+        >>> class JsonSource(TensorSource):
+        ...     format_name = "toy-json"
+        ...     def __init__(self, path, *, key=None, label=None):
+        ...         super().__init__(path, label)
+        ...         self.data = {k: np.asarray(v, np.float32) for k, v in json.loads(Path(path).read_text()).items()}
+        ...     def infos(self):
+        ...         return {k: TensorInfo(k, a.shape, a.dtype) for k, a in self.data.items()}
+        ...     def read(self, name):
+        ...         return self.data[name]
+        >>> TOY = FormatImpl(sniff=lambda path, head: head.lstrip().startswith(b"{"), open=JsonSource)
+        >>> _ = register_format(Format("toy-json", (".toy.json",), TOY, "JSON lists of numbers"))
+        >>> d = Path(tempfile.mkdtemp())
+        >>> for i in (1, 2):
+        ...     _ = (d / f"m{i}.toy.json").write_text(json.dumps({"w": [i, 2 * i]}))
+        >>> polyak.average(sorted(d.glob("*.toy.json")))["w"].tolist()
+        [1.5, 3.0]
+        >>> del FORMATS["toy-json"]  # leave the registry as it was
     """
 
     sniff: Callable[[Path, bytes], bool]

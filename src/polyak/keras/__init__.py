@@ -5,10 +5,21 @@ Importing this module imports Keras (any backend). The file formats themselves
 without Keras.
 
 Example:
-    >>> import polyak.keras as pk  # doctest: +SKIP
-    >>> cb = pk.CheckpointCallback("ckpt", start_epoch=490)  # doctest: +SKIP
-    >>> model.fit(x, y, epochs=500, callbacks=[cb])  # doctest: +SKIP
-    >>> avg = pk.average_models(pk.load_models("ckpt"), scheme="linear")  # doctest: +SKIP
+    The tutorial's recipe: save the models of the last epochs of one ``fit``, then average
+    their weights.
+
+    >>> import numpy as np, tempfile, keras
+    >>> import polyak.keras as pk
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> cb = pk.CheckpointCallback(tempfile.mkdtemp(), start_epoch=2)  # epochs 2 and 3 (0-based)
+    >>> x, y = np.ones((8, 2), "float32"), np.ones((8, 1), "float32")
+    >>> _ = model.fit(x, y, epochs=4, batch_size=4, verbose=0, callbacks=[cb])
+    >>> [p.name for p in cb.saved]
+    ['model_2.keras', 'model_3.keras']
+    >>> avg = pk.average_models(pk.load_models(cb.directory), scheme="linear")
+    >>> avg.evaluate(x, y, verbose=0) >= 0.0  # a compiled model, like the newest member
+    True
 """
 
 from __future__ import annotations
@@ -100,10 +111,23 @@ def average_models(
         The model holding the average.
 
     Raises:
+        ConfigError: No models, an object that is not a ``keras.Model``, or invalid
+            weighting options (``SchemeError``).
         PolyakError: A model has no weights yet (build it or call it on a batch first), or
             a subclassed model cannot be cloned (pass ``template`` or ``build_fn``).
         MismatchError: The models' weights differ in names, shapes or dtypes, or the
             receiving model's in names or shapes (all listed at once).
+
+    Example:
+        >>> import numpy as np, keras
+        >>> from polyak.keras import average_models
+        >>> def member(w):  # a model whose kernel is all w
+        ...     m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        ...     m.set_weights([np.full((2, 1), w, "float32"), np.zeros(1, "float32")])
+        ...     return m
+        >>> avg = average_models([member(1.0), member(2.0), member(4.0)], scheme="linear")
+        >>> [round(v, 4) for v in avg.get_weights()[0].ravel().tolist()]  # (1·1 + 2·2 + 3·4) / 6
+        [2.8333, 2.8333]
     """
     models = list(models)
     if not models:
@@ -178,10 +202,24 @@ def load_models(
     Each file is loaded with ``keras.models.load_model(path, safe_mode=True)``: Keras builds
     the model from the file's config, and its safe mode refuses code stored in the file.
 
+    Returns:
+        The loaded models, oldest → newest (ordered by the numbers in their file names).
+
     Raises:
         ConfigError: Nothing matched.
         UnsafeFileError: A file holds a ``Lambda`` layer with a Python function (Keras' safe
             mode refuses it); the message names the file and the layer.
+
+    Example:
+        >>> import numpy as np, tempfile, keras
+        >>> from polyak.keras import load_models
+        >>> folder = tempfile.mkdtemp()
+        >>> for epoch in (1, 2, 10):
+        ...     m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        ...     m.set_weights([np.full((2, 1), epoch, "float32"), np.zeros(1, "float32")])
+        ...     m.save(f"{folder}/model_{epoch}.keras")
+        >>> [float(m.get_weights()[0][0, 0]) for m in load_models(folder, start=2)]  # epochs 2 and 10
+        [2.0, 10.0]
     """
     if isinstance(pattern_or_dir, (str, os.PathLike)):
         p = Path(pattern_or_dir)
@@ -227,10 +265,34 @@ def evaluator(
     Variables absent from the state keep their value; each state array is cast to its
     variable's dtype (a float32 average evaluates in a float16 model).
 
+    Args:
+        model: A built and compiled Keras model of the states' architecture.
+        x: Inputs, as ``model.evaluate`` takes them (arrays, a ``tf.data.Dataset``, a
+            ``keras.utils.PyDataset``...).
+        y: Targets (``None`` when ``x`` yields them).
+        batch_size: Passed to ``model.evaluate``.
+        metrics: Keep only these of ``evaluate``'s results (default: all, ``loss`` included).
+
+    Returns:
+        ``evaluate(state) -> {metric: value}``, for :func:`polyak.sweep`,
+        :func:`polyak.greedy_soup` and :func:`polyak.posthoc_sweep`.
+
     Raises:
+        ConfigError: The model is not a ``keras.Model``; (when called) a name in ``metrics``
+            that ``evaluate`` does not report.
         PolyakError: The model is not built or not compiled.
         MismatchError: (when called) a state name the model does not have, or a shape
             conflict; all listed at once.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> from polyak.keras import evaluator
+        >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+        >>> model.compile(loss="mse", metrics=["mae"])
+        >>> x = np.array([[1.0], [2.0]], "float32")
+        >>> evaluate = evaluator(model, x, 2 * x)  # the data of y = 2x
+        >>> evaluate({"layers/dense/vars/0": np.array([[3.0]], "float32")})
+        {'loss': 2.5, 'mae': 1.5}
     """
     _require_built(model, "the model")
     if not getattr(model, "compiled", False):
@@ -292,6 +354,21 @@ def update_bn(model: Any, data: Any, *, steps: int | None = None, batch_size: in
 
     Returns:
         ``model`` (updated in place).
+
+    Raises:
+        ConfigError: ``model`` is not a ``keras.Model``, or ``data`` gives no batches.
+        PolyakError: The model is not built yet.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> from polyak.keras import update_bn
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization()])
+        >>> x = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]], "float32")
+        >>> bn = update_bn(model, x, batch_size=2).layers[0]
+        >>> keras.ops.convert_to_numpy(bn.moving_mean).tolist()  # the mean of the batches' means
+        [3.0, 4.0]
+        >>> keras.ops.convert_to_numpy(bn.moving_variance).tolist()  # and of their (biased) variances
+        [1.0, 1.0]
     """
     _require_built(model, "the model")
     bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]

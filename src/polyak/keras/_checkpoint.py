@@ -95,10 +95,30 @@ class CheckpointCallback(keras.callbacks.Callback):
             ``".weights.h5"`` (weights only, smaller).
         prefix: File-name prefix.
 
+    Attributes:
+        saved: The files this callback wrote that are still on disk, oldest → newest.
+
+    Raises:
+        ConfigError: An unknown ``format``, a ``start_epoch`` below 0, an ``every`` or
+            ``keep_last`` below 1, or a ``prefix`` with a path separator.
+        OutputError: (during ``fit``) a checkpoint cannot be written.
+
     Example:
-        >>> cb = CheckpointCallback("ckpt", start_epoch=490)  # doctest: +SKIP
-        >>> model.fit(x, y, epochs=500, callbacks=[cb])  # doctest: +SKIP
-        >>> polyak.average(cb.saved, out="avg.keras")  # doctest: +SKIP
+        >>> import numpy as np, tempfile, keras, polyak
+        >>> from polyak.keras import CheckpointCallback
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> folder = tempfile.mkdtemp()
+        >>> cb = CheckpointCallback(folder, start_epoch=2, format=".weights.h5")
+        >>> x, y = np.ones((8, 2), "float32"), np.ones((8, 1), "float32")
+        >>> _ = model.fit(x, y, epochs=4, batch_size=4, verbose=0, callbacks=[cb])
+        >>> [p.name for p in cb.saved]  # epochs 2 and 3 (Keras counts from 0)
+        ['model_2.weights.h5', 'model_3.weights.h5']
+        >>> _ = polyak.average(cb.saved, out=f"{folder}/avg.weights.h5", keep_optimizer=True)
+        >>> model.load_weights(f"{folder}/avg.weights.h5")  # a compiled model needs the optimizer state
+
+        Without ``keep_optimizer`` the file holds no optimizer state: load it into a newly
+        built, uncompiled model of the same architecture, then compile that.
     """
 
     def __init__(

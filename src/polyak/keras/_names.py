@@ -54,10 +54,26 @@ def _record(model: Any) -> dict[int, str]:
 
 
 def variable_names(model: Any, variables: list[Any] | None = None) -> list[str]:
-    """The ``.weights.h5`` tensor name of each variable (default: ``model.weights``).
+    """The names polyak gives a live model's variables: those of its ``.weights.h5`` file.
 
     Names are unique; variables the recorder cannot place (layers that save computed
-    values instead of their variables) are named by ``Variable.path``.
+    values instead of their variables) are named by ``Variable.path``. These are the names
+    of averaged states (``polyak.average`` of Keras files) and of the states that
+    :func:`evaluator` takes.
+
+    Args:
+        model: A built Keras model.
+        variables: The variables to name (default: ``model.weights``, in that order).
+
+    Returns:
+        One name per variable, in the order given.
+
+    Example:
+        >>> import keras
+        >>> from polyak.keras import variable_names
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
+        >>> variable_names(model)[:3]
+        ['layers/dense/vars/0', 'layers/dense/vars/1', 'layers/batch_normalization/vars/0']
     """
     variables = list(model.weights) if variables is None else list(variables)
     try:

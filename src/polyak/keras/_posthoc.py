@@ -72,11 +72,35 @@ class PostHocEMACallback(keras.callbacks.Callback):
             complete set of snapshots; an empty folder starts afresh). Resume training
             from the same step.
 
+    Attributes:
+        run: The id of this run (12 hex digits), recorded in every snapshot; a folder
+            holds one run's snapshots.
+
+    Raises:
+        ConfigError: An invalid width or ``every``, or a folder that cannot be created;
+            (when training starts) another run's snapshots in ``folder`` without ``resume``,
+            or with ``resume`` snapshots of another framework or ``every``, or no step with
+            a snapshot of every width.
+        FormatError: (with ``resume``) a snapshot without (or with a corrupt) record.
+        MismatchError: (with ``resume``) snapshots of a model with other variables.
+        PolyakError: (when training starts) the callback already tracks another model.
+
     Example:
-        >>> cb = PostHocEMACallback("run/posthoc", every=500)  # doctest: +SKIP
-        >>> model.fit(x, y, epochs=50, callbacks=[cb])  # doctest: +SKIP
-        >>> polyak.posthoc("run/posthoc", sigma_rel=0.08, out="ema.weights.h5")  # doctest: +SKIP
-        >>> model.load_weights("ema.weights.h5")  # doctest: +SKIP
+        >>> import numpy as np, tempfile, keras, polyak
+        >>> from polyak.keras import PostHocEMACallback
+        >>> def build():
+        ...     return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> model = build()
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> folder = tempfile.mkdtemp()
+        >>> cb = PostHocEMACallback(folder, every=2)  # tracks sigma_rel 0.05 and 0.10
+        >>> x, y = np.ones((8, 2), "float32"), np.ones((8, 1), "float32")
+        >>> _ = model.fit(x, y, epochs=2, batch_size=2, verbose=0, callbacks=[cb])
+        >>> cb.count, len(polyak.posthoc_plan(folder, 0.08).members)  # 8 updates: 4 snapshot steps × 2 widths
+        (8, 8)
+        >>> _ = polyak.posthoc(folder, sigma_rel=0.08, out=f"{folder}/ema.weights.h5")  # after training: any width
+        >>> ema_model = build()  # uncompiled: the file holds no optimizer state
+        >>> ema_model.load_weights(f"{folder}/ema.weights.h5")
     """
 
     def __init__(
@@ -204,7 +228,12 @@ class PostHocEMACallback(keras.callbacks.Callback):
         return self._cores[0].config(include_non_trainable=self.include_non_trainable)
 
     def average_state(self, sigma_rel: float) -> dict[str, np.ndarray]:
-        """The tracked EMA of width ``sigma_rel`` by ``.weights.h5`` tensor name."""
+        """The tracked EMA of width ``sigma_rel`` by ``.weights.h5`` tensor name.
+
+        Raises:
+            ConfigError: No tracked width equals ``sigma_rel``.
+            PolyakError: There is no average yet (it is built when ``fit`` begins).
+        """
         for s, core in zip(self.sigma_rels, self._cores, strict=True):
             if np.isclose(s, sigma_rel, rtol=1e-9, atol=0.0):
                 if not core.state.tensors:
@@ -228,7 +257,12 @@ class PostHocEMACallback(keras.callbacks.Callback):
                 "written": self._written, "averagers": averagers}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`get_state`: now if the model is known, else when ``fit`` begins."""
+        """Restore :meth:`get_state`: now if the model is known, else when ``fit`` begins.
+
+        Raises:
+            ConfigError: The state is not a PostHocEMACallback's, or tracks other widths.
+            MismatchError: Its averages do not fit the model (all differences listed).
+        """
         if state.get("kind") != KIND:
             raise ConfigError(f"not a PostHocEMACallback state (kind {state.get('kind')!r})")
         saved = tuple(float(s) for s in state.get("sigma_rels", ()))

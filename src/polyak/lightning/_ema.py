@@ -17,9 +17,14 @@ from ..torch._dist import refuse_flat_parameters
 
 __all__ = ["CHECKPOINT_KEY", "EMACallback"]
 
-#: The top-level key of a Lightning checkpoint that holds the averaged tensors, named as in
-#: the LightningModule's ``state_dict`` (timm's checkpoints use the same key).
 CHECKPOINT_KEY = "state_dict_ema"
+"""The top-level key of a Lightning checkpoint that holds the averaged tensors.
+
+The tensors are named as in the LightningModule's ``state_dict`` (timm's checkpoints use
+the same key); ``"state_dict"`` keeps the raw weights. ``polyak average last.ckpt --key
+state_dict_ema -o ema.safetensors`` extracts them; a callback with ``name=`` uses
+``"state_dict_ema_<name>"``.
+"""
 
 
 class EMACallback(pl.Callback):
@@ -47,7 +52,8 @@ class EMACallback(pl.Callback):
     ``every=k, start=1`` and ``start=s + 1`` (its steps are counted from 0, ours from 1).
 
     Args:
-        decay: The decay once warm, in ``[0, 1)``. Give this or ``half_life``.
+        decay: The decay once warm, in ``[0, 1)``. Give this, ``half_life``, ``sigma_rel``
+            or ``schedule``.
         half_life: Optimizer steps after which an update's weight has halved.
         sigma_rel: A power-function EMA of this width relative to the run so far
             (``polyak.make_schedule(sigma_rel=...)``; 0.05, 0.10 in EDM2).
@@ -65,6 +71,10 @@ class EMACallback(pl.Callback):
         apply_at_end: Leave the average in the module when ``fit`` ends (default True).
         name: Tells two EMA callbacks of one Trainer apart (their ``state_key`` and
             checkpoint key ``"state_dict_ema_<name>"``).
+
+    Attributes:
+        ema: The average, a :class:`polyak.torch.EMA` (``None`` until ``fit`` starts, or
+            a checkpoint is loaded for testing).
 
     Raises:
         ConfigError: An invalid option (at construction), or a module sharded by FSDP1 or
@@ -106,7 +116,6 @@ class EMACallback(pl.Callback):
         self.eval_with_ema = bool(eval_with_ema)
         self.apply_at_end = bool(apply_at_end)
         self.name = name
-        #: The average (None until ``fit`` starts, or a checkpoint is loaded for testing).
         self.ema: EMA | None = None
         self._record: dict[str, Any] | None = None  # from load_state_dict, until applied
         self._tensors: Mapping[str, Any] | None = None  # from on_load_checkpoint, until applied
@@ -121,6 +130,8 @@ class EMACallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
+        """The key of the callback's state in a checkpoint's ``"callbacks"`` (``"EMACallback"``,
+        with the ``name`` when one is given)."""
         return "EMACallback" if self.name is None else self._generate_state_key(name=self.name)
 
     @property

@@ -51,6 +51,7 @@ class _Averager:
     """Shared machinery of :class:`EMA` and :class:`SWA`."""
 
     kind: ClassVar[str] = "?"
+    """The averager's kind (``"ema"``, ``"swa"``), saved as ``state_dict()["kind"]``."""
 
     def __init__(
         self,
@@ -197,6 +198,7 @@ class _Averager:
 
         Raises:
             ConfigError: The state belongs to another kind of averager.
+            FormatError: A file not written by :meth:`save`, or a state without tensors.
             MismatchError: Tensor names or shapes differ (all differences listed).
         """
         if isinstance(state, (str, os.PathLike)):
@@ -232,6 +234,15 @@ class _Averager:
             path: A ``.safetensors`` file (replaced if it exists).
             metadata: More string entries for the file's metadata (the averager's own
                 record and ``format`` win over entries of the same name).
+
+        Returns:
+            ``path`` on rank 0, ``None`` on other ranks.
+
+        Raises:
+            ConfigError: ``path`` does not end in ``.safetensors``, or the averager follows
+                a sharded (FSDP2) module, whose full average :func:`polyak.torch.export`
+                writes.
+            OutputError: The file cannot be written.
         """
         from .._engine.inspect import save as save_state
 

@@ -60,6 +60,10 @@ class CheckpointSaver:
         format: ``".safetensors"`` (default) or ``".pt"``.
         prefix: File name prefix.
 
+    Raises:
+        ConfigError: An unknown ``unit`` or ``format``, a ``start`` below 0, an ``every``
+            or ``keep_last`` below 1, or a ``prefix`` with a path separator.
+
     Example:
         >>> import torch, tempfile
         >>> from polyak.torch import CheckpointSaver

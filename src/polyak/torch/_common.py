@@ -32,9 +32,14 @@ __all__ = [
     "split_targets",
 ]
 
-#: Prefixes added by wrappers: ``module.`` (DataParallel / DistributedDataParallel) and
-#: ``_orig_mod.`` (``torch.compile``). Names are compared without them.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Prefixes that wrappers add to tensor names, ignored wherever polyak matches names.
+
+``module.`` (``DataParallel``, ``DistributedDataParallel``) and ``_orig_mod.``
+(``torch.compile``): averagers, :func:`load_average` and :func:`evaluator` compare names
+without them (:func:`canonical_name`), so a wrapped model and its checkpoints match the
+bare model's.
+"""
 
 
 #: Metadata key of the record that an averager file (``EMA.save``, ``export``) carries.
@@ -42,7 +47,20 @@ META_KEY = AVERAGER_META_KEY
 
 
 def canonical_name(name: str) -> str:
-    """``name`` without leading wrapper prefixes (``module._orig_mod.fc.weight`` → ``fc.weight``)."""
+    """A tensor name without the wrapper prefixes, as polyak matches names.
+
+    Args:
+        name: A name from a (possibly wrapped) module's ``state_dict``.
+
+    Returns:
+        ``name`` with every leading :data:`WRAPPER_PREFIXES` entry removed, in any order
+        and repetition; prefixes inside the name are kept.
+
+    Example:
+        >>> from polyak.torch import canonical_name
+        >>> canonical_name("module._orig_mod.fc.weight"), canonical_name("encoder.module.weight")
+        ('fc.weight', 'encoder.module.weight')
+    """
     changed = True
     while changed:
         changed = False

@@ -165,6 +165,21 @@ def save_sharded(averager: Any, path: str | os.PathLike[str], *, force: bool = F
 
     Raises:
         OutputError: ``path`` exists and ``force`` is false.
+
+    Example:
+        In one process (no ``torch.distributed``) it writes the whole state; under
+        ``torchrun`` call it the same way on every rank.
+
+        >>> import tempfile, torch
+        >>> from polyak.torch import EMA, load_sharded, save_sharded
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ema = EMA(model, decay=0.9)
+        >>> ema.update()
+        >>> folder = save_sharded(ema, f"{tempfile.mkdtemp()}/ema_dcp")
+        >>> restored = EMA(model, decay=0.9)
+        >>> load_sharded(restored, folder)
+        >>> restored.state.count, torch.equal(restored.state.tensors["weight"], ema.state.tensors["weight"])
+        (1, True)
     """
     import torch.distributed.checkpoint as dcp
 
@@ -198,11 +213,31 @@ def load_sharded(averager: Any, path: str | os.PathLike[str]) -> None:
     """Restore a state written by :func:`save_sharded`, on any number of ranks.
 
     Every rank reads only the pieces of its own shards (DCP reshards: a state saved on 2
-    ranks loads on 4, or in one process without torch.distributed).
+    ranks loads on 4, or in one process without torch.distributed). Settings (schedule,
+    start, every) and counters come from the saved state, as in ``load_state_dict``.
+
+    Args:
+        averager: The :class:`polyak.torch.EMA` or :class:`polyak.torch.SWA` to restore
+            into, following the same model (call on every rank).
+        path: The folder :func:`save_sharded` wrote.
 
     Raises:
         FormatError: The folder is not an averager state from :func:`save_sharded`.
         MismatchError: It was saved for a model with other tensor names or shapes.
+        ConfigError: It is the state of another kind of averager.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from polyak.torch import SWA, load_sharded, save_sharded
+        >>> model = torch.nn.Linear(2, 1)
+        >>> swa = SWA(model)
+        >>> for _ in range(3):
+        ...     swa.update()
+        >>> folder = save_sharded(swa, f"{tempfile.mkdtemp()}/swa_dcp")
+        >>> restored = SWA(model)
+        >>> load_sharded(restored, folder)
+        >>> restored.state.step, restored.state.count
+        (3, 3)
     """
     import torch.distributed.checkpoint as dcp
 
@@ -256,6 +291,20 @@ def export(averager: Any, path: str | os.PathLike[str], *, dtype: torch.dtype | 
 
     Returns:
         ``path`` on rank 0, ``None`` on other ranks.
+
+    Raises:
+        ConfigError: ``path`` does not end in ``.safetensors``.
+        OutputError: The file cannot be written.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from polyak.torch import EMA, export
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ema = EMA(model, decay=0.9)
+        >>> ema.update()
+        >>> path = export(ema, f"{tempfile.mkdtemp()}/ema.safetensors")  # on every rank
+        >>> EMA.load(path, model).state.count
+        1
     """
     from ..formats import TensorInfo
     from ..formats.safetensors import SafetensorsWriter
@@ -313,6 +362,16 @@ def full_state_dict(averager: Any, *, rank0_only: bool = True) -> dict[str, Any]
 
     Returns:
         ``{"kind", "step", "count", "config", "tensors"}`` with global shapes.
+
+    Example:
+        >>> import torch
+        >>> from polyak.torch import EMA, full_state_dict, load_full_state_dict
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ema = EMA(model, decay=0.9)
+        >>> ema.update()
+        >>> state = full_state_dict(ema)  # e.g. into a one-file checkpoint written by rank 0
+        >>> sorted(state), state["tensors"]["weight"].shape
+        (['config', 'count', 'kind', 'step', 'tensors'], torch.Size([1, 2]))
     """
     if not is_sharded(averager.module):
         return dict(averager.state_dict())
@@ -334,10 +393,27 @@ def load_full_state_dict(averager: Any, state: Mapping[str, Any]) -> None:
 
     For an averager of a sharded module every rank takes its own pieces of each tensor
     (the ``DTensor`` placements of the live parameter; no communication), so each rank
-    must be given the whole state, e.g. by loading the checkpoint on every rank.
+    must be given the whole state, e.g. by loading the checkpoint on every rank. Settings
+    and counters come from the state, as in ``load_state_dict``.
+
+    Args:
+        averager: The :class:`polyak.torch.EMA` or :class:`polyak.torch.SWA` to restore into.
+        state: The state with whole tensors.
 
     Raises:
+        ConfigError: The state is another kind of averager's.
         MismatchError: Tensor names or (global) shapes differ, all listed.
+
+    Example:
+        >>> import torch
+        >>> from polyak.torch import EMA, full_state_dict, load_full_state_dict
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ema = EMA(model, decay=0.9)
+        >>> ema.update()
+        >>> restored = EMA(model, decay=0.5)
+        >>> load_full_state_dict(restored, full_state_dict(ema))
+        >>> restored.schedule.decay, restored.state.count  # the saved settings and counters
+        (0.9, 1)
     """
     if not is_sharded(averager.module):
         averager.load_state_dict(state)

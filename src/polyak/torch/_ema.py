@@ -48,6 +48,15 @@ class EMA(_Averager):
         device: Keep the average on this device (e.g. ``"cpu"`` for a large GPU model).
         schedule: A ready :class:`polyak.DecaySchedule` instead of the decay options.
 
+    Raises:
+        ConfigError: Not exactly one of ``decay``, ``half_life``, ``sigma_rel`` and
+            ``schedule``, a value out of range (see :func:`polyak.make_schedule`), a
+            ``warmup`` with ``sigma_rel``, an ``every`` that differs from the schedule's,
+            a ``module`` that is not a ``torch.nn.Module``, or a ``dtype`` that is not
+            floating.
+        MismatchError: Two of the module's tensors have the same name once the wrapper
+            prefixes (``module.``, ``_orig_mod.``) are removed.
+
     Example:
         >>> import torch
         >>> from polyak.torch import EMA
@@ -164,6 +173,27 @@ class SWA(_Averager):
         include_buffers: Average floating buffers (True) or copy them (False).
         dtype: Accumulator dtype (default: float32 for bf16/fp16, else the tensor's).
         device: Keep the average on this device.
+
+    Raises:
+        ConfigError: An unknown ``weighting``, a ``start`` below 0 or an ``every`` below 1,
+            a ``module`` that is not a ``torch.nn.Module``, or a ``dtype`` that is not
+            floating.
+        MismatchError: Two of the module's tensors have the same name once the wrapper
+            prefixes are removed.
+
+    Example:
+        >>> import torch
+        >>> from polyak.torch import SWA
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> swa = SWA(model, start=2, weighting="equal")
+        >>> with torch.no_grad():
+        ...     for step in range(1, 6):  # the weight is the step number
+        ...         _ = model.weight.fill_(step)
+        ...         swa.update()
+        >>> swa.state.tensors["weight"].item()  # steps 2..5 averaged: (2 + 3 + 4 + 5) / 4
+        3.5
+        >>> swa.copy_to(model); model.weight.item()
+        3.5
 
     References:
         Polyak & Juditsky (1992), Acceleration of stochastic approximation by averaging.

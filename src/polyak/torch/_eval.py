@@ -75,7 +75,19 @@ def update_bn(
 
 
 class Evaluate(Protocol):
-    """``evaluate(state) -> metrics``: what :func:`polyak.sweep` calls for each candidate."""
+    """``evaluate(state) -> metrics``: what :func:`evaluator` returns and :func:`polyak.sweep` calls.
+
+    Called with a state (tensor name → numpy array), it scores those weights in the
+    module; called with no state, the module as it is. Returns ``{metric: value}``.
+
+    Example:
+        >>> import torch
+        >>> from polyak.torch import evaluator
+        >>> model = torch.nn.Linear(2, 1)
+        >>> evaluate = evaluator(model, [(torch.ones(4, 2), torch.full((4, 1), 3.0))])
+        >>> evaluate({"weight": torch.ones(1, 2).numpy(), "bias": torch.ones(1).numpy()})  # 1 + 1 + 1 = 3
+        {'loss': 0.0}
+    """
 
     def __call__(self, state: Mapping[str, np.ndarray] | None = None) -> dict[str, float]: ...
 
@@ -93,7 +105,27 @@ def _default_call(model: torch.nn.Module, batch: Any) -> tuple[Any, Any]:
 
 
 def default_metric(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Integer targets: cross-entropy ``loss`` and ``accuracy``; otherwise MSE ``loss``."""
+    """The metrics :func:`evaluator` measures by default: loss and accuracy, or MSE.
+
+    Args:
+        outputs: The model's outputs for a batch (logits; an object with a ``logits``
+            attribute, such as a Hugging Face model output, is read through it).
+        targets: The batch's targets.
+
+    Returns:
+        For integer class targets (one dimension fewer than ``outputs``): the mean
+        cross-entropy ``loss`` and the ``accuracy`` of the arg-max. Otherwise the mean
+        squared error as ``loss`` (targets reshaped to the outputs' shape).
+
+    Example:
+        >>> import torch
+        >>> from polyak.torch import default_metric
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> {k: round(v, 4) for k, v in default_metric(logits, torch.tensor([0, 0])).items()}
+        {'loss': 1.1269, 'accuracy': 0.5}
+        >>> default_metric(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]))
+        {'loss': 2.0}
+    """
     outputs = getattr(outputs, "logits", outputs)
     if not targets.is_floating_point() and outputs.ndim == targets.ndim + 1:
         loss = torch.nn.functional.cross_entropy(outputs.float(), targets.long())
@@ -134,11 +166,23 @@ def evaluator(
         device: Move each batch to this device first.
 
     Returns:
-        The evaluate function.
+        The evaluate function (see :class:`Evaluate`).
 
     Raises:
         MismatchError: (when called) a state name the module does not have, or a shape
             conflict; all listed at once.
+        ConfigError: (when called) the loader gives no batches, or a batch that is neither
+            an ``(inputs, targets)`` pair nor a dict with targets (pass ``call=``).
+
+    Example:
+        >>> import torch, polyak
+        >>> from polyak.torch import evaluator
+        >>> x = torch.tensor([[1.0], [2.0]]); y = 2 * x  # the data of y = 2x
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> members = [{"weight": torch.tensor([[1.0]])}, {"weight": torch.tensor([[3.0]])}]
+        >>> res = polyak.sweep(members, evaluator(model, [(x, y)]), schemes=["equal"])
+        >>> [(r.name, r.n, r.value("loss", "eval")) for r in res.select_rows(kind="average")]
+        [('equal', 1, 2.5), ('equal', 2, 0.0)]
     """
     run = call or _default_call
     score = metric or default_metric

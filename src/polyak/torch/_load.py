@@ -40,13 +40,22 @@ OPTIONS = ("alpha", "weights", "last", "order", "format", "key", "strip_prefix",
 
 @dataclass
 class LoadReport:
-    """What :func:`load_average` loaded.
+    """What :func:`load_average` put into the module: the tensors loaded, and those left out.
 
     Attributes:
         loaded: Names of the module's tensors that received the average (module order;
             every name of a tied tensor).
         missing: The module's tensors the average lacks (module order; left as they were).
         unexpected: Averaged tensors the module lacks (sorted; ignored).
+
+    Example:
+        >>> import torch
+        >>> from polyak.torch import load_average
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Linear(1, 1))
+        >>> partial = {"0.weight": torch.ones(1, 2), "0.bias": torch.zeros(1), "head.weight": torch.ones(3)}
+        >>> report = load_average(model, [partial], strict=False)
+        >>> report.loaded, report.missing, report.unexpected
+        (['0.weight', '0.bias'], ['1.weight', '1.bias'], ['head.weight'])
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -195,6 +204,9 @@ def load_average(
         A :class:`LoadReport`.
 
     Raises:
+        ConfigError: Invalid options (``out=`` or another keyword :func:`polyak.average`
+            takes but a module cannot; ``SchemeError`` for scheme problems).
+        FormatError: An unreadable, corrupt or unsafe checkpoint.
         MismatchError: Names differ (strict) or shapes differ (always); all listed at once,
             before the module is touched. Also when a tied tensor's names hold different
             averages.

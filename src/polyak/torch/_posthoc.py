@@ -69,6 +69,20 @@ class PostHocEMA:
             tensors, else their own).
         device: Keep the averages on this device (e.g. ``"cpu"``).
 
+    Attributes:
+        averagers: The tracked :class:`EMA` of each width, in the order of ``sigma_rels``
+            (:meth:`ema` finds one by width).
+        run: The id of this run (12 hex digits), recorded in every snapshot; a folder
+            holds one run's snapshots.
+
+    Raises:
+        ConfigError: An invalid width, ``every`` or EMA option, or a folder that cannot be
+            created; with ``resume``, snapshots of another framework or ``every``, or no
+            step with a snapshot of every width.
+        FormatError: With ``resume``, a snapshot without (or with a corrupt) record, or
+            whose averager state disagrees with its record.
+        MismatchError: With ``resume``, snapshots of a model with other tensors.
+
     Example:
         >>> import torch, tempfile, polyak
         >>> from polyak.torch import PostHocEMA
@@ -122,7 +136,11 @@ class PostHocEMA:
 
     # -- the tracked averages ---------------------------------------------------------------
     def ema(self, sigma_rel: float) -> EMA:
-        """The tracked :class:`EMA` of width ``sigma_rel`` (to evaluate it during training)."""
+        """The tracked :class:`EMA` of width ``sigma_rel`` (to evaluate it during training).
+
+        Raises:
+            ConfigError: No tracked width equals ``sigma_rel``.
+        """
         for s, avg in zip(self.sigma_rels, self.averagers, strict=True):
             if np.isclose(s, sigma_rel, rtol=1e-9, atol=0.0):
                 return avg

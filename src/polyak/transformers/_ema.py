@@ -20,8 +20,14 @@ from ..torch._dist import refuse_flat_parameters
 
 __all__ = ["EMA_FILE", "EMACallback"]
 
-#: The file the callback writes into every ``checkpoint-N/`` folder.
 EMA_FILE = "ema.safetensors"
+"""The file :class:`EMACallback` writes into every ``checkpoint-N/`` folder the Trainer saves.
+
+It is an :meth:`polyak.torch.EMA.save` file: the averaged tensors (named as in the model's
+``state_dict``) with the averager's settings and counters in its metadata, read back on
+``train(resume_from_checkpoint=...)``; ``polyak.torch.EMA.load`` restores it, and
+``polyak inspect`` and ``polyak average`` read it like any safetensors file.
+"""
 
 
 class EMACallback(transformers.TrainerCallback):
@@ -49,7 +55,8 @@ class EMACallback(transformers.TrainerCallback):
       leaves it in the model (after ``load_best_model_at_end``, which loads raw weights).
 
     Args:
-        decay: The decay once warm, in ``[0, 1)``. Give this or ``half_life``.
+        decay: The decay once warm, in ``[0, 1)``. Give this, ``half_life``, ``sigma_rel``
+            or ``schedule``.
         half_life: Optimizer steps after which an update's weight has halved.
         sigma_rel: A power-function EMA of this width relative to the run so far
             (``polyak.make_schedule(sigma_rel=...)``; 0.05, 0.10 in EDM2).
@@ -67,6 +74,9 @@ class EMACallback(transformers.TrainerCallback):
         final_dir: Write the final average here as a ``save_pretrained`` folder.
         apply_at_end: Copy the average into the model when training ends (default False).
         resume_from: The checkpoint folder to restore the average from when resuming.
+
+    Attributes:
+        ema: The average, a :class:`polyak.torch.EMA` (``None`` until training begins).
 
     Raises:
         ConfigError: An invalid option (at construction); ``eval_with_ema`` with a dict of
@@ -110,7 +120,6 @@ class EMACallback(transformers.TrainerCallback):
         self.final_dir = None if final_dir is None else Path(final_dir)
         self.apply_at_end = bool(apply_at_end)
         self.resume_from = None if resume_from is None else Path(resume_from)
-        #: The average (None until training begins).
         self.ema: EMA | None = None
         self._model: torch.nn.Module | None = None
         self._processing_class: Any = None
@@ -208,7 +217,11 @@ class EMACallback(transformers.TrainerCallback):
 
     @contextlib.contextmanager
     def average_parameters(self) -> Iterator[torch.nn.Module]:
-        """Swap the average into the model for the block (the raw weights come back after)."""
+        """Swap the average into the model for the block (the raw weights come back after).
+
+        Raises:
+            ConfigError: There is no average yet (it is created when training begins).
+        """
         if self.ema is None:
             raise ConfigError("there is no average yet: EMACallback creates it when Trainer.train() begins")
         with self.ema.average_parameters(self._model) as model:
@@ -228,6 +241,7 @@ class EMACallback(transformers.TrainerCallback):
             kwargs: Passed to ``model.save_pretrained`` (e.g. ``max_shard_size``).
 
         Raises:
+            ConfigError: There is no average yet (it is created when training begins).
             OutputError: ``path`` holds files and ``force`` is false, or is a file.
         """
         from ..torch._common import is_writer_rank
