@@ -10,7 +10,7 @@ export KERAS_BACKEND ?= torch
 # once more in one pytest process per other backend.
 KERAS_BACKENDS := torch jax tensorflow
 
-.PHONY: install test lint docs demo bench fuzz clean
+.PHONY: install test lint docs demo bench fuzz mutate clean
 
 install: $(STAMP)
 
@@ -48,5 +48,16 @@ fuzz: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt atheris
 	$(PY) tests/fuzz/fuzz_formats.py $(FUZZ_ARGS)
 
+# Mutation testing of the core modules (mutmut; in-process tests only; not part of `make test`).
+# Bounded and resumable: it stops after MUTATE_BUDGET seconds and the next run goes on from
+# there; it prints each module's score. E.g. make mutate MODULES="schemes kernel" MUTATE_BUDGET=900
+# (modules and options: tests/mutation/mutate.py --help; MUTATE_ARGS=--rerun after adding tests).
+MODULES ?=
+MUTATE_BUDGET ?= 10800
+MUTATE_JOBS ?= 1
+mutate: install
+	POLYAK_IN_PROCESS_ONLY=1 nice -n 10 $(PY) tests/mutation/mutate.py --modules "$(MODULES)" \
+		--budget $(MUTATE_BUDGET) --jobs $(MUTATE_JOBS) $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist site mutants src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,7 +1,9 @@
-"""Small helpers shared by tests: random states, writing members, the per-step EMA reference."""
+"""Small helpers shared by tests: random states, writing members, independent references (tutorial
+weights, the safetensors package, the per-step EMA, a power EMA)."""
 
 from __future__ import annotations
 
+from math import exp
 from pathlib import Path
 
 import ml_dtypes
@@ -43,6 +45,34 @@ def reference_average(states: list[dict[str, np.ndarray]], weights: np.ndarray) 
             continue
         stack = np.stack([s[name].astype(np.float64) for s in states])
         out[name] = np.average(stack, axis=0, weights=weights).astype(newest.dtype)
+    return out
+
+
+def tutorial_weights(scheme: str, n: int, alpha: float = 2.0) -> np.ndarray:
+    """The tutorial's weight formulas (its code lists the newest member first), normalised
+    and turned oldest → newest: the independent reference for polyak's schemes."""
+    if scheme == "equal":
+        w = [1.0 for _ in range(n)]
+    elif scheme == "linear":
+        w = [i / n for i in range(n, 0, -1)]
+    elif scheme == "exponential":
+        w = [exp(-i / alpha) for i in range(1, n + 1)]
+    else:
+        raise ValueError(f"no tutorial formula for {scheme!r}")
+    arr = np.array(w[::-1])
+    return arr / arr.sum()
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """A safetensors file as read by the ``safetensors`` package (not by polyak), in file order."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+            t = f.get_tensor(name)
+            out[name] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
     return out
 
 

@@ -6,7 +6,8 @@ Used by ``tests/test_reliability_kill.py`` (a bounded campaign) and by
 A campaign runs a writer in a subprocess many times and kills it with SIGKILL, either at
 a uniformly random time over the whole measured run (startup included), or at a random
 time after its temporary output file appeared (so that most kills land while bytes are
-being written, fsynced and renamed). After every kill it checks:
+being written, fsynced and renamed); until a kill has left a temporary file, it kills as
+soon as one appears. After every kill it checks:
 
 * every input is byte-identical to what it was (and, at the end, loadable);
 * the output either does not exist or is complete and bit-identical to a reference run
@@ -155,17 +156,22 @@ def _wait_for_temp(folder: Path, proc: subprocess.Popen[bytes], limit: float, ol
     return False
 
 
-#: A campaign that has not killed anything yet keeps trying (on a loaded machine the
-#: budget can pass before the first kill) for at most this many runs.
-MIN_RUNS_FOR_A_KILL = 10
+#: A campaign that has not yet killed a writer while its temporary file existed (the
+#: evidence for "the next run removes what a killed run left") keeps trying, past its
+#: budget and its number of kills (a loaded machine can spend the budget before), for at
+#: most this many runs; the tests then fail on the missing evidence.
+MIN_RUNS_FOR_EVIDENCE = 10
+
+
+def _evidence(stats: KillStats) -> bool:
+    """A kill happened, and one left a temporary file for the next run to remove."""
+    return stats.kills >= 1 and stats.temps_seen >= 1
 
 
 def _go_on(stats: KillStats, kills: int, elapsed: float, budget_s: float) -> bool:
-    if stats.kills >= kills:
-        return False
-    if stats.kills == 0 and stats.runs < MIN_RUNS_FOR_A_KILL:
+    if not _evidence(stats) and stats.runs < MIN_RUNS_FOR_EVIDENCE:
         return True
-    return elapsed < budget_s
+    return stats.kills < kills and elapsed < budget_s
 
 
 def run_campaign(c: Campaign, *, kills: int, budget_s: float, seed: int = 0, env: dict[str, str] | None = None) -> KillStats:
@@ -176,14 +182,18 @@ def run_campaign(c: Campaign, *, kills: int, budget_s: float, seed: int = 0, env
     t_start = time.perf_counter()
     digests = {p: _digest(p) for p in c.inputs}
     ref = _reference(c, env)
-    # Measure a full run and its write phase (from the first temp file to the exit).
+    # Measure a full run and its write phase (while temporary files exist: a kill then
+    # leaves one for the next run to remove).
     t0 = time.perf_counter()
     proc = subprocess.Popen(c.command(True), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_temp(c.out.parent, proc, 60, set())
     t_temp = time.perf_counter()
+    while proc.poll() is None and _temps(c.out.parent):
+        time.sleep(0.0005)
+    t_gone = time.perf_counter()
     proc.wait()
     t1 = time.perf_counter()
-    total, write_phase = t1 - t0, max(t1 - t_temp, 1e-3)
+    total, write_phase = t1 - t0, max(t_gone - t_temp, 1e-3)
     folder = c.out.parent
     previous: set[Path] = set()
     t_kills = time.perf_counter()  # the budget counts the kill runs, not the measurement
@@ -195,7 +205,11 @@ def run_campaign(c: Campaign, *, kills: int, budget_s: float, seed: int = 0, env
         old = _temps(folder)
         proc = subprocess.Popen(c.command(force), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stats.runs += 1
-        if rng.random() < 0.3:
+        if not _evidence(stats):
+            # First the evidence: kill as soon as a temporary file appears (the write phase
+            # of a small output can be shorter than this loop's reaction on a loaded machine).
+            _wait_for_temp(folder, proc, 60, old)
+        elif rng.random() < 0.3:
             time.sleep(rng.uniform(0, total * 1.05))
         else:
             _wait_for_temp(folder, proc, 60, old)
@@ -362,6 +376,11 @@ def _wait_for_saving(folder: Path, proc: subprocess.Popen[bytes], limit: float =
         time.sleep(0.005)
 
 
+def _saver_evidence(stats: KillStats) -> bool:
+    """As :func:`_evidence`, and a checkpoint left by a killed saver was checked."""
+    return _evidence(stats) and stats.outputs_complete >= 1
+
+
 def run_saver_campaign(kind: str, folder: Path, *, kills: int, budget_s: float, seed: int = 0) -> KillStats:
     """Kill a process that keeps saving checkpoints (CheckpointSaver / EMA.save) at random times."""
     env = dict(os.environ)
@@ -372,11 +391,18 @@ def run_saver_campaign(kind: str, folder: Path, *, kills: int, budget_s: float, 
     out.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-c", SAVER_SCRIPTS[kind], str(out)]
     previous: set[str] = set()
-    while _go_on(stats, kills, time.perf_counter() - t_start, budget_s):
+    while (not _saver_evidence(stats) and stats.runs < MIN_RUNS_FOR_EVIDENCE) or (
+            stats.kills < kills and time.perf_counter() - t_start < budget_s):
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         stats.runs += 1
         _wait_for_saving(out, proc)  # past the imports: saving has begun
-        time.sleep(rng.uniform(0, 0.5))
+        if _saver_evidence(stats):
+            time.sleep(rng.uniform(0, 0.5))
+        else:  # as in run_campaign: first a kill that leaves a temporary file next to a checkpoint
+            end = time.perf_counter() + 5
+            while proc.poll() is None and time.perf_counter() < end and not (
+                    _all_temps(out) - previous and any(p.is_file() and TEMP_MARK not in p.name for p in out.rglob("*"))):
+                time.sleep(0.0005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             stats.kills += 1

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polyak import MismatchError, scheme_weights
+from _helpers import tutorial_weights
+from polyak import MismatchError
 from polyak.demo._data import N_TRAIN, N_VALIDATION, load_blobs, make_blobs
 from polyak.demo._experiment import DemoConfig
 from polyak.demo._model import Evaluator, MLPParams, mlp_params, predict_proba
@@ -18,7 +19,7 @@ from polyak.demo._train import Recipe
 
 def test_mlp_params_names_every_missing_tensor_and_ignores_extras() -> None:
     state = {"hidden.weight": np.ones((25, 2)), "output.bias": np.ones(3), "opt.momentum": np.ones(1)}
-    with pytest.raises(MismatchError) as info:
+    with pytest.raises(MismatchError, match="the demo MLP's") as info:
         mlp_params(state, "torch")
     assert str(info.value).splitlines() == [
         "the torch checkpoint is not the demo MLP's (1 problem(s)):",
@@ -163,7 +164,7 @@ def test_demo_averages_equal_numpy_average_of_the_files(tmp_path: Path) -> None:
     evaluate = Evaluator(load_blobs(), "torch")
     for label, scheme, alpha in cfg.schemes():
         for n in range(1, 6):
-            w = scheme_weights(scheme, n, alpha=alpha) if alpha else scheme_weights(scheme, n)
+            w = tutorial_weights(scheme, n, alpha or 2.0)
             avg = {k: np.average(np.stack([s[k] for s in states[5 - n :]]), axis=0, weights=w) for k in states[0]}
             expected, got = evaluate(avg), rep["averages"][label][n - 1]
             for key in ("holdout", "validation", "test"):

@@ -6,6 +6,7 @@ covered by registering its sample maker.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -76,9 +77,8 @@ def test_broken_file_one_clear_error(tmp_path: Path, name: str, damage: str, cap
     for victim in [f for f in files if f.is_file()]:
         original = victim.read_bytes()
         victim.write_bytes(DAMAGES[damage](original))
-        with pytest.raises(polyak.PolyakError) as info:
+        with pytest.raises(polyak.PolyakError, match=re.escape(str(bad))):
             polyak.open_source(bad)
-        assert str(bad) in str(info.value), info.value
         out = tmp_path / "out" / "avg.safetensors"
         out.parent.mkdir(exist_ok=True)
         status = cli_main(["average", str(good), str(bad), "-o", str(out), "--order", "given", "-q"])
@@ -95,10 +95,8 @@ def test_wrong_suffix_names_file_and_fix(tmp_path: Path, name: str) -> None:
     wrong = ".npz" if sample.format != "npz" else ".safetensors"
     renamed = path.with_name("renamed" + wrong)
     shutil.copy(path, renamed)
-    with pytest.raises(polyak.FormatError) as info:
+    with pytest.raises(polyak.FormatError, match=f"(?s){re.escape(str(renamed))}.*--format {sample.format}"):
         polyak.open_source(renamed)
-    text = str(info.value)
-    assert str(renamed) in text and f"--format {sample.format}" in text
     # The fix works: naming the format reads it.
     assert polyak.open_source(renamed, format=sample.format).keys()
 
@@ -138,10 +136,8 @@ def test_mismatched_members_one_error_naming_files(
         other["layer.0.weight"] = other["layer.0.weight"].astype(np.float64)
     pa, _ = sample.make(a, state)
     pb, _ = sample.make(b, other)
-    with pytest.raises(polyak.MismatchError) as info:
+    with pytest.raises(polyak.MismatchError, match=f"(?s)^(?=.*{re.escape(str(pa))})(?=.*{re.escape(str(pb))})"):
         polyak.average([pa, pb], order="given")
-    text = str(info.value)
-    assert str(pa) in text and str(pb) in text
     out = tmp_path / "avg.safetensors"
     assert cli_main(["average", str(pa), str(pb), "-o", str(out), "--order", "given", "-q"]) == 2
     err = capsys.readouterr().err

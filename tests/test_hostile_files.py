@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -44,10 +45,9 @@ def _evil_pt(path: Path, marker: Path, *, legacy: bool = False) -> Path:
 def test_pickle_that_runs_code_is_refused(tmp_path: Path, legacy: bool, suffix: str) -> None:
     marker = tmp_path / "PWNED"
     path = _evil_pt(tmp_path / f"evil{suffix}", marker, legacy=legacy)
-    with pytest.raises(polyak.UnsafeFileError) as info:
+    with pytest.raises(polyak.UnsafeFileError, match=f"^{re.escape(str(path))}: ") as info:
         polyak.open_source(path)
     text = str(info.value)
-    assert str(path) in text
     assert "weights_only=True" in text and "never falls back" in text
     assert "If you trust this file, convert it" in text and "safetensors" in text
     assert not marker.exists()
@@ -64,7 +64,7 @@ def test_pickle_that_runs_code_via_cli_and_average(tmp_path: Path, capsys: pytes
     line = one_line_error(capsys.readouterr().err)
     assert str(evil) in line and "UnsafeFile" not in line
     assert not marker.exists() and not out.exists() and leftovers(tmp_path) == []
-    with pytest.raises(polyak.UnsafeFileError):
+    with pytest.raises(polyak.UnsafeFileError, match=f"^{re.escape(str(evil))}: .*weights_only=True"):
         polyak.average([good, evil])
     assert not marker.exists()
 
@@ -266,9 +266,8 @@ def test_hdf5_links_and_external_data_refused(tmp_path: Path, name: str, attack:
             zf.writestr("metadata.json", "{}")
             zf.write(path, "model.weights.h5")
         path = archive
-    with pytest.raises(polyak.UnsafeFileError) as info:
+    with pytest.raises(polyak.UnsafeFileError, match=f"^{re.escape(str(path))}: "):
         read_all(path)
-    assert str(path) in str(info.value)
 
 
 def test_keras_archive_bomb_and_hostile_metadata(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ pytest.importorskip("h5py")
 
 import polyak  # noqa: E402
 import polyak.keras as pk  # noqa: E402
-from _helpers import per_step_ema  # noqa: E402
+from _helpers import per_step_ema, tutorial_weights  # noqa: E402
 
 pytestmark = [pytest.mark.keras, pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -68,7 +69,7 @@ def test_tutorial_flow_load_average_evaluate(tmp_path: Path) -> None:
     assert len(pk.load_models(str(tmp_path / "model_*.keras"), start=4)) == 2
     for scheme in ("equal", "linear", "exponential"):
         avg = pk.average_models(models, scheme=scheme, alpha=2.0)
-        w = polyak.scheme_weights(scheme, 3, alpha=2.0)
+        w = tutorial_weights(scheme, 3, 2.0)
         expected = [np.average(np.stack(t), axis=0, weights=w) for t in zip(*[m.get_weights() for m in models], strict=True)]
         for got, exp in zip(avg.get_weights(), expected, strict=True):
             np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-7)
@@ -145,12 +146,18 @@ class _Probe(keras.callbacks.Callback):
         self.at_epoch_end.append([keras.ops.convert_to_numpy(v) for v in self.model.weights])
 
 
-def _closed_form(steps: list[list[np.ndarray]], schedule: polyak.DecaySchedule) -> list[np.ndarray]:
+def _closed_form(steps: list[list[np.ndarray]], decay: Callable[[int], float]) -> list[np.ndarray]:
+    """The EMA recursion in float64: the first step copies, update n uses ``decay(n)``."""
     avg = [s.astype(np.float64) for s in steps[0]]
     for n, cur in enumerate(steps[1:], start=1):
-        d = schedule(n)
+        d = decay(n)
         avg = [d * a + (1 - d) * c for a, c in zip(avg, cur, strict=True)]
     return avg
+
+
+def _timm(decay: float, min_decay: float = 0.0) -> Callable[[int], float]:
+    """timm ModelEmaV3's warmup, written out (gamma 1, power 2/3)."""
+    return lambda n: min(max(1 - (1 + n) ** (-2 / 3), min_decay), decay)
 
 
 def test_ema_matches_keras_use_ema() -> None:
@@ -177,7 +184,7 @@ def test_ema_closed_form_swap_and_raw_weights_kept(tmp_path: Path) -> None:
     ema = pk.EMACallback(0.8, warmup="timm", include_non_trainable=True, save_path=tmp_path / "ema.weights.h5")
     probe = _Probe()
     hist = model.fit(X, Y, epochs=2, batch_size=16, verbose=0, validation_data=(X, Y), callbacks=[ema, probe])
-    expected = _closed_form(probe.steps, ema.schedule)
+    expected = _closed_form(probe.steps, _timm(0.8))
     for got, exp in zip(ema.average_weights(), expected, strict=True):
         np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
     # validation ran on the average; training went on (and ended) with the raw weights
@@ -206,10 +213,18 @@ def test_ema_closed_form_swap_and_raw_weights_kept(tmp_path: Path) -> None:
 def test_ema_apply_at_end_every_and_resume() -> None:
     model = _model()
     ema = pk.EMACallback(half_life=4, every=2, start_epoch=1, apply_at_end=True)
-    model.fit(X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[ema])
+    probe = _Probe()
+    model.fit(X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[ema, probe])
     assert ema.count == 3  # steps 4..9 of epochs 1-2, every 2 steps: 4, 6, 8
-    for got, exp in zip(model.get_weights(), ema.average_weights(), strict=True):
-        np.testing.assert_array_equal(got, exp)
+    # The closed form: a half-life of 4 steps, updated every 2: decay 0.5 ** (2 / 4).
+    d = 0.5 ** (2 / 4)
+    expected = _closed_form([probe.steps[s - 1] for s in (4, 6, 8)], lambda n: d)
+    trainable = {id(v) for v in model.trainable_weights}
+    for v, got, exp, raw in zip(model.weights, model.get_weights(), expected, probe.steps[-1], strict=True):
+        if id(v) in trainable:  # the average is left in the model
+            np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+        else:  # BatchNorm's statistics are not averaged (include_non_trainable=False)
+            np.testing.assert_array_equal(got, raw)
     state = ema.get_state()
     json.dumps({k: v for k, v in state.items() if k != "tensors"})
     resumed = pk.EMACallback(0.5)

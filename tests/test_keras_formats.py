@@ -15,6 +15,7 @@ h5py = pytest.importorskip("h5py")
 keras = pytest.importorskip("keras")
 
 import polyak  # noqa: E402
+from _helpers import tutorial_weights  # noqa: E402
 from polyak import FormatError, UnsafeFileError  # noqa: E402
 
 # Keras 3.15's Variable.numpy() trips numpy 2's __array__(copy=) deprecation: Keras' bug.
@@ -76,7 +77,7 @@ def test_keras_archive_cli_average_loads_and_predicts(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     with pytest.warns(UserWarning, match="optimizer"):  # optimizer state dropped: starts fresh
         loaded = keras.models.load_model(out)
-    w = polyak.scheme_weights("linear", 3)
+    w = tutorial_weights("linear", 3)
     ref = _model()
     ref.set_weights(_expected(weights, w))
     x = np.random.default_rng(5).normal(size=(7, 4)).astype("float32")
@@ -113,7 +114,7 @@ def test_weights_h5_round_trip_and_h5_suffix(tmp_path: Path) -> None:
     polyak.average(paths, out=out, scheme="exponential", alpha=1.5)
     m = _model(compiled=False)  # the optimizer state was dropped: load into an uncompiled model
     m.load_weights(out)
-    for got, exp in zip(m.get_weights(), _expected(weights, polyak.scheme_weights("exponential", 3, alpha=1.5)), strict=True):
+    for got, exp in zip(m.get_weights(), _expected(weights, tutorial_weights("exponential", 3, 1.5)), strict=True):
         np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-7)
     with h5py.File(out) as f, h5py.File(paths[-1]) as g:
         assert "optimizer" not in f and "optimizer" in g

@@ -76,7 +76,7 @@ def test_models_that_differ_in_the_middle_are_refused_with_every_difference() ->
     extra_bn = _seq(keras.layers.BatchNormalization(), keras.layers.Dense(6), seed=1)
     narrower = _seq(keras.layers.Dense(5), seed=2)
     newest = _seq(keras.layers.Dense(6), seed=3)
-    with pytest.raises(polyak.MismatchError) as info:
+    with pytest.raises(polyak.MismatchError, match=r"^the 3 members do not match") as info:
         pk.average_models([extra_bn, narrower, newest])
     lines = str(info.value).splitlines()
     a, b, c = (f"model {i} ({m.name})" for i, m in enumerate([extra_bn, narrower, newest]))
@@ -113,7 +113,7 @@ def test_ema_state_restored_into_another_model_lists_every_difference() -> None:
     other = _seq(keras.layers.Dense(5), keras.layers.Dense(6), seed=2)
     resumed = pk.EMACallback(0.5)
     resumed.set_model(other)
-    with pytest.raises(polyak.MismatchError) as info:
+    with pytest.raises(polyak.MismatchError, match="^EMACallback.set_state: the saved average does not fit") as info:
         resumed.set_state(state)
     msg = str(info.value)
     assert msg.startswith("EMACallback.set_state: the saved average does not fit this model (5 problem(s)):")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from polyak import MismatchError
-from polyak._layout import compare_layouts, dtype_label, mismatch_error
+from polyak._layout import MAX_LISTED, compare_layouts, dtype_label, mismatch_error
 
 
 def _layout(**shapes):
@@ -78,6 +78,8 @@ def test_one_error_lists_everything_and_the_fix():
     assert lines[0] == "the things do not match (60 problem(s)):"
     assert lines[1] == "  p0" and lines[50] == "  p49" and lines[51] == "  ... and 10 more"
     assert lines[-2:] == ["hint: look here", "do this"]
+    fifty = str(mismatch_error("w", [f"p{i}" for i in range(MAX_LISTED)], fix="f")).splitlines()
+    assert len(fifty) == MAX_LISTED + 2 and fifty[-2:] == [f"  p{MAX_LISTED - 1}", "f"]  # all listed, no "more"
     with pytest.raises(MismatchError, match=r'(?s)the model does not fit.*"c".*reload'):
         compare_layouts(_layout(c=(1,)), {}, ("the file", "the model")).raise_if_any(
             "the model does not fit", fix="reload")

@@ -25,6 +25,7 @@ from polyak._online import (
     check_saved_tensors,
     next_update,
     read_record,
+    weights_from_config,
 )
 
 
@@ -177,6 +178,35 @@ def test_keras_01_layout_is_upgraded() -> None:
     assert unstarted["config"]["start"] is None and unstarted["step"] == 0
 
 
+@pytest.mark.parametrize(
+    ("count", "last_step", "every", "start"),
+    [
+        (0, 5, 1, None),  # nothing averaged yet: the start is not known
+        (1, 0, 1, 0),     # one update, at step 0
+        (1, 7, 3, 7),     # one update: it was the start
+        (3, 4, 2, 0),     # updates at 4, 2, 0
+        (5, 2, 1, 0),     # more updates than steps (a resumed 0.1 run): never before step 0
+        (2, -1, 1, None),
+    ],
+)
+def test_keras_01_start_is_worked_back_from_the_last_update(count: int, last_step: int, every: int, start: int | None) -> None:
+    old = {"schedule": make_schedule(0.9, every=every).to_dict(), "count": count, "last_step": last_step,
+           "start_epoch": 2, "include_non_trainable": False}
+    new = read_record(old, kind="ema")
+    assert new["config"]["start"] == start and new["config"]["every"] == every
+    assert (new["step"], new["count"]) == (max(last_step, 0), count)
+
+
+def test_keras_01_record_with_only_what_0_1_required() -> None:
+    # A 0.1 state holding only the schedule (without `every`) and last_step: the other
+    # fields take 0.1's defaults (no updates, start_epoch 0, trainable variables only).
+    schedule = {k: v for k, v in make_schedule(0.9).to_dict().items() if k != "every"}
+    new = read_record({"schedule": schedule, "last_step": 6}, kind="ema")
+    assert new == {"kind": "ema", "step": 6, "count": 0, "config": {
+        "start": None, "every": 1, "schedule": schedule, "start_epoch": 0, "include_non_trainable": False}}
+    assert read_record({"schedule": schedule, "last_step": 6, "count": 2}, kind="ema")["config"]["start"] == 5
+
+
 def test_check_saved_tensors_lists_every_problem() -> None:
     ours = {"a": np.zeros(2), "b": np.zeros((2, 3)), "c": np.zeros(1)}
     saved = {"a": np.zeros(2), "b": np.zeros((3, 2)), "x": np.zeros(1)}
@@ -198,6 +228,50 @@ def test_weights_of_each_kind() -> None:
     assert list(itertools.islice((EMAWeights(make_schedule(0.75))(c) for c in itertools.count()), 3)) == [1.0, 0.25, 0.25]
     with pytest.raises(ConfigError, match=r"weighting must be one of \['equal', 'linear'\], got 'cubic'"):
         SWAWeights("cubic")
+
+
+def test_weights_from_a_saved_config_and_what_it_omits() -> None:
+    schedule = make_schedule(0.9, warmup="tf")
+    assert weights_from_config("ema", {"schedule": schedule.to_dict()}) == EMAWeights(schedule)
+    fallback = EMAWeights(make_schedule(0.5))
+    assert weights_from_config("ema", {}, fallback) is fallback
+    with pytest.raises(FormatError, match="^the saved EMA record has no schedule$"):
+        weights_from_config("ema", {})
+    assert weights_from_config("swa", {}) == SWAWeights("equal")
+    assert weights_from_config("swa", {}, SWAWeights("linear")) == SWAWeights("linear")
+    assert weights_from_config("swa", {"weighting": "equal"}, SWAWeights("linear")) == SWAWeights("equal")
+    with pytest.raises(ConfigError, match=r"^saved SWA weighting 'cubic' is not one of \['equal', 'linear'\]$"):
+        weights_from_config("swa", {"weighting": "cubic"})
+    with pytest.raises(ConfigError, match="^unknown averager kind 'sgd'; polyak saves 'ema' and 'swa' averagers$"):
+        weights_from_config("sgd", {})
+    # configure() keeps what a saved config omits
+    avg = OnlineAverage(EMAWeights(make_schedule(0.7, every=2)), Cadence(5, 2), NumpyOps())
+    avg.configure({"start": 8})
+    assert avg.weights == EMAWeights(make_schedule(0.7, every=2)) and avg.cadence == Cadence(8, 2)
+    swa = OnlineAverage(SWAWeights("linear"), Cadence(0, 1), NumpyOps())
+    swa.configure({"every": 3})
+    assert swa.weights == SWAWeights("linear") and swa.cadence == Cadence(0, 3)
+
+
+def test_read_record_defaults_and_counters() -> None:
+    assert read_record({"kind": "swa"}, kind="swa") == {"kind": "swa", "step": 0, "count": 0, "config": {}}
+    assert read_record({"kind": "swa", "config": None, "step": 3.0, "count": 2}, kind="swa") == {
+        "kind": "swa", "step": 3, "count": 2, "config": {}}
+    for field, value in (("step", -1), ("count", -3)):
+        with pytest.raises(ConfigError, match=f"^{field} must be a whole number ≥ 0, got {value}$"):
+            read_record({"kind": "swa", field: value}, kind="swa")
+    # Only a record without "kind" that has 0.1's two fields is a 0.1 state.
+    with pytest.raises(FormatError, match=r"^not an averager state: it has no 'kind' \(fields: \['last_step', 'tensors'\]\)$"):
+        read_record({"last_step": 3, "tensors": {}}, kind="ema")
+    schedule = make_schedule(0.9).to_dict()
+    current = {"kind": "ema", "step": 4, "count": 2, "config": {"start": 3}, "schedule": schedule, "last_step": 9}
+    assert read_record(current, kind="ema") == {**current, "step": 4, "count": 2, "config": {"start": 3}}
+
+
+def test_configure_takes_every_from_the_saved_schedule() -> None:
+    avg = OnlineAverage(EMAWeights(make_schedule(0.7, every=2)), Cadence(5, 2), NumpyOps())
+    avg.configure({"schedule": make_schedule(0.7, every=4).to_dict(), "every": 1})
+    assert avg.cadence == Cadence(5, 4) and avg.weights.every == 4
 
 
 @pytest.mark.parametrize(("start", "every", "seen"), [(3, 1, [2, 5, 6, 10, 11, 15, 16]), (2, 3, [4, 7, 14, 15, 30])])

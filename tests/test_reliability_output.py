@@ -226,12 +226,12 @@ def test_sharded_replace_with_same_names_never_mixes(tmp_path: Path, monkeypatch
 
     def crash_after_first(a: Any, b: Any) -> None:
         if calls["n"] == 1:
-            raise KeyboardInterrupt  # stands in for a crash between two renames
+            raise KeyboardInterrupt("a crash between two renames")
         calls["n"] += 1
         real_replace(a, b)
 
     monkeypatch.setattr(atomic.os, "replace", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="a crash between two renames"):
         polyak.average(members[1:], out=out, shard_size="20KB", force=True)
     monkeypatch.undo()
     assert not index.exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from polyak import ConfigError
+from polyak import _retention as retention
 from polyak._retention import Retention
 
 
@@ -57,11 +58,28 @@ def test_numbers_sort_numerically_and_the_new_file_is_never_deleted(tmp_path: Pa
     assert Retention("run", ".pt").surplus(tmp_path) == []  # keep_last=None keeps all
 
 
-def test_options_are_checked() -> None:
-    with pytest.raises(ConfigError, match="prefix must be a plain file-name prefix, got 'a/b'"):
+def test_a_missing_folder_and_a_file_deleted_meanwhile_are_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = Retention("m", ".pt", keep_last=1)
+    assert r.files(tmp_path / "nope") == [] and r.prune(tmp_path / "nope") == []
+    _touch(tmp_path, "m_1.pt", "m_2.pt", "m_3.pt")
+    monkeypatch.setattr(Retention, "surplus", lambda self, d, keep=None: [tmp_path / "m_0.pt", tmp_path / "m_1.pt"])
+    assert r.prune(tmp_path) == [tmp_path / "m_1.pt"]  # m_0.pt was already gone: not listed, no error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_2.pt", "m_3.pt"]
+
+
+def test_options_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="^prefix must be a plain file-name prefix, got 'a/b'$"):
         Retention("a/b", ".keras")
-    with pytest.raises(ConfigError, match="keep_last must be None or a whole number ≥ 1, got 0"):
-        Retention("m", ".keras", keep_last=0)
+    with pytest.raises(ConfigError, match="^prefix must be a plain file-name prefix, got ''$"):
+        Retention("", ".keras")
+    monkeypatch.setattr(retention.os, "sep", "\\")  # as on Windows: both separators are refused
+    for prefix in ("a\\b", "a/b"):
+        with pytest.raises(ConfigError, match="^prefix must be a plain file-name prefix"):
+            Retention(prefix, ".keras")
+    monkeypatch.undo()
+    for keep_last in (0, True, 2.0):
+        with pytest.raises(ConfigError, match=f"^keep_last must be None or a whole number ≥ 1, got {keep_last!r}$"):
+            Retention("m", ".keras", keep_last=keep_last)
     with pytest.raises(ConfigError, match="every must be a whole number ≥ 1, got 0"):
         Retention("m", ".keras", every=0)
     with pytest.raises(ConfigError, match="start must be a whole number ≥ 0, got True"):

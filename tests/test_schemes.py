@@ -1,25 +1,24 @@
 """Weighting schemes against the tutorial's own formulas, computed by hand."""
 
+import re
 from math import exp
 
 import numpy as np
 import pytest
 
 import polyak
+from _helpers import tutorial_weights
 from polyak import SchemeError, scheme_weights
-from polyak._schemes import SCHEMES, Param, RunningSum, Scheme, Update, register_scheme
-
-
-def tutorial_weights(scheme: str, n: int, alpha: float = 2.0) -> np.ndarray:
-    """The tutorial's code, newest first, normalised, then reversed to oldest → newest."""
-    if scheme == "equal":
-        w = [1.0 for _ in range(n)]
-    elif scheme == "linear":
-        w = [i / n for i in range(n, 0, -1)]
-    else:
-        w = [exp(-i / alpha) for i in range(1, n + 1)]
-    arr = np.array(w[::-1])
-    return arr / arr.sum()
+from polyak._schemes import (
+    MEMBER,
+    REQUIRED,
+    SCHEMES,
+    Param,
+    RunningSum,
+    Scheme,
+    Update,
+    register_scheme,
+)
 
 
 @pytest.mark.parametrize("scheme", ["equal", "linear", "exponential"])
@@ -57,32 +56,67 @@ def test_custom_weights_are_normalised():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "message"),
     [
-        ({"scheme": "equal", "n": 0}, "at least 1"),
-        ({"scheme": "linear", "n": -3}, "at least 1"),
-        ({"scheme": "linear", "n": 2.5}, "integer"),
-        ({"scheme": "exponential", "n": 3, "alpha": 0}, "alpha"),
-        ({"scheme": "exponential", "n": 3, "alpha": -1}, "alpha"),
-        ({"scheme": "exponential", "n": 3, "alpha": float("nan")}, "alpha"),
-        ({"scheme": "custom", "weights": [1, -1]}, "negative"),
-        ({"scheme": "custom", "weights": [0, 0]}, "all zero"),
-        ({"scheme": "custom", "n": 3, "weights": [1, 2]}, "2 custom weights for 3 members"),
-        ({"scheme": "custom", "weights": []}, "empty"),
-        ({"scheme": "custom"}, "needs weights"),
-        ({"scheme": "mean", "n": 3}, "valid schemes: 'equal', 'linear', 'exponential', 'custom'"),
-        ({"scheme": "linear", "n": 3, "weights": [1, 2, 3]}, "only used with scheme 'custom'"),
+        ({"scheme": "equal", "n": 0}, "the number of members must be at least 1, got n=0"),
+        ({"scheme": "linear", "n": -3}, "the number of members must be at least 1, got n=-3"),
+        ({"scheme": "linear", "n": 2.5}, "the number of members must be an integer, got 2.5"),
+        ({"scheme": "linear", "n": True}, "the number of members must be an integer, got True"),
+        ({"scheme": "linear"}, "scheme 'linear' needs the number of members n"),
+        ({"scheme": "exponential", "n": 3, "alpha": 0},
+         "alpha must be a positive, finite number (the exponential decay rate), got 0"),
+        ({"scheme": "exponential", "n": 3, "alpha": -1},
+         "alpha must be a positive, finite number (the exponential decay rate), got -1"),
+        ({"scheme": "exponential", "n": 3, "alpha": float("nan")},
+         "alpha must be a positive, finite number (the exponential decay rate), got nan"),
+        ({"scheme": "exponential", "n": 3, "alpha": float("inf")},
+         "alpha must be a positive, finite number (the exponential decay rate), got inf"),
+        ({"scheme": "exponential", "n": 3, "alpha": "abc"}, "alpha must be a positive number, got 'abc'"),
+        ({"scheme": "custom", "weights": [1, -1]}, "custom weights must not be negative, got [1.0, -1.0]"),
+        ({"scheme": "custom", "weights": [0, 0]},
+         "custom weights are all zero; at least one member needs a positive weight"),
+        ({"scheme": "custom", "weights": [1, float("nan"), 2]}, "custom weights must be finite, got [1.0, nan, 2.0]"),
+        ({"scheme": "custom", "weights": [1, float("inf")]}, "custom weights must be finite, got [1.0, inf]"),
+        ({"scheme": "custom", "weights": ["a", "b"]}, "custom weights must be numbers, got ['a', 'b']"),
+        ({"scheme": "custom", "weights": [[1, 2], [3, 4]]},
+         "custom weights must be a flat list of numbers, got shape (2, 2)"),
+        ({"scheme": "custom", "weights": 3.0}, "custom weights must be a flat list of numbers, got shape ()"),
+        ({"scheme": "custom", "n": 3, "weights": [1, 2]},
+         "got 2 custom weights for 3 members; give exactly one weight per member (oldest → newest)"),
+        ({"scheme": "custom", "weights": []}, "custom weights are empty; give one weight per member"),
+        ({"scheme": "custom"}, "scheme 'custom' needs weights= (one weight per member, oldest → newest)"),
+        ({"scheme": "mean", "n": 3}, "unknown weighting scheme 'mean'; valid schemes: 'equal', 'linear', 'exponential', 'custom'"),
+        ({"scheme": "linear", "n": 3, "weights": [1, 2, 3]}, "weights= is only used with scheme 'custom', not with 'linear'"),
     ],
 )
-def test_invalid_input_raises_clear_error(kwargs, match):
+def test_invalid_input_raises_clear_error(kwargs, message):
     scheme = kwargs.pop("scheme")
     n = kwargs.pop("n", None)
-    with pytest.raises(SchemeError, match=match):
+    with pytest.raises(SchemeError, match=f"^{re.escape(message)}$"):
         scheme_weights(scheme, n, **kwargs)
 
 
+def test_registry_errors_say_what_and_how() -> None:
+    with pytest.raises(SchemeError, match=re.escape("scheme 'exponential' has no parameter 'beta'; it takes ['alpha']")):
+        polyak.get_scheme("exponential").param("beta")
+    assert polyak.get_scheme("exponential").param("alpha").default == 2.0  # the tutorial's default
+    with pytest.raises(SchemeError, match="^a scheme named 'equal' is already registered; pass replace=True to replace it$"):
+        register_scheme(SCHEMES["equal"])
+    assert repr(REQUIRED) == "REQUIRED" and repr(MEMBER) == "MEMBER"  # as help and errors show them
+
+
+def test_exponential_weights_stay_finite_for_a_tiny_alpha() -> None:
+    # exp(-(j + 1) / alpha) underflows to 0 for every member when alpha < 1/745 (all NaN
+    # after normalising, in 0.1); the factor exp(-1/alpha) cancels, so the newest counts 1.
+    assert scheme_weights("exponential", 3, alpha=1e-3).tolist() == [0.0, 0.0, 1.0]
+    w = [exp(-2 / 0.01), exp(-1 / 0.01), 1.0]  # by hand, newest weight 1
+    np.testing.assert_allclose(scheme_weights("exponential", 3, alpha=0.01), np.array(w) / sum(w), rtol=1e-14)
+    states = [{"w": np.full(2, float(i), np.float32)} for i in range(3)]
+    assert polyak.average(states, scheme="exponential", alpha=1e-3)["w"].tolist() == [2.0, 2.0]
+
+
 def test_scheme_error_is_value_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^the number of members must be at least 1, got n=0$"):
         scheme_weights("equal", 0)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import polyak
+from _helpers import tutorial_weights
 from polyak._choose.metrics import normalize_metrics
 from polyak.formats import TensorInfo, TensorSource
 from polyak.formats._memory import MappingSource
@@ -73,7 +74,7 @@ def test_closed_forms_in_float64() -> None:
     res = polyak.sweep(members, lambda s: {"w": float(s["w"][0])}, alphas=(1.5,), baselines=())
     for row in res.rows:
         vals = np.arange(6 - row.n, 6, dtype=np.float64)
-        w = polyak.scheme_weights(row.scheme, row.n, alpha=row.alpha or 2.0)
+        w = tutorial_weights(row.scheme, row.n, row.alpha or 2.0)
         assert row.value("w", "eval") == pytest.approx(float(np.average(vals, weights=w)), rel=1e-13)
 
 

@@ -71,15 +71,11 @@ def soup_case():
     return members, evaluate, target
 
 
-def test_greedy_soup_skips_a_member_that_hurts() -> None:
-    members, evaluate, target = soup_case()
-    soup = polyak.greedy_soup(members, evaluate, "score")
-    scores = [-float(np.sum((m["w"] - target) ** 2)) for m in members]
-    assert soup.individual == pytest.approx(scores)
-    assert soup.indices[0] == int(np.argmax(scores))
-    assert 0 not in soup.indices  # adding the far member makes the soup worse
-    # Reference: the greedy recipe written out directly.
-    order = sorted(range(4), key=lambda i: -scores[i])
+def greedy_by_definition(members, target) -> tuple[list[int], float]:
+    """Wortsman et al.'s greedy soup written out: members by their own score, best first;
+    each is kept when the uniform average with it scores better than without."""
+    scores = [-float(np.sum((m["w"].astype(np.float64) - target) ** 2)) for m in members]
+    order = sorted(range(len(members)), key=lambda i: -scores[i])
     kept = [order[0]]
     best = scores[order[0]]
     for i in order[1:]:
@@ -87,6 +83,17 @@ def test_greedy_soup_skips_a_member_that_hurts() -> None:
         s = -float(np.sum((w - target) ** 2))
         if s > best:
             kept, best = [*kept, i], s
+    return kept, best
+
+
+def test_greedy_soup_skips_a_member_that_hurts() -> None:
+    members, evaluate, target = soup_case()
+    soup = polyak.greedy_soup(members, evaluate, "score")
+    scores = [-float(np.sum((m["w"] - target) ** 2)) for m in members]
+    assert soup.individual == pytest.approx(scores)
+    assert soup.indices[0] == int(np.argmax(scores))
+    assert 0 not in soup.indices  # adding the far member makes the soup worse
+    kept, best = greedy_by_definition(members, target)
     assert soup.indices == kept
     assert soup.score == pytest.approx(best, abs=1e-6)  # float32 weights
     np.testing.assert_allclose(soup.state["w"], np.mean([members[j]["w"] for j in kept], axis=0), rtol=1e-6)
@@ -96,7 +103,7 @@ def test_greedy_soup_skips_a_member_that_hurts() -> None:
 
 
 def test_greedy_soup_reuses_sweep_singles() -> None:
-    members, evaluate, _ = soup_case()
+    members, evaluate, target = soup_case()
     calls = []
 
     def counted(state):
@@ -106,7 +113,8 @@ def test_greedy_soup_reuses_sweep_singles() -> None:
     res = polyak.sweep(members, evaluate, schemes=["equal"])
     soup = polyak.greedy_soup(members, counted, "score", results=res)
     assert len(calls) == 4  # only the four candidate soups, no single re-evaluations
-    assert soup.indices == polyak.greedy_soup(members, evaluate, "score").indices
+    kept, best = greedy_by_definition(members, target)
+    assert soup.indices == kept and soup.score == pytest.approx(best, abs=1e-6)
 
 
 def basin(n: int, seed: int, noise: float = 0.01) -> list[dict[str, np.ndarray]]:
@@ -123,7 +131,7 @@ def test_diagnose_accepts_one_basin() -> None:
 
 def test_diagnose_flags_a_member_from_another_run() -> None:
     members = basin(4, 0) + basin(1, 1)  # the newest comes from a different init
-    with pytest.warns(polyak.AveragingWarning) as record:
+    with pytest.warns(polyak.AveragingWarning, match="they look like different runs") as record:
         d = polyak.diagnose(members)
     assert not d.ok
     assert any("cosine" in str(r.message) for r in record)
@@ -148,8 +156,9 @@ def test_check_results_flags_an_average_far_below_its_members() -> None:
     res = polyak.sweep(members, evaluate, schemes=["equal"])
     found = polyak.check_results(res, "acc")
     assert found and ("newest 3 members" in found[0] or "newest 4 members" in found[0])
-    with pytest.warns(polyak.AveragingWarning):
+    with pytest.warns(polyak.AveragingWarning, match="different runs") as record:
         polyak.diagnose(members, results=res, metric="acc")
+    assert set(found) <= {str(r.message) for r in record}
     ok = polyak.sweep(basin(4, 2), lambda s: {"acc": 0.9}, schemes=["equal"])
     assert polyak.check_results(ok, "acc") == []
 

@@ -85,7 +85,7 @@ def test_saver_failed_write_keeps_old_files(tmp_path: Path, monkeypatch: pytest.
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError, match="no space left on the device"):
         saver.save(m, epoch=2)
     monkeypatch.undo()
     assert [p.name for p in saver.files()] == ["ckpt_epoch_1.safetensors"]

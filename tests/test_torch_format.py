@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import polyak
+from _helpers import tutorial_weights
 from polyak import ConfigError, UnsafeFileError
 from polyak.formats import open_source
 
@@ -30,7 +31,7 @@ def test_pt_matches_numpy_average_and_torch_loads_output(tmp_path):
     out = tmp_path / "avg.pt"
     polyak.average(paths, scheme="linear", out=out)
     got = torch.load(out, weights_only=True)
-    w = polyak.scheme_weights("linear", 4)
+    w = tutorial_weights("linear", 4)
     for k, v in sds[-1].items():
         if v.is_floating_point():
             want = np.average(np.stack([s[k].numpy() for s in sds]), axis=0, weights=w)
@@ -115,6 +116,6 @@ def test_pt_to_safetensors_and_back(tmp_path):
 def test_in_memory_torch_state_dicts():
     sds = [sd(i) for i in range(3)]
     got = polyak.average(sds, scheme="exponential")
-    w = polyak.scheme_weights("exponential", 3)
+    w = tutorial_weights("exponential", 3)
     want = np.average(np.stack([s["2.weight"].numpy() for s in sds]), axis=0, weights=w)
     np.testing.assert_allclose(got["2.weight"], want, rtol=1e-6)

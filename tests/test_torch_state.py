@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,8 @@ def test_saved_file_is_inspectable_and_averageable(tmp_path: Path) -> None:
     assert set(out) == set(ema.state.tensors)
     proc = subprocess.run([sys.executable, "-m", "polyak", "inspect", str(a)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=f"^averagers are saved as .safetensors files, got {re.escape(str(tmp_path / 'ema.pt'))}; "
+                       "for torch.save use state_dict\\(\\)$"):
         ema.save(tmp_path / "ema.pt")
 
 

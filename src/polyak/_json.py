@@ -111,7 +111,7 @@ def parse_json(data: bytes | str, label: str, what: str, *, max_depth: int = MAX
         polyak._errors.FormatError: m.json: corrupted index: it holds NaN, which is not a number in JSON
     """
     try:
-        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
+        text = str(data, "utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
     except UnicodeDecodeError as exc:
         raise FormatError(f"{label}: corrupted {what} (not UTF-8: {exc})") from None
     try:

@@ -252,8 +252,10 @@ def _linear(n: int) -> np.ndarray:
 
 
 def _exponential(n: int, alpha: float) -> np.ndarray:
+    # exp(−(j + 1)/alpha) scaled by exp(1/alpha), which cancels after normalising: the
+    # newest member gets 1, so a tiny alpha cannot underflow every weight to 0.
     j = np.arange(n - 1, -1, -1, dtype=np.float64)  # oldest has j = n - 1
-    return np.exp(-(j + 1.0) / alpha)
+    return np.exp(-j / alpha)
 
 
 def _custom(n: int, weights: np.ndarray) -> np.ndarray:

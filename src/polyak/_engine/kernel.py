@@ -97,9 +97,11 @@ def probe(xs: np.ndarray) -> float:
 
     It is finite exactly when no element is NaN or Inf, or (rarely) when large finite
     values overflow it; :func:`check_finite` then looks element by element. A float32
-    sum costs half a float64 one, and the check needs no more.
+    sum costs half a float64 one, and the check needs no more. An overflow is expected
+    here and warns about nothing (in any thread).
     """
-    s = np.add.reduce(xs)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = np.add.reduce(xs)
     if xs.dtype.kind == "c":
         return float(s.real) + float(s.imag)
     return float(s)
@@ -251,15 +253,19 @@ def accumulate(
     tmp = bufs.get(f"tmp{part}", acc.dtype, min(n, CHUNK))
     flats = [a.reshape(-1) for a in arrays]
     total = 0.0
-    for a, b in chunks(n):
-        dst = acc[a:b]
-        for i, (x, w) in enumerate(zip(flats, ws)):
-            xs = widen(x[a:b], acc.dtype, cast)
-            if i == 0 and first:
-                np.multiply(xs, w, out=dst)
-            else:
-                add_scaled(dst, xs, w, tmp[: b - a])
-        total += probe(dst)
+    # NaN/Inf (in a member or from an overflow) are found from the returned probe and
+    # reported by the caller; numpy's warnings about them would only add noise. The
+    # caller's np.errstate does not reach the worker threads of accumulate_all.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for a, b in chunks(n):
+            dst = acc[a:b]
+            for i, (x, w) in enumerate(zip(flats, ws)):
+                xs = widen(x[a:b], acc.dtype, cast)
+                if i == 0 and first:
+                    np.multiply(xs, w, out=dst)
+                else:
+                    add_scaled(dst, xs, w, tmp[: b - a])
+            total += probe(dst)
     return total
 
 

@@ -38,12 +38,7 @@ class Stopped(Exception):
 
 
 def _find_nonfinite(name: str, sources: Sequence[TensorSource]) -> list[str]:
-    bad = []
-    for src in sources:
-        x = src.read(name)
-        if not np.isfinite(x.astype(np.float32) if x.dtype.kind not in "fc" else x).all():
-            bad.append(src.label)
-    return bad
+    return [src.label for src in sources if not all_finite(src.read(name))]
 
 
 def _refuse_nonfinite(name: str, sources: Sequence[TensorSource]) -> None:

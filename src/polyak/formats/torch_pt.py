@@ -165,7 +165,7 @@ def _named(tensors: dict[Any, Any], label: str) -> dict[str, Any]:
     """Tensor names must be strings (a state dict's are); anything else is not a state dict."""
     for k in tensors:
         if not isinstance(k, str):
-            raise FormatError(f"{label}: tensor key {k!r} is a {type(k).__name__}, not a name; not a state dict")
+            raise FormatError(f"{label}: tensor key {k!r} is of type {type(k).__name__}, not a name; not a state dict")
     return tensors
 
 
@@ -177,11 +177,19 @@ def _flatten(obj: Any, path: Path, label: str, key: str | None) -> tuple[dict[st
         )
     if key is not None:
         node: Any = obj
+        walked: list[str] = []
         for part in key.split("/"):
-            if not isinstance(node, Mapping) or part not in node:
-                found = ", ".join(repr(k) for k in (node.keys() if isinstance(node, Mapping) else []))
-                raise ConfigError(f"{label}: no key {key!r} in the checkpoint; top-level keys: {found}")
+            where = f"under {'/'.join(walked)!r}" if walked else "at the top level"
+            if not isinstance(node, Mapping):
+                raise ConfigError(
+                    f"{label}: no key {key!r} in the checkpoint; {'/'.join(walked)!r} holds a value of "
+                    f"type {type(node).__name__}, not a dict"
+                )
+            if part not in node:
+                found = ", ".join(repr(k) for k in node) or "none"
+                raise ConfigError(f"{label}: no key {key!r} in the checkpoint; the keys {where}: {found}")
             node = node[part]
+            walked.append(part)
         if not isinstance(node, Mapping) or not any(_is_tensor(v) for v in node.values()):
             raise ConfigError(f"{label}: the entry {key!r} holds no tensors")
         return _named({k: v for k, v in node.items() if _is_tensor(v)}, label), key

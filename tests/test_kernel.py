@@ -1,0 +1,172 @@
+"""The engine's kernels (polyak._engine.kernel) through every caller: chunked sums against
+numpy, and NaN/Inf found in any chunk of a tensor longer than one chunk."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import polyak
+from _helpers import tutorial_weights, write_members
+from polyak._engine.kernel import (
+    CHUNK,
+    PARALLEL_MIN,
+    Buffers,
+    accumulate,
+    chunks,
+    member_chunks,
+    widen,
+)
+
+N = CHUNK * 2 + 7  # three chunks, the last a short one
+
+
+def _members(n: int = 3, size: int = N, dtype: type = np.float32) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    return [{"w": rng.standard_normal(size).astype(dtype), "b": rng.standard_normal(3).astype(dtype)}
+            for _ in range(n)]
+
+
+def test_chunks_cover_a_tensor_once() -> None:
+    assert list(chunks(0)) == []
+    assert list(chunks(1)) == [(0, 1)]
+    assert list(chunks(CHUNK)) == [(0, CHUNK)]
+    assert list(chunks(N)) == [(0, CHUNK), (CHUNK, 2 * CHUNK), (2 * CHUNK, N)]
+
+
+def test_widen_copies_only_what_it_must() -> None:
+    scratch = np.zeros(8, np.float32)
+    x16 = np.arange(4, dtype=np.float16)
+    out = widen(x16, np.dtype(np.float32), scratch)
+    assert out.dtype == np.float32 and out.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert np.shares_memory(out, scratch) and out.size == 4
+    x32 = np.arange(4, dtype=np.float32)
+    assert widen(x32, np.dtype(np.float32), scratch) is x32
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_accumulate_is_the_weighted_sum_in_every_chunk(first: bool) -> None:
+    members = _members()
+    w = np.array([0.2, 0.3, 0.5])
+    acc = np.full(N, 10.0, np.float32)
+    total = accumulate([m["w"] for m in members], w, acc, Buffers(), first=first)
+    want = np.sum([wi * m["w"].astype(np.float64) for wi, m in zip(w, members, strict=True)], axis=0)
+    if not first:
+        want += 10.0
+    np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-5)
+    assert total == pytest.approx(float(np.sum(want)), rel=1e-4, abs=1e-2)  # the probe of every chunk
+
+
+@pytest.mark.parametrize("where", [0, CHUNK, N - 1], ids=["first-chunk", "second-chunk", "last-element"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_average_finds_nan_or_inf_in_any_chunk(tmp_path, where: int, bad: float) -> None:
+    members = _members()
+    members[1]["w"][where] = bad  # the middle member
+    paths = write_members(tmp_path, members)
+    with pytest.raises(polyak.NonFiniteError, match=f'^tensor "w" has NaN or Inf values in: {re.escape(str(paths[1]))}\\. '):
+        polyak.average(paths, out=tmp_path / "avg.safetensors")
+    with pytest.raises(polyak.NonFiniteError, match='^tensor "w" has NaN or Inf values in: member 1\\. '):
+        polyak.average(members)  # in memory: one member at a time
+    assert not (tmp_path / "avg.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", [0, CHUNK, N - 1], ids=["first-chunk", "second-chunk", "last-element"])
+def test_member_chunks_find_nan_in_any_chunk(where: int) -> None:
+    x = np.ones(N, np.float16)
+    x[where] = np.nan
+    scratch = np.empty(CHUNK, np.float32)
+    message = ('m.safetensors: tensor "w" has NaN or Inf values. They would spread into every average that '
+               "contains this member; drop it (e.g. with last=) or repair it first")
+    with pytest.raises(polyak.NonFiniteError, match=f"^{re.escape(message)}$"):
+        for _ in member_chunks(x, np.dtype(np.float32), scratch, label="m.safetensors", name="w"):
+            pass
+    got = [(a, b, c.dtype.name, c.size) for a, b, c in member_chunks(np.ones(N, np.float16), np.dtype(np.float32),
+                                                                        scratch, label="m", name="w")]
+    assert got == [(0, CHUNK, "float32", CHUNK), (CHUNK, 2 * CHUNK, "float32", CHUNK), (2 * CHUNK, N, "float32", 7)]
+
+
+def test_soup_of_tensors_of_any_rank() -> None:
+    rng = np.random.default_rng(2)
+    members = [{"m": rng.standard_normal((3, 4, 5)).astype(np.float32), "s": np.array(float(i), np.float32),
+                "h": rng.standard_normal((6, 2)).astype(np.float16)} for i in range(3)]
+    soup = polyak.greedy_soup(members, lambda s: {"validation": {"x": -float(np.sum(np.abs(s["m"])))}}, "x")
+    kept = [members[i] for i in soup.indices]
+    for name in ("m", "s", "h"):
+        want = np.mean([m[name].astype(np.float64) for m in kept], axis=0)
+        assert soup.state[name].shape == want.shape and soup.state[name].dtype == members[0][name].dtype
+        np.testing.assert_allclose(soup.state[name], want, rtol=2e-3 if name == "h" else 1e-6, atol=1e-3)
+
+
+def test_sweep_and_soup_find_nan_in_the_first_chunk() -> None:
+    members = _members(3)
+    members[0]["w"][0] = np.nan
+    with pytest.raises(polyak.NonFiniteError, match='^member 0: tensor "w" has NaN or Inf values'):
+        polyak.sweep(members, lambda s: {"x": 0.0}, schemes=["equal"], baselines=())
+    with pytest.raises(polyak.NonFiniteError, match='^member 0: tensor "w" has NaN or Inf values'):
+        polyak.greedy_soup(members, lambda s: {"x": 0.0}, "x")
+
+
+def test_large_sums_that_overflow_the_probe_are_not_nan(tmp_path) -> None:
+    # float16 members near its maximum: the float32 accumulator holds them, and the probe
+    # (a chunk's sum) is finite; the result is the plain average.
+    big = [{"w": np.full(N, 60000.0, np.float16)}, {"w": np.full(N, 60000.0, np.float16)}]
+    got = polyak.average(big)["w"]
+    assert got.dtype == np.float16 and np.all(got == 60000.0)
+
+
+@pytest.mark.parametrize("scheme", ["equal", "linear", "exponential"])
+def test_threaded_parts_match_numpy(tmp_path, scheme: str) -> None:
+    n = PARALLEL_MIN * 2 + 3  # two threads' parts, each spanning chunks
+    members = _members(4, n)
+    paths = write_members(tmp_path, members)
+    got = polyak.average(paths, scheme=scheme, alpha=1.5)
+    want = np.average(np.stack([m["w"].astype(np.float64) for m in members]), axis=0,
+                      weights=tutorial_weights(scheme, 4, 1.5))
+    np.testing.assert_allclose(got["w"], want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64])
+def test_a_probe_overflowed_by_finite_values_is_not_nan(dtype: type) -> None:
+    # Each chunk's sum overflows (a float32 or float64 chunk of values near max / 8), every
+    # element is finite, and so is every average: the element-by-element check (in the
+    # tensor's own dtype: float64 values do not fit float32) lets them pass, with no warning
+    # from numpy (which -W error would turn into an exception), also in worker threads.
+    big = np.finfo(dtype).max / 8
+    x = np.full(N, big, dtype)
+    scratch = np.empty(CHUNK, x.dtype)
+    assert [b for _, b, _ in member_chunks(x, x.dtype, scratch, label="m", name="w")] == [CHUNK, 2 * CHUNK, N]
+    members = [{"w": x}, {"w": x.copy()}]
+
+    def value(state: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        return {"validation": {"x": float(np.real(state["w"][0]))}}
+
+    rows = polyak.sweep(members, value, schemes=["equal"], baselines=()).rows
+    assert [r.value("x", "validation") for r in rows] == [pytest.approx(float(big), rel=1e-6)] * 2
+    assert polyak.greedy_soup(members, value, "x").score == pytest.approx(float(big), rel=1e-6)
+    assert polyak.average(members)["w"][0] == pytest.approx(big, rel=1e-6)
+
+
+def _nonfinite(who: str, name: str = "w") -> str:
+    return (f'^tensor "{name}" has NaN or Inf values in: {re.escape(who)}\\. Averaging would spread them into the '
+            "result; drop that member \\(e\\.g\\. with --last\\) or repair it first$")
+
+
+def test_the_nonfinite_error_names_every_culprit_and_only_them() -> None:
+    # float64 values beyond float32's range are finite: only the NaN and the Inf are named.
+    members = [{"w": np.full(4, 1e300)} for _ in range(4)]
+    members[1]["w"][2] = np.nan
+    members[3]["w"][0] = -np.inf
+    with pytest.raises(polyak.NonFiniteError, match=_nonfinite("member 1, member 3")):
+        polyak.average(members)
+    with pytest.raises(polyak.NonFiniteError, match=_nonfinite("member 1")):
+        polyak.average(members[:3])
+
+
+def test_an_overflow_of_finite_members_is_named_as_such() -> None:
+    # Normalised in float32, the weights 2/11, 5/11, 4/11 sum to a little more than 1, so
+    # three members at float32's maximum overflow while averaging.
+    big = [{"w": np.full(3, np.finfo(np.float32).max, np.float32)} for _ in range(3)]
+    with pytest.raises(polyak.NonFiniteError, match=_nonfinite("none of the members (overflow while averaging)")):
+        polyak.average(big, weights=[2, 5, 4])

@@ -1,0 +1,380 @@
+"""The readers' checks of what a file claims, one claim at a time, with each message in full:
+safetensors headers and indexes, .npz members, .pt archives. (The hostile and broken-file
+matrices in test_hostile_*.py try every format with every kind of damage; here each check
+meets the smallest file that it alone must refuse, and the largest one it must accept.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import polyak
+from polyak import FormatError, UnsafeFileError
+from polyak.formats.safetensors import SafetensorsIndexSource, SafetensorsSource
+
+
+def _exact(text: str) -> str:
+    return f"^{re.escape(text)}$"
+
+
+def _st(path: Path, header: dict[str, Any] | bytes, data: bytes = b"") -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _f32(n: int, begin: int = 0, shape: list[int] | None = None) -> dict[str, Any]:
+    return {"dtype": "F32", "shape": [n] if shape is None else shape, "data_offsets": [begin, begin + 4 * n]}
+
+
+def test_a_valid_header_at_the_edges_is_read(tmp_path: Path) -> None:
+    p = _st(tmp_path / "ok.safetensors", {
+        "__metadata__": {"k": "v"},
+        "b": _f32(2, 8), "a": _f32(2, 0), "empty": {"dtype": "F32", "shape": [0, 3], "data_offsets": [16, 16]},
+        "s": {"dtype": "I64", "shape": [], "data_offsets": [16, 24]},
+    }, np.arange(4, dtype=np.float32).tobytes() + np.array(7, np.int64).tobytes())
+    with polyak.open_source(p) as src:
+        assert list(src.infos()) == ["a", "b", "empty", "s"]  # in file order
+        assert src.read("a").tolist() == [0.0, 1.0] and src.read("b").tolist() == [2.0, 3.0]
+        assert src.read("empty").shape == (0, 3) and int(src.read("s")) == 7
+        assert src.metadata() == {"k": "v"}
+    assert polyak.inspect(_st(tmp_path / "none.safetensors", {"__metadata__": None, "a": _f32(1)}, bytes(4))).tensors
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "error", "why"),
+    [
+        (b"", b"", FormatError, "truncated safetensors file (7 bytes; the header length alone takes 8)"),
+        ({"a": 1}, b"", FormatError, "corrupted safetensors header (entry 'a' is not an object)"),
+        ({"a": {"dtype": "F13", "shape": [1], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "tensor 'a' has unknown dtype 'F13'"),
+        ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "tensor 'a' has unknown dtype ['F32']"),
+        ({"a": {"shape": [1], "data_offsets": [0, 4]}}, bytes(4), FormatError, "tensor 'a' has unknown dtype None"),
+        ({"a": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}, bytes(8), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, True]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}, bytes(4), FormatError,
+         "corrupted safetensors header (bad shape or offsets for 'a')"),
+        ({"a": _f32(2)}, bytes(7), FormatError,
+         "tensor 'a' claims bytes [0, 8) for shape (2,) float32 (8 bytes) in a data section of 7 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 4]}}, bytes(8), FormatError,
+         "tensor 'a' claims bytes [4, 4) for shape (2,) float32 (8 bytes) in a data section of 8 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, bytes(8), FormatError,
+         "tensor 'a' claims bytes [-4, 0) for shape (1,) float32 (4 bytes) in a data section of 8 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, bytes(8), FormatError,
+         "tensor 'a' claims bytes [4, 0) for shape (1,) float32 (4 bytes) in a data section of 8 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}, bytes(16), FormatError,
+         "tensor 'a' claims bytes [0, 8) for shape (2, 2) float32 (16 bytes) in a data section of 16 bytes; "
+         "the file is truncated or corrupt"),
+        ({"a": _f32(2, 0), "b": _f32(2, 4)}, bytes(12), FormatError,
+         "corrupt safetensors file: tensors overlap in the data section"),
+        ({"__metadata__": {"k": 1}, "a": _f32(1)}, bytes(4), FormatError,
+         "corrupted safetensors header (__metadata__ must map strings to strings)"),
+        ({"__metadata__": ["k"], "a": _f32(1)}, bytes(4), FormatError,
+         "corrupted safetensors header (__metadata__ must map strings to strings)"),
+    ],
+)
+def test_each_header_claim_is_checked(tmp_path: Path, header: Any, data: bytes, error: type, why: str) -> None:
+    p = tmp_path / "m.safetensors"
+    if header == b"":
+        p.write_bytes(bytes(7))
+    else:
+        _st(p, header, data)
+    with pytest.raises(error, match=_exact(f"{p}: {why}")):
+        SafetensorsSource(p)  # the reader itself (as an index opens its shards), not the sniffer
+
+
+def test_the_header_length_is_checked_against_the_limit_and_the_file(tmp_path: Path) -> None:
+    from polyak.formats.safetensors import MAX_HEADER_SIZE
+
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", MAX_HEADER_SIZE + 1) + b"{}")
+    with pytest.raises(UnsafeFileError, match=_exact(
+            f"{p}: the safetensors header claims {MAX_HEADER_SIZE + 1} bytes, above the {MAX_HEADER_SIZE}-byte "
+            "limit; the file is corrupt or hostile")):
+        SafetensorsSource(p)
+    p.write_bytes(struct.pack("<Q", 3) + b"{}")
+    with pytest.raises(FormatError, match=_exact(
+            f"{p}: truncated or corrupt safetensors file: the header claims 3 bytes but the file has only 2 after "
+            "the length field")):
+        SafetensorsSource(p)
+    p.write_bytes(struct.pack("<Q", 2) + b"{}")  # the header exactly fills the file: no tensors
+    assert SafetensorsSource(p).infos() == {}
+    index = _index(tmp_path, {"weight_map": {"a": "short.safetensors"}})
+    (tmp_path / "short.safetensors").write_bytes(bytes(7))  # a shard is opened without sniffing
+    with pytest.raises(FormatError, match=_exact(f"{index} (shard short.safetensors): truncated safetensors file "
+                                                 "(7 bytes; the header length alone takes 8)")):
+        polyak.open_source(index)
+
+
+def _index(folder: Path, index: Any, shards: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+    for name, state in (shards or {}).items():
+        polyak.save(state, folder / name)
+    p = folder / "model.safetensors.index.json"
+    p.write_text(index if isinstance(index, str) else json.dumps(index))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("index", "error", "why"),
+    [
+        ({"weight_map": ["a"]}, FormatError, "corrupted index: 'weight_map' must map tensor names to shard files"),
+        ({"weight_map": {"a": 1}}, FormatError, "corrupted index: 'weight_map' must map tensor names to shard files"),
+        ({}, FormatError, "corrupted index: 'weight_map' must map tensor names to shard files"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": [1]}, FormatError,
+         "corrupted index: 'metadata' must be a JSON object"),
+        ({"weight_map": {"a": "../s1.safetensors"}}, UnsafeFileError,
+         "shard '../s1.safetensors' points outside the checkpoint folder; refusing it"),
+        ({"weight_map": {"a": "/etc/passwd"}}, UnsafeFileError,
+         "shard '/etc/passwd' points outside the checkpoint folder; refusing it"),
+        ({"weight_map": {"a": "sub/s1.safetensors"}}, UnsafeFileError,
+         "shard 'sub/s1.safetensors' points outside the checkpoint folder; refusing it"),
+        ({"weight_map": {"a": "s9.safetensors"}}, FormatError, "shard s9.safetensors listed in the index is missing"),
+        ({"weight_map": {"a": "s1.safetensors", "zz": "s1.safetensors"}}, FormatError,
+         "tensor 'zz' is listed in the index but missing from shard s1.safetensors"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": -1}}, FormatError,
+         "corrupted index: metadata total_size -1 is not a byte count"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": 1.5}}, FormatError,
+         "corrupted index: metadata total_size 1.5 is not a byte count"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": True}}, FormatError,
+         "corrupted index: metadata total_size True is not a byte count"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": "8"}}, FormatError,
+         "corrupted index: metadata total_size '8' is not a byte count"),
+        ({"weight_map": {"a": "s1.safetensors"}, "metadata": {"total_size": 10**6}}, FormatError,
+         "the index claims total_size 1000000 bytes but its shards hold only {on_disk}; the index is corrupt or "
+         "its shards are truncated"),
+    ],
+)
+def test_each_index_claim_is_checked(tmp_path: Path, index: Any, error: type, why: str) -> None:
+    p = _index(tmp_path, index, {"s1.safetensors": {"a": np.ones(2, np.float32)}})
+    why = why.format(on_disk=(tmp_path / "s1.safetensors").stat().st_size)
+    with pytest.raises(error, match=_exact(f"{p}: {why}")):
+        SafetensorsIndexSource(p)
+
+
+def test_an_index_at_the_edges_is_read(tmp_path: Path) -> None:
+    shards = {"s1.safetensors": {"a": np.ones(2, np.float32)}, "s2.safetensors": {"b": np.zeros(3, np.float32)}}
+    p = _index(tmp_path, {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}, shards)
+    on_disk = (tmp_path / "s1.safetensors").stat().st_size + (tmp_path / "s2.safetensors").stat().st_size
+    for total in (None, 0, 20, on_disk, float(on_disk)):
+        meta: dict[str, Any] = {"format": "pt", "nested": {"x": 1}}
+        if total is not None:
+            meta["total_size"] = total
+        p.write_text(json.dumps({"metadata": meta, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+        with polyak.open_source(p) as src:
+            assert src.read("a").tolist() == [1.0, 1.0] and src.read("b").tolist() == [0.0] * 3
+            assert src.metadata()["format"] == "pt" and json.loads(src.metadata()["nested"]) == {"x": 1}
+            assert "total_size" not in src.metadata()
+    p.write_text(json.dumps({"metadata": None, "weight_map": {"a": "s1.safetensors"}}))
+    with polyak.open_source(p) as src:
+        assert list(src.infos()) == ["a"]
+
+
+def test_an_implausibly_large_index_is_refused_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polyak.formats import safetensors as st
+
+    p = _index(tmp_path, {"weight_map": {"a": "s1.safetensors"}}, {"s1.safetensors": {"a": np.ones(2, np.float32)}})
+    size = p.stat().st_size
+    monkeypatch.setattr(st, "MAX_INDEX_SIZE", size - 1)
+    with pytest.raises(UnsafeFileError, match=_exact(f"{p}: index file of {size} bytes is implausibly large")):
+        polyak.open_source(p)
+    monkeypatch.setattr(st, "MAX_INDEX_SIZE", size)
+    assert polyak.open_source(p).keys() == ["a"]
+
+
+def _npy(header: str | None = None, data: bytes = bytes(8), *, version: int = 1, pad_to: int = 0) -> bytes:
+    text = header if header is not None else "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+    text = text.ljust(pad_to) + "\n"
+    if version == 1:
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1") + data
+    return b"\x93NUMPY" + bytes([version, 0]) + struct.pack("<I", len(text)) + text.encode("latin1") + data
+
+
+def _npz(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, raw in members.items():
+            zf.writestr(name, raw)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("members", "error", "why"),
+    [
+        ({"a.npy": _npy(), "notes.txt": b"x"}, FormatError, "unexpected member notes.txt (not a .npy array)"),
+        ({"a.npy": b"\x93NUMPX" + bytes(20)}, FormatError, "member a.npy is not a .npy array"),
+        ({"a.npy": b"\x93NUM"}, FormatError, "member a.npy is not a .npy array"),
+        ({"a.npy": _npy(version=4)}, FormatError, "member a.npy has unsupported .npy version 4"),
+        ({"a.npy": _npy(pad_to=100_000, version=2)}, UnsafeFileError,
+         "member a.npy claims a 100001-byte .npy header (numpy itself refuses headers above 10000 bytes); "
+         "the file is corrupt or hostile"),
+        ({"a.npy": _npy("{'descr': '|O', 'fortran_order': False, 'shape': (1,), }")}, UnsafeFileError,
+         "array 'a' holds Python objects (a pickle); polyak never unpickles npz members. Save numeric arrays only."),
+        ({"a.npy": _npy("{'descr': '<f4', 'fortran_order': 0, 'shape': (2,), }")}, FormatError,
+         "member a.npy has an invalid shape (2,)"),
+        ({"a.npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-2,), }")}, FormatError,
+         "member a.npy has an invalid shape (-2,)"),
+        ({"a.npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (True,), }")}, FormatError,
+         "member a.npy has an invalid shape (True,)"),
+        ({"a.npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2.0,), }")}, FormatError,
+         "member a.npy has an invalid shape (2.0,)"),
+        ({"a.npy": _npy(data=bytes(4))}, FormatError,
+         "array 'a' should hold 8 bytes for shape (2,) float32, the archive member holds 4; "
+         "the file is truncated or corrupt"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"dtypes": {"a": 1}}'}, FormatError,
+         "corrupted __polyak__.json: 'dtypes' must map names to strings"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"metadata": ["x"]}'}, FormatError,
+         "corrupted __polyak__.json: 'metadata' must map names to strings"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"dtypes": {"a": "U4"}}'}, FormatError,
+         "__polyak__.json records the dtype 'U4' for 'a', which is not a numeric dtype; the file is corrupt"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"dtypes": {"a": "nonsense"}}'}, FormatError,
+         "__polyak__.json records the dtype 'nonsense' for 'a', which is not a numeric dtype; the file is corrupt"),
+        ({"a.npy": _npy(), "__polyak__.json": b'{"dtypes": {"a": "bfloat16"}}'}, FormatError,
+         "dtype record for 'a' does not match the array"),
+    ],
+)
+def test_each_npz_claim_is_checked(tmp_path: Path, members: dict[str, bytes], error: type, why: str) -> None:
+    from polyak.formats.npz import NpzSource
+
+    p = _npz(tmp_path / "m.npz", members)
+    with pytest.raises(error, match=_exact(f"{p}: {why}")):
+        NpzSource(p)  # the reader itself: the sniffer already refuses some of these
+
+
+def test_a_corrupted_npy_header_is_named(tmp_path: Path) -> None:
+    from polyak.formats.npz import NpzSource
+
+    for header in ("not a dict", "{'descr': '<f4'}", "{'descr': 'zz', 'fortran_order': False, 'shape': (2,)}"):
+        p = _npz(tmp_path / "m.npz", {"a.npy": _npy(header)})
+        with pytest.raises(FormatError, match=f"^{re.escape(str(p))}: member a.npy has a corrupted .npy header \\(.+\\)$"):
+            NpzSource(p)
+
+
+def test_npz_members_at_the_edges_are_read(tmp_path: Path) -> None:
+    import ml_dtypes
+
+    from polyak.formats.npz import NpzSource
+
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    bf = np.array([1.5, -2.0], ml_dtypes.bfloat16)
+    p = _npz(tmp_path / "m.npz", {
+        "v2.npy": _npy(data=np.array([1.0, 2.0], np.float32).tobytes(), version=2),
+        "v3.npy": _npy(data=np.array([3.0, 4.0], np.float32).tobytes(), version=3),
+        "big.npy": _npy(data=np.array([5.0, 6.0], np.float32).tobytes(), pad_to=100_000 - 1, version=2),  # at the limit
+        "f.npy": _npy("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", fortran.tobytes(order="F")),
+        "bf.npy": _npy("{'descr': '<u2', 'fortran_order': False, 'shape': (2,), }", bf.view(np.uint16).tobytes()),
+        "e.npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (0, 2), }", b""),
+        "__polyak__.json": b'{"dtypes": {"bf": "bfloat16"}, "metadata": {"k": "v"}}',
+    })
+    with NpzSource(p) as src:
+        assert src.read("v2").tolist() == [1.0, 2.0] and src.read("v3").tolist() == [3.0, 4.0]
+        assert src.read("big").tolist() == [5.0, 6.0]
+        np.testing.assert_array_equal(src.read("f"), fortran)
+        assert src.read("bf").dtype == ml_dtypes.bfloat16 and src.read("bf").tolist() == [1.5, -2.0]
+        assert src.read("e").shape == (0, 2)
+        assert src.metadata() == {"k": "v"}
+
+
+def test_the_npz_metadata_member_has_a_size_limit(tmp_path: Path) -> None:
+    from polyak.formats.npz import NpzSource
+
+    at_limit = b'{"metadata": {"k": "v"}}'.ljust(10_000_000)
+    assert NpzSource(_npz(tmp_path / "ok.npz", {"a.npy": _npy(), "__polyak__.json": at_limit})).metadata() == {"k": "v"}
+    p = _npz(tmp_path / "big.npz", {"a.npy": _npy(), "__polyak__.json": at_limit + b" "})
+    with pytest.raises(UnsafeFileError, match=_exact(f"{p}: __polyak__.json is implausibly large")):
+        NpzSource(p)
+
+
+def _check_pt_error(tmp_path: Path, obj: Any, key: str | None, error: type[BaseException], message: str) -> None:
+    """``obj`` saved as a .pt file is refused with exactly ``error`` and ``message`` (``P`` = the path)."""
+    torch = pytest.importorskip("torch")
+    p = tmp_path / "x.pt"
+    torch.save(obj, p)
+    with pytest.raises(error, match=_exact(message.replace("P: ", f"{p}: ", 1))) as info:
+        polyak.open_source(p, key=key)
+    assert type(info.value) is error
+
+
+def test_each_pt_claim_is_checked(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    w = torch.ones(2)
+    with warnings.catch_warnings():  # torch's deprecation notice of quantized tensors
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
+    cases: list[tuple[Any, str | None, type, str]] = [
+        ([w], None, FormatError, "P: holds a list, not a state dict; save model.state_dict() (or a dict of tensors)"),
+        ({"model": {"w": w}, "epoch": 3}, "nope", polyak.ConfigError,
+         "P: no key 'nope' in the checkpoint; the keys at the top level: 'model', 'epoch'"),
+        ({"model": {"w": w}, "epoch": 3}, "epoch/x", polyak.ConfigError,
+         "P: no key 'epoch/x' in the checkpoint; 'epoch' holds a value of type int, not a dict"),
+        ({"a": {"b": {"w": w}}, "c": {}}, "a/zz", polyak.ConfigError,
+         "P: no key 'a/zz' in the checkpoint; the keys under 'a': 'b'"),
+        ({"a": {}, "w": w}, "a/zz", polyak.ConfigError, "P: no key 'a/zz' in the checkpoint; the keys under 'a': none"),
+        ({"model": {"w": w}, "epoch": 3}, "epoch", polyak.ConfigError, "P: the entry 'epoch' holds no tensors"),
+        ({"model": {"w": w}, "opt": {"lr": 0.1}}, "opt", polyak.ConfigError, "P: the entry 'opt' holds no tensors"),
+        ({"epoch": 3, "lr": 0.1}, None, FormatError, "P: no tensors found (top-level keys: 'epoch', 'lr')"),
+        ({"model": {"w": w}, "ema": {"w": w}, "step": 1}, None, polyak.ConfigError,
+         "P: the checkpoint holds several state dicts ('model', 'ema'); choose one with --key (key=), e.g. --key model"),
+        ({0: w}, None, FormatError, "P: tensor key 0 is of type int, not a name; not a state dict"),
+        ({"model": {("a",): w}}, "model", FormatError, "P: tensor key ('a',) is of type tuple, not a name; not a state dict"),
+        ({"w": w.to_sparse()}, None, FormatError,
+         "P: tensor 'w' is a sparse tensor (torch.sparse_coo); polyak averages dense tensors. Save it dense: "
+         "state[name] = state[name].to_dense()"),
+        ({"w": torch.empty(2, device="meta")}, None, FormatError,
+         "P: tensor 'w' is on the 'meta' device and holds no data (the model was saved before its weights were "
+         "materialised). Materialise it first (e.g. model.to_empty(device='cpu') and load or initialise the "
+         "weights), then save again"),
+        ({"w": quantized}, None, FormatError,
+         "P: tensor 'w' is quantized (torch.quint8); polyak averages floating tensors. Save it dequantized: "
+         "state[name] = state[name].dequantize()"),
+    ]
+    for obj, key, error, message in cases:
+        _check_pt_error(tmp_path, obj, key, error, message)
+
+
+def test_pt_state_dicts_are_found_where_they_are(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    w = torch.arange(2.0)
+    for obj, key, found in [
+        ({"w": w, "step": 3}, None, None),  # flat: the tensors, other entries ignored
+        ({"model": {"w": w, "n": 3}, "epoch": 3}, None, "model"),  # the one nested state dict
+        ({"a": {"b": {"w": w}}}, "a/b", "a/b"),
+    ]:
+        p = tmp_path / "x.pt"
+        torch.save(obj, p)
+        with polyak.open_source(p, key=key) as src:
+            assert src.keys() == ["w"] and src.read("w").tolist() == [0.0, 1.0] and src.extras()["key"] == found
+
+
+def test_a_pt_zip_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from polyak.formats.torch_pt import load_state
+
+    p = tmp_path / "x.pt"
+    p.write_bytes(b"PK\x03\x04" + bytes(40) + b"PK\x05\x06" + bytes(18))  # a zip whose directory is nonsense
+    with pytest.raises(FormatError, match=f"^{re.escape(str(p))}: not a readable PyTorch checkpoint \\(.+\\)$"):
+        load_state(p, str(p))
