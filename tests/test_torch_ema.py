@@ -307,3 +307,22 @@ def test_options_are_checked_early_and_build_the_same_averager() -> None:
     load_full_state_dict(c, full_state_dict(a))
     assert c.state.count == a.state.count and c.schedule == a.schedule
     assert all(torch.equal(c.state.tensors[k], v) for k, v in a.state.tensors.items())
+
+
+def test_names_that_collide_once_wrapper_prefixes_are_removed_are_refused() -> None:
+    # "module.w" and "w" are one name to polyak (DataParallel's prefix is ignored): a
+    # parameter pair, a buffer pair and a parameter with a buffer, each in the middle.
+    for kind, build in [
+        ("parameters", lambda m: (m.register_parameter("w", torch.nn.Parameter(torch.ones(1))),
+                                  m.module.register_parameter("w", torch.nn.Parameter(torch.ones(1))))),
+        ("buffers", lambda m: (m.register_buffer("w", torch.ones(1)), m.module.register_buffer("w", torch.ones(1)))),
+        ("buffers", lambda m: (m.register_parameter("w", torch.nn.Parameter(torch.ones(1))),
+                               m.module.register_buffer("w", torch.ones(1)))),
+    ]:
+        model = torch.nn.Sequential()
+        model.add_module("first", torch.nn.Linear(1, 1))
+        model.add_module("module", torch.nn.Module())
+        model.add_module("last", torch.nn.Linear(1, 1))
+        build(model)
+        with pytest.raises(MismatchError, match=f"^two {kind} are named 'w' once wrapper prefixes are removed$"):
+            EMA(model, decay=0.9)

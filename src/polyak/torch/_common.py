@@ -91,29 +91,20 @@ def named_slots(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[tu
     seen: set[str] = set()
     tensors: set[int] = set()
     modules = list(module.named_modules())
-    for mod_name, mod in modules:
-        for p_name, p in mod._parameters.items():
-            if p is None or id(p) in tensors:
-                continue
-            tensors.add(id(p))
-            key = canonical_name(f"{mod_name}.{p_name}" if mod_name else p_name)
-            if key in seen:
-                raise MismatchError(f"two parameters are named {key!r} once wrapper prefixes are removed")
-            seen.add(key)
-            yield key, (mod._parameters, p_name), True
-    if not buffers:
-        return
-    for mod_name, mod in modules:
-        skip = mod._non_persistent_buffers_set
-        for b_name, buf in mod._buffers.items():
-            if buf is None or b_name in skip or id(buf) in tensors:
-                continue
-            tensors.add(id(buf))
-            key = canonical_name(f"{mod_name}.{b_name}" if mod_name else b_name)
-            if key in seen:
-                raise MismatchError(f"two buffers are named {key!r} once wrapper prefixes are removed")
-            seen.add(key)
-            yield key, (mod._buffers, b_name), False
+    kinds = [("parameters", True)] + ([("buffers", False)] if buffers else [])
+    for kind, is_param in kinds:
+        for mod_name, mod in modules:
+            container: dict[str, Any] = getattr(mod, f"_{kind}")
+            skip = () if is_param else mod._non_persistent_buffers_set
+            for t_name, t in container.items():
+                if t is None or t_name in skip or id(t) in tensors:
+                    continue
+                tensors.add(id(t))
+                key = canonical_name(f"{mod_name}.{t_name}" if mod_name else t_name)
+                if key in seen:
+                    raise MismatchError(f"two {kind} are named {key!r} once wrapper prefixes are removed")
+                seen.add(key)
+                yield key, (container, t_name), is_param
 
 
 def named_tensors(module: torch.nn.Module, *, buffers: bool = True) -> Iterator[tuple[str, torch.Tensor, bool]]:
