@@ -15,6 +15,7 @@ from polyak._engine.kernel import (
     PARALLEL_MIN,
     Buffers,
     accumulate,
+    check_cast,
     chunks,
     member_chunks,
     widen,
@@ -170,3 +171,37 @@ def test_an_overflow_of_finite_members_is_named_as_such() -> None:
     big = [{"w": np.full(3, np.finfo(np.float32).max, np.float32)} for _ in range(3)]
     with pytest.raises(polyak.NonFiniteError, match=_nonfinite("none of the members (overflow while averaging)")):
         polyak.average(big, weights=[2, 5, 4])
+
+
+def _cast(acc: np.ndarray, dtype: object) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return acc.astype(dtype)
+
+
+def test_check_cast_every_kind_of_range() -> None:
+    import ml_dtypes
+
+    from polyak import NonFiniteError
+
+    fine = np.array([1.0, -65504.0, 2.0], np.float32)  # the end of float16's range is finite
+    check_cast(fine, _cast(fine, np.float16), name="w")
+    # a negative value beyond the range, in the middle
+    acc = np.array([1.0, -3e38, 2.0], np.float32)
+    with pytest.raises(NonFiniteError, match=re.escape(
+            'tensor "w": its average reaches 3e+38, beyond the range of float16 (largest finite value 65504); '
+            "written as float16 it would be Inf. ")):
+        check_cast(acc, _cast(acc, np.float16), name="w")
+    # complex: the magnitude decides, and the imaginary part alone can overflow
+    acc = np.array([1 + 0j, 1 + 1e300j, 2 + 0j], np.complex128)
+    with pytest.raises(NonFiniteError, match=re.escape(
+            'tensor "c": its average reaches 1e+300, beyond the range of complex64 (largest finite value 3.40282e+38); '
+            "written as complex64 it would be Inf. ")):
+        check_cast(acc, _cast(acc, np.complex64), name="c")
+    small = np.array([1 + 1j, -3e38 - 3e38j], np.complex128)  # |x| > float32's max, parts within it
+    check_cast(small, _cast(small, np.complex64), name="c")
+    # an unsigned format (no negative values, no Inf): its range starts at its smallest value
+    acc = np.array([1.0, 3e38, 2.0], np.float32)
+    with pytest.raises(NonFiniteError, match=re.escape(
+            'tensor "u": its average reaches 3e+38, beyond the range of float8_e8m0fnu (finite values from '
+            "5.87747e-39 to 1.70141e+38); written as float8_e8m0fnu it would be NaN. ")):
+        check_cast(acc, _cast(acc, ml_dtypes.float8_e8m0fnu), name="u")
