@@ -302,3 +302,29 @@ def test_a_jump_over_m_due_steps_weighs_as_m_updates(start: int, every: int, see
             expected = d * expected + (1 - d) * x
     np.testing.assert_allclose(avg.state.tensors["w"], expected, rtol=1e-12)
     assert (avg.state.step, avg.state.count) == (seen[-1], len(due))
+
+
+def _due(cadence: Cadence, t: int) -> bool:
+    """Whether step ``t`` changes the average, from the definition (not from next_due)."""
+    if cadence.start is None or t < cadence.start:
+        return True
+    return (t - cadence.start) % cadence.every == 0
+
+
+@pytest.mark.parametrize("cadence", [Cadence(None, 4), Cadence(0, 1), Cadence(3, 4), Cadence(5, 2), Cadence(1, 3)])
+def test_next_due_is_the_first_changing_step_after_any_step(cadence: Cadence) -> None:
+    for step in range(0, 25):
+        expected = next(t for t in itertools.count(step + 1) if _due(cadence, t))
+        assert cadence.next_due(step) == expected, (cadence, step)
+
+
+@pytest.mark.parametrize(("start", "every"), [(3, 1), (5, 2), (4, 3)])
+def test_a_jump_from_before_start_counts_the_due_steps_from_start(start: int, every: int) -> None:
+    # From step 0 (nothing seen) straight to a step past start: every due step in
+    # [start, now] counts once, the steps before start none.
+    for now in range(start, start + 3 * every + 1):
+        u = next_update(AveragerState(), Cadence(start, every), SWAWeights())
+        assert (u.step, u.count) == (1, 0)
+        u = next_update(AveragerState(), Cadence(start, every), SWAWeights(), step=now)
+        due = len(range(start, now + 1, every))  # the first is a copy: weight 1 however many
+        assert (u.step, u.count, u.weight) == (now, due, 1.0), (now, u)
