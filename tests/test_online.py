@@ -328,3 +328,11 @@ def test_a_jump_from_before_start_counts_the_due_steps_from_start(start: int, ev
         u = next_update(AveragerState(), Cadence(start, every), SWAWeights(), step=now)
         due = len(range(start, now + 1, every))  # the first is a copy: weight 1 however many
         assert (u.step, u.count, u.weight) == (now, due, 1.0), (now, u)
+
+
+def test_configure_keeps_an_swa_cadence_the_config_omits() -> None:
+    swa = OnlineAverage(SWAWeights("equal"), Cadence(0, 3), NumpyOps())
+    swa.configure({"start": 4})  # a saved config without "every": the averager's own stays
+    assert swa.cadence == Cadence(4, 3)
+    swa.configure({})
+    assert swa.cadence == Cadence(4, 3)
