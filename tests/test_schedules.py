@@ -142,3 +142,42 @@ def test_options_are_stored_as_floats() -> None:
         assert type(value) is float
     assert s.name == "warmup" and s.half_life_steps == 8.0  # a warmup keeps its name with half_life
     assert make_schedule(decay=1 - 2**-10).decay == 1 - 2**-10
+
+
+def test_power_schedule_fields_are_checked_together() -> None:
+    needs = "^a power schedule needs sigma_rel \\(and the gamma it implies\\)$"
+    for fields in ({}, {"sigma_rel": 0.1}, {"gamma": 6.94}):
+        with pytest.raises(ConfigError, match=needs):
+            DecaySchedule(name="power", decay=0.0, **fields)
+    for fields in ({"sigma_rel": 0.1}, {"gamma": 6.94}, {"sigma_rel": 0.1, "gamma": 6.94}):
+        with pytest.raises(ConfigError, match="^sigma_rel and gamma belong to the power schedule, not to 'constant'$"):
+            DecaySchedule(name="constant", decay=0.9, **fields)
+    with pytest.raises(ConfigError, match=r"^a power EMA \(sigma_rel=\) has its own warmup; drop warmup=$"):
+        make_schedule(sigma_rel=0.1, warmup="tf")
+
+
+@pytest.mark.parametrize("every", [0, -2, True, "2", 2.0])
+@pytest.mark.parametrize("kind", ["decay", "half_life", "sigma_rel"])
+def test_every_is_a_whole_number_of_steps_for_every_kind_of_schedule(kind: str, every: object) -> None:
+    with pytest.raises(ConfigError, match=f"^every must be a whole number of steps ≥ 1, got {re.escape(repr(every))}$"):
+        make_schedule(**{kind: 0.1 if kind == "sigma_rel" else 0.9 if kind == "decay" else 10.0}, every=every)  # type: ignore[arg-type]
+
+
+def test_a_half_life_of_one_step_or_less_is_allowed() -> None:
+    assert make_schedule(half_life=1).decay == 0.5
+    assert make_schedule(half_life=0.5).decay == 0.25
+    assert make_schedule(half_life=2, every=2).decay == 0.5
+
+
+def test_a_schedule_is_checked_however_it_is_built() -> None:
+    # built directly (schedule= of the averagers takes one), or from a saved state
+    with pytest.raises(ConfigError, match=r"^unknown decay schedule 'cosine'; valid schedules: \["):
+        DecaySchedule(name="cosine", decay=0.9)
+    with pytest.raises(ConfigError, match=r"^decay must be in \[0, 1\), got 1\.5$"):
+        DecaySchedule(name="constant", decay=1.5)
+    saved = make_schedule(0.9).to_dict()
+    for field in ("name", "decay"):
+        with pytest.raises(ConfigError, match=f"^the saved decay schedule has no {field}$"):
+            DecaySchedule.from_dict({k: v for k, v in saved.items() if k != field})
+    with pytest.raises(ConfigError, match="^the saved decay schedule has no decay and no name$"):
+        DecaySchedule.from_dict({"every": 1})

@@ -49,8 +49,8 @@ SCHEDULES: dict[str, str] = {
 class DecaySchedule:
     """A named EMA decay schedule (plain data): the decay of each update, saved with an averager's state.
 
-    Build one with :func:`polyak.make_schedule`, which validates it; call it with the number
-    of updates already applied to get the next update's decay. The EMA averagers
+    Build one with :func:`polyak.make_schedule` (or directly: every field is checked either
+    way); call it with the number of updates already applied to get the next update's decay. The EMA averagers
     (``polyak.torch.EMA``, ``polyak.keras.EMACallback``) take one as ``schedule=``.
 
     Attributes:
@@ -66,6 +66,9 @@ class DecaySchedule:
         sigma_rel: For ``power``: the width of the averaging profile relative to the
             number of updates so far (0.05 and 0.10 in EDM2).
         gamma: For ``power``: the exponent ``γ`` that ``sigma_rel`` implies.
+
+    Raises:
+        ConfigError: A field out of range or missing for its schedule (when it is built).
 
     Example:
         >>> import polyak
@@ -88,6 +91,9 @@ class DecaySchedule:
     every: int = 1
     sigma_rel: float | None = None
     gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
 
     def __call__(self, n: int) -> float:
         """The decay of the update that follows ``n`` earlier updates (0 for the first)."""
@@ -149,19 +155,16 @@ class DecaySchedule:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown decay-schedule fields {sorted(unknown)} in saved state")
-        return make_schedule_from_fields(dict(data))
-
-
-def make_schedule_from_fields(data: dict[str, Any]) -> DecaySchedule:
-    name = data.get("name")
-    if name not in SCHEDULES:
-        raise ConfigError(f"unknown decay schedule {name!r}; valid schedules: {sorted(SCHEDULES)}")
-    schedule = DecaySchedule(**data)
-    _validate(schedule)
-    return schedule
+        missing = {"name", "decay"} - set(data)
+        if missing:
+            raise ConfigError(f"the saved decay schedule has no {' and no '.join(sorted(missing))}")
+        return cls(**data)
 
 
 def _validate(s: DecaySchedule) -> None:
+    """Every check of a schedule's fields, run when one is built (also from a saved state)."""
+    if s.name not in SCHEDULES:
+        raise ConfigError(f"unknown decay schedule {s.name!r}; valid schedules: {sorted(SCHEDULES)}")
     if not (0.0 <= s.decay < 1.0) or not math.isfinite(s.decay):
         raise ConfigError(f"decay must be in [0, 1), got {s.decay!r}")
     if not (0.0 <= s.min_decay <= s.decay):
@@ -237,12 +240,8 @@ def make_schedule(
     if sigma_rel is not None:
         if warmup is not None:
             raise ConfigError("a power EMA (sigma_rel=) has its own warmup; drop warmup=")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"every must be a whole number of steps ≥ 1, got {every!r}")
         value = check_sigma_rel(sigma_rel)
-        power = DecaySchedule(name="power", decay=0.0, every=every, sigma_rel=value, gamma=sigma_rel_to_gamma(value))
-        _validate(power)
-        return power
+        return DecaySchedule(name="power", decay=0.0, every=every, sigma_rel=value, gamma=sigma_rel_to_gamma(value))
     if warmup not in _WARMUPS:
         raise ConfigError(f"warmup must be one of {list(_WARMUPS)}, got {warmup!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -263,7 +262,7 @@ def make_schedule(
         value = float(decay)  # type: ignore[arg-type]  # set in both branches above
     except (TypeError, ValueError):
         raise ConfigError(f"decay must be a number in [0, 1), got {decay!r}") from None
-    schedule = DecaySchedule(
+    return DecaySchedule(
         name=name,
         decay=value,
         min_decay=float(min_decay),
@@ -272,6 +271,4 @@ def make_schedule(
         half_life_steps=steps,
         every=every,
     )
-    _validate(schedule)
-    return schedule
 
