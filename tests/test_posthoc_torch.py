@@ -366,8 +366,11 @@ def test_invalid_options(tmp_path):
     ph = PostHocEMA(model, tmp_path)
     with pytest.raises(ConfigError, match="not a PostHocEMA state"):
         ph.load_state_dict({"kind": "ema"})
-    with pytest.raises(ConfigError, match="tracks sigma_rels"):
+    with pytest.raises(ConfigError, match=r"^the state tracks sigma_rels \[0\.05, 0\.1\], this PostHocEMA \[0\.05\]; "
+                                          "create it with the same sigma_rels$"):
         PostHocEMA(model, tmp_path, sigma_rels=(0.05,)).load_state_dict(ph.state_dict())
+    with pytest.raises(ConfigError, match=r"^the state tracks sigma_rels \[0\.05, 0\.1\], this PostHocEMA \[0\.05, 0\.12\]"):
+        PostHocEMA(model, tmp_path, sigma_rels=(0.05, 0.12)).load_state_dict(ph.state_dict())
     with pytest.raises(MismatchError, match=r"^the saved averaged tensors do not match this averager's \(1 problem"):
         PostHocEMA(torch.nn.Linear(3, 2), tmp_path).load_state_dict(ph.state_dict())
 

@@ -41,15 +41,19 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ConfigError, FormatError
+from ._errors import ConfigError, FormatError, whole_number
 from ._json import json_object
 
 __all__ = [
+    "CAPTURE_KIND",
     "DEFAULT_SIGMA_RELS",
     "MAX_SIGMA_REL",
     "SNAPSHOT_KEY",
     "Fit",
     "SnapshotRecord",
+    "capture_counters",
+    "capture_state",
+    "check_capture_state",
     "check_sigma_rel",
     "check_sigma_rels",
     "gamma_to_sigma_rel",
@@ -71,6 +75,55 @@ SNAPSHOT_KEY = "polyak_posthoc"
 
 #: Version of the snapshot record layout.
 RECORD_VERSION = 1
+
+#: ``kind`` of a capture's resumable state (``PostHocEMA.state_dict``,
+#: ``PostHocEMACallback.get_state``): one layout for both faces.
+CAPTURE_KIND = "posthoc_ema"
+
+
+def capture_state(run: str, every: int, sigma_rels: Sequence[float], written: int,
+                  averagers: list[Any]) -> dict[str, Any]:
+    """A capture's resumable state: ``{"kind", "run", "every", "sigma_rels", "written", "averagers"}``.
+
+    Example:
+        >>> capture_state("r1", 5, (0.05, 0.1), 20, [])["kind"]
+        'posthoc_ema'
+    """
+    return {"kind": CAPTURE_KIND, "run": run, "every": every, "sigma_rels": list(sigma_rels),
+            "written": written, "averagers": averagers}
+
+
+def check_capture_state(state: Any, sigma_rels: Sequence[float], *, owner: str, hint: str = "") -> None:
+    """Refuse a saved state that is not a capture's, or that tracks other widths than ``sigma_rels``.
+
+    Raises:
+        ConfigError: Naming the kind found (``owner`` and ``hint`` say whose state was
+            expected and how to get one), or both lists of widths.
+
+    Example:
+        >>> check_capture_state(capture_state("r1", 5, (0.05, 0.1), 20, []), (0.05, 0.1), owner="PostHocEMA")
+        >>> check_capture_state({"kind": "ema"}, (0.05, 0.1), owner="PostHocEMA")
+        Traceback (most recent call last):
+        ...
+        polyak._errors.ConfigError: not a PostHocEMA state (kind 'ema')
+    """
+    if state.get("kind") != CAPTURE_KIND:
+        raise ConfigError(f"not a {owner} state (kind {state.get('kind')!r}){hint}")
+    saved = tuple(float(s) for s in state.get("sigma_rels", ()))
+    if len(saved) != len(sigma_rels) or not np.allclose(saved, sigma_rels, rtol=1e-12, atol=0.0):
+        raise ConfigError(f"the state tracks sigma_rels {list(saved)}, this {owner} {list(sigma_rels)}; "
+                          "create it with the same sigma_rels")
+
+
+def capture_counters(state: Any, every: int) -> tuple[str, int, int]:
+    """``(run, every, written)`` of a capture's state (``every`` where the state has none).
+
+    Example:
+        >>> capture_counters(capture_state("r1", 5, (0.05,), 20, []), 1)
+        ('r1', 5, 20)
+    """
+    return (str(state["run"]), whole_number(int(state.get("every", every)), "every", 1),
+            int(state.get("written", -1)))
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:

@@ -26,6 +26,9 @@ from .._posthoc import (
     DEFAULT_SIGMA_RELS,
     SNAPSHOT_KEY,
     SnapshotRecord,
+    capture_counters,
+    capture_state,
+    check_capture_state,
     check_sigma_rels,
     snapshot_name,
 )
@@ -34,9 +37,6 @@ from ._names import variable_names
 from ._ops import backend_ops
 
 __all__ = ["PostHocEMACallback"]
-
-#: ``kind`` of a :meth:`PostHocEMACallback.get_state`.
-KIND = "posthoc_ema"
 
 
 class PostHocEMACallback(keras.callbacks.Callback):
@@ -253,8 +253,7 @@ class PostHocEMACallback(keras.callbacks.Callback):
         ``EMACallback.get_state()`` with numpy arrays."""
         averagers = [core.record(self._config(), self._arrays(core) if core.state.tensors else {})
                      for core in self._cores]
-        return {"kind": KIND, "run": self.run, "every": self.every, "sigma_rels": list(self.sigma_rels),
-                "written": self._written, "averagers": averagers}
+        return capture_state(self.run, self.every, self.sigma_rels, self._written, averagers)
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`get_state`: now if the model is known, else when ``fit`` begins.
@@ -263,11 +262,7 @@ class PostHocEMACallback(keras.callbacks.Callback):
             ConfigError: The state is not a PostHocEMACallback's, or tracks other widths.
             MismatchError: Its averages do not fit the model (all differences listed).
         """
-        if state.get("kind") != KIND:
-            raise ConfigError(f"not a PostHocEMACallback state (kind {state.get('kind')!r})")
-        saved = tuple(float(s) for s in state.get("sigma_rels", ()))
-        if len(saved) != len(self.sigma_rels) or not np.allclose(saved, self.sigma_rels, rtol=1e-12, atol=0.0):
-            raise ConfigError(f"the state tracks sigma_rels {list(saved)}, this callback {list(self.sigma_rels)}")
+        check_capture_state(state, self.sigma_rels, owner="PostHocEMACallback")
         if getattr(self, "_model", None) is not None:
             self._collect()
             self._apply_state(state)
@@ -278,9 +273,7 @@ class PostHocEMACallback(keras.callbacks.Callback):
         self._start()
         for core, sub in zip(self._cores, state["averagers"], strict=True):
             self._load(core, read_record(sub, kind=core.kind), "the saved state")
-        self.run = str(state["run"])
-        self.every = whole_number(int(state.get("every", self.every)), "every", 1)
-        self._written = int(state.get("written", -1))
+        self.run, self.every, self._written = capture_counters(state, self.every)
 
     def _load(self, core: OnlineAverage[Any, Any], record: Mapping[str, Any], where: str) -> None:
         saved = dict(record.get("tensors") or {})

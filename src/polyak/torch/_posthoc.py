@@ -17,6 +17,9 @@ from .._posthoc import (
     DEFAULT_SIGMA_RELS,
     SNAPSHOT_KEY,
     SnapshotRecord,
+    capture_counters,
+    capture_state,
+    check_capture_state,
     check_sigma_rels,
     snapshot_name,
 )
@@ -25,9 +28,6 @@ from ._common import is_writer_rank
 from ._ema import EMA
 
 __all__ = ["PostHocEMA"]
-
-#: ``kind`` of a :meth:`PostHocEMA.state_dict`.
-KIND = "posthoc_ema"
 
 
 class PostHocEMA:
@@ -262,8 +262,8 @@ class PostHocEMA:
 
         ``averagers`` holds each tracked :meth:`EMA.state_dict` (tensors not copied).
         """
-        return {"kind": KIND, "run": self.run, "every": self.every, "sigma_rels": list(self.sigma_rels),
-                "written": self._written, "averagers": [a.state_dict() for a in self.averagers]}
+        return capture_state(self.run, self.every, self.sigma_rels, self._written,
+                             [a.state_dict() for a in self.averagers])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` exactly (the run continues into the same folder).
@@ -272,17 +272,10 @@ class PostHocEMA:
             ConfigError: The state is not a PostHocEMA's, or tracks other widths.
             MismatchError: Its tensors do not fit the module (all differences listed).
         """
-        if state.get("kind") != KIND:
-            raise ConfigError(f"not a PostHocEMA state (kind {state.get('kind')!r}); pass PostHocEMA.state_dict()")
-        saved = tuple(float(s) for s in state.get("sigma_rels", ()))
-        if not np.allclose(saved, self.sigma_rels, rtol=1e-12, atol=0.0) or len(saved) != len(self.sigma_rels):
-            raise ConfigError(f"the state tracks sigma_rels {list(saved)}, this PostHocEMA {list(self.sigma_rels)}; "
-                              "create it with the same sigma_rels")
+        check_capture_state(state, self.sigma_rels, owner="PostHocEMA", hint="; pass PostHocEMA.state_dict()")
         for avg, sub in zip(self.averagers, state["averagers"], strict=True):
             avg.load_state_dict(sub)
-        self.run = str(state["run"])
-        self.every = whole_number(int(state.get("every", self.every)), "every", 1)
-        self._written = int(state.get("written", -1))
+        self.run, self.every, self._written = capture_counters(state, self.every)
 
     def _resume_from_folder(self) -> None:
         from .._engine.posthoc import resume_point
