@@ -47,7 +47,7 @@ def _grid(text: str) -> list[float]:
 
 def register(sub: Any) -> None:
     from .._choose.posthoc import DEFAULT_SWEEP
-    from .._choose.select import AUTO
+    from ._sweep import add_choice_options
 
     p = sub.add_parser(
         "posthoc",
@@ -67,10 +67,7 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--out", help="rebuild: the output file (its suffix picks the format); sweep: a folder for "
                    "results.json, results.csv, posthoc.png")
     p.add_argument("--eval", metavar="MODULE:NAME", help="evaluate function or factory (sweep)")
-    p.add_argument("--metric", help="sweep: metric to compare (default: the first one evaluate returns)")
-    p.add_argument("--on", default=AUTO, help="sweep: split to choose on (default: validation when evaluate returns it)")
-    p.add_argument("--report", default=AUTO, help="sweep: split to report the choice on (default: test when returned)")
-    p.add_argument("--mode", choices=("max", "min"), help="sweep: higher or lower is better (default: from the metric's name)")
+    add_choice_options(p, "sweep: ")
     p.add_argument("--no-tracked", action="store_true", help="sweep: do not evaluate the tracked snapshots themselves")
     p.add_argument("--no-plots", action="store_true", help="sweep: do not write the figure")
     p.add_argument("--out-format", help="rebuild: output format, instead of the output suffix")

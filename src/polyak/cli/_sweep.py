@@ -44,7 +44,6 @@ def _floats(text: str) -> list[float]:
 
 
 def register(sub: Any) -> None:
-    from .._choose.select import AUTO
     from .._choose.sweep import BASELINES, sweep_schemes
 
     p = sub.add_parser(
@@ -67,16 +66,27 @@ def register(sub: Any) -> None:
     p.add_argument("--format", help="input format, instead of detecting it from the suffix")
     p.add_argument("--key", help="key of the state dict in nested .pt checkpoints (e.g. model)")
     p.add_argument("--strip-prefix", action="append", default=[], metavar="PREFIX", help="remove this prefix from tensor names (repeatable)")
-    p.add_argument("--metric", help="metric to compare (default: the first one evaluate returns)")
-    p.add_argument("--on", default=AUTO, help="split to choose on (default: validation when evaluate returns it, else the first)")
-    p.add_argument("--report", default=AUTO, help="split to report the choice on (default: test when evaluate returns it)")
-    p.add_argument("--mode", choices=("max", "min"), help="higher or lower is better (default: min for names like loss/error, else max)")
+    add_choice_options(p)
     p.add_argument("--out", metavar="DIR", help="write results.json, results.csv, sweep.png, alphas.png here")
     p.add_argument("--no-plots", action="store_true", help="do not write figures")
     p.add_argument("--no-diagnose", action="store_true", help="skip the distance/cosine diagnostics (one extra read)")
     p.add_argument("--force", action="store_true", help="replace existing files in --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no tables or progress; files and warnings only")
     p.set_defaults(func=run_sweep)
+
+
+def add_choice_options(p: argparse.ArgumentParser, scope: str = "") -> None:
+    """``--metric``, ``--on``, ``--report`` and ``--mode``: how a sweep's choice is made (``scope``
+    prefixes their help, e.g. ``"sweep: "`` where they apply to one mode of a command)."""
+    from .._choose.select import AUTO
+
+    p.add_argument("--metric", help=f"{scope}metric to compare (default: the first one evaluate returns)")
+    p.add_argument("--on", default=AUTO,
+                   help=f"{scope}split to choose on (default: validation when evaluate returns it, else the first)")
+    p.add_argument("--report", default=AUTO,
+                   help=f"{scope}split to report the choice on (default: test when evaluate returns it)")
+    p.add_argument("--mode", choices=("max", "min"),
+                   help=f"{scope}higher or lower is better (default: min for names like loss/error, else max)")
 
 
 def load_callable(spec: str, option: str) -> Any:
