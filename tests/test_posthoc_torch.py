@@ -444,3 +444,14 @@ def test_training_loop_callbacks_take_the_power_schedule(face):
     assert schedule.name == "power" and schedule.sigma_rel == 0.1
     with pytest.raises(ConfigError, match="exactly one of decay=, half_life= or sigma_rel="):
         importlib.import_module(f"polyak.{face}").EMACallback(decay=0.9, sigma_rel=0.1)
+
+
+def test_steps_given_now_and_then_still_get_their_snapshots(tmp_path):
+    # update(step=) every 3 steps with every=5: the counts 3, 6, 9, 12 jump over 5 and 10,
+    # and each jump still writes its snapshot (at counts 6 and 12), one per width.
+    model = torch.nn.Linear(2, 1)
+    ph = PostHocEMA(model, tmp_path, every=5)
+    for step in (3, 6, 9, 12):
+        ph.update(step=step)
+    names = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert names == sorted(f"posthoc_sigma{s:g}_step{t:09d}.safetensors" for s in (0.05, 0.10) for t in (6, 12))

@@ -59,6 +59,7 @@ __all__ = [
     "gamma_to_sigma_rel",
     "profile_inner",
     "sigma_rel_to_gamma",
+    "snapshot_due",
     "snapshot_name",
     "solve_coefficients",
 ]
@@ -113,6 +114,20 @@ def check_capture_state(state: Any, sigma_rels: Sequence[float], *, owner: str, 
     if len(saved) != len(sigma_rels) or not np.allclose(saved, sigma_rels, rtol=1e-12, atol=0.0):
         raise ConfigError(f"the state tracks sigma_rels {list(saved)}, this {owner} {list(sigma_rels)}; "
                           "create it with the same sigma_rels")
+
+
+def snapshot_due(before: int, after: int, every: int) -> bool:
+    """Whether an update that took the count from ``before`` to ``after`` owes a snapshot.
+
+    A snapshot is due each time the count reaches a multiple of ``every``; an update that
+    stands in for several steps (Keras' ``steps_per_execution``, ``step=`` given now and
+    then) may jump over that multiple, and still owes it.
+
+    Example:
+        >>> snapshot_due(4, 5, 5), snapshot_due(3, 6, 5), snapshot_due(5, 5, 5), snapshot_due(6, 9, 5)
+        (True, True, False, False)
+    """
+    return after // every > before // every
 
 
 def capture_counters(state: Any, every: int) -> tuple[str, int, int]:

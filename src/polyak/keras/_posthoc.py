@@ -30,6 +30,7 @@ from .._posthoc import (
     capture_state,
     check_capture_state,
     check_sigma_rels,
+    snapshot_due,
     snapshot_name,
 )
 from .._schedules import make_schedule
@@ -191,9 +192,10 @@ class PostHocEMACallback(keras.callbacks.Callback):
         if not self._cores[0].state.tensors:
             self._collect()
             self._start()
+        before = self.count
         for core in self._cores:
             core.update(lambda: self._vars, step=step)
-        if self.count % self.every == 0:
+        if snapshot_due(before, self.count, self.every):
             self.snapshot()
 
     def snapshot(self) -> list[Path]:

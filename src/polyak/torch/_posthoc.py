@@ -21,6 +21,7 @@ from .._posthoc import (
     capture_state,
     check_capture_state,
     check_sigma_rels,
+    snapshot_due,
     snapshot_name,
 )
 from ._averagers import read_averager_file
@@ -169,9 +170,10 @@ class PostHocEMA:
         """
         if not self._checked:
             self._check_folder()
+        before = self.count
         for avg in self.averagers:
             avg.update(module, step=step)
-        if self.count % self.every == 0:
+        if snapshot_due(before, self.count, self.every):
             self.snapshot()
 
     def snapshot(self) -> list[Path]:
