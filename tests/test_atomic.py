@@ -441,3 +441,162 @@ def test_fsync_helpers(tmp_path: Path) -> None:
     atomic.fsync_file(tmp_path / "f")
     with pytest.raises(FileNotFoundError, match="missing"):
         atomic.fsync_file(tmp_path / "missing")
+
+
+def test_a_folder_is_swapped_in_one_step_by_a_relative_path_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.uname().sysname != "Linux":
+        pytest.skip("renameat2 is Linux's")
+    monkeypatch.chdir(tmp_path)
+    Path("avg").mkdir()
+    Path("avg", "old.json").write_text("old")
+    renames: list[tuple[str, str]] = []
+    real = os.rename
+
+    def rename(a: Any, b: Any) -> None:
+        renames.append((str(a), str(b)))
+        real(a, b)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    f = AtomicFolder("avg")
+    (f.tmp / "new.json").write_text("new")
+    assert f.commit() == Path("avg")
+    # one rename tried (and refused: the target is not empty), then one atomic swap: the old
+    # folder is never moved aside, so no moment exists without a folder at "avg"
+    assert renames == [(str(f.tmp), "avg")]
+    assert _names(tmp_path) == ["avg"] and _names(tmp_path / "avg") == ["new.json"]
+
+
+def test_without_renameat2_the_old_folder_is_moved_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    class NoSuchCalls:
+        def __getattr__(self, name: str) -> Any:
+            raise AttributeError(f"undefined symbol: {name}")
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: NoSuchCalls())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert atomic._exchange(tmp_path / "a", tmp_path / "b") is False  # an old C library: no swap
+    target = tmp_path / "avg"
+    target.mkdir()
+    (target / "old.json").write_text("old")
+    with AtomicFolder(target) as f:
+        (f.tmp / "new.json").write_text("new")
+        f.commit()
+    assert _names(target) == ["new.json"] and _names(tmp_path) == ["a", "avg", "b"]
+    # the early writeback is skipped the same way: a large write still goes through
+    monkeypatch.setattr(atomic._Writeback, "_loaded", False)
+    monkeypatch.setattr(atomic._Writeback, "_fn", None)
+    with AtomicFile(tmp_path / "big.bin") as out:
+        out.file.write(b"\0" * (atomic.WRITEBACK_BYTES + 1))
+        out.commit()
+    assert atomic._Writeback._fn is None and (tmp_path / "big.bin").stat().st_size == atomic.WRITEBACK_BYTES + 1
+
+
+def test_early_writeback_takes_offsets_beyond_4_gib(tmp_path: Path) -> None:
+    # sync_file_range takes 64-bit offsets; declared as C ints they would overflow past 2 GiB
+    with (tmp_path / "f").open("wb") as raw:
+        raw.write(b"x")
+        w = atomic._Writeback()
+        w.started = 5 << 30
+        w.after_write(raw, w.started + atomic.WRITEBACK_BYTES)  # a range past the end: a no-op hint
+        assert w.started == (5 << 30) + atomic.WRITEBACK_BYTES or atomic._Writeback._sync_file_range() is None
+
+
+def test_a_folder_rename_refused_for_another_reason_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "avg"
+    target.mkdir()
+    (target / "old.json").write_text("old")
+    real = os.rename
+
+    def rename(a: Any, b: Any) -> None:
+        if Path(b) == target:
+            raise OSError(errno.EACCES, "Permission denied")
+        real(a, b)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    f = AtomicFolder(target)
+    (f.tmp / "new.json").write_text("new")
+    message = f"cannot write {target}: permission denied or read-only file system"
+    with pytest.raises(OutputError, match=_esc(message)):
+        f.commit()  # not swapped in some other way: the refusal is the answer
+    assert _names(tmp_path) == ["avg"] and _names(target) == ["old.json"]
+
+
+def test_an_old_folder_that_cannot_be_deleted_does_not_fail_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "avg"
+    target.mkdir()
+    (target / "old.json").write_text("old")
+    real = os.unlink
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(path) == "old.json":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    f = AtomicFolder(target)
+    (f.tmp / "new.json").write_text("new")
+    assert f.commit() == target  # the new folder is in place; the old one is only litter now
+    assert _names(target) == ["new.json"]
+
+
+def test_a_file_rename_that_fails_names_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "avg.bin"
+    f = AtomicFile(target)
+    f.write(b"new")
+    target.mkdir()  # something took the name after the checks
+    (target / "x").write_text("x")
+    with pytest.raises(OutputError, match=_esc(f"cannot write {target}: Is a directory")):
+        f.commit()
+    assert _names(tmp_path) == ["avg.bin"]  # the temporary file is gone
+
+
+def test_abort_survives_a_close_that_fails(tmp_path: Path) -> None:
+    f = AtomicFile(tmp_path / "out.bin")
+    f.write(b"x")
+
+    def close() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    f.file._raw.close()
+    f.file._raw.close = close
+    f.abort()
+    assert _names(tmp_path) == []
+
+
+def test_inside_is_false_when_a_path_cannot_be_resolved(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "out").mkdir()
+    assert atomic._inside(tmp_path / "out" / "x", tmp_path / "out") is True
+    assert atomic._inside(tmp_path / "loop", tmp_path / "out") is False
+
+
+def test_kind_names() -> None:
+    import stat
+
+    assert [atomic._kind_name(m) for m in (stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK, 0)] == [
+        "folder", "device", "device", "FIFO (named pipe)", "socket", "special file"]
+
+
+def test_asking_whether_a_pid_is_alive_sends_it_no_signal() -> None:
+    import signal
+
+    received: list[int] = []
+    old = signal.signal(signal.SIGHUP, lambda sig, frame: received.append(sig))
+    try:
+        assert atomic._pid_alive(os.getpid()) is True
+        sum(range(1000))  # Python runs a pending handler between bytecodes
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    assert received == []  # signal 0 only asks; any other would have reached the process
+
+
+def test_check_output_path_passes_force_and_inputs_on(tmp_path: Path) -> None:
+    (tmp_path / "taken.npz").write_text("mine")
+    with pytest.raises(OutputError, match=_esc(f"the output {tmp_path / 'taken.npz'} already exists; pass --force "
+                                               "(force=True) to replace it")):
+        check_output_path(tmp_path / "taken.npz")
+    assert check_output_path(tmp_path / "taken.npz", force=True) == tmp_path / "taken.npz"
+    with pytest.raises(OutputError, match="is also one of the inputs"):
+        check_output_path(tmp_path / "taken.npz", force=True, inputs=[tmp_path / "taken.npz"])

@@ -72,3 +72,23 @@ def test_json_object_says_what_it_got(text: str, kind: str) -> None:
     assert json_object(b'{"k": [1]}', "m.npz", "x") == {"k": [1]}
     with pytest.raises(UnsafeFileError, match="nesting deeper than 2 levels"):
         json_object('{"a": [[1]]}', "m.npz", "x", max_depth=2)
+
+
+def test_objects_and_lists_are_allowed_exactly_max_depth_deep() -> None:
+    assert parse_json('{"a": {"b": {}}}', "f", "x", max_depth=3) == {"a": {"b": {}}}
+    with pytest.raises(UnsafeFileError, match=_exact("f: corrupted x: it holds nesting deeper than 3 levels")):
+        parse_json('{"a": {"b": {"c": {}}}}', "f", "x", max_depth=3)
+    with pytest.raises(UnsafeFileError, match=_exact("f: corrupted x: it holds nesting deeper than 3 levels")):
+        parse_json('[{"a": [[]]}]', "f", "x", max_depth=3)
+
+
+def test_any_other_refusal_of_the_json_parser_is_one_format_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import polyak._json
+
+    def loads(*args: object, **kwargs: object) -> object:
+        raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+
+    monkeypatch.setattr(polyak._json.json, "loads", loads)  # what a future json module might raise
+    with pytest.raises(FormatError, match=_exact("f: corrupted x (Exceeds the limit (4300 digits) for integer "
+                                                 "string conversion)")):
+        parse_json("[1]", "f", "x")

@@ -14,7 +14,9 @@ from polyak._engine.kernel import (
     CHUNK,
     PARALLEL_MIN,
     Buffers,
+    WriteBehind,
     accumulate,
+    accumulate_all,
     check_cast,
     chunks,
     member_chunks,
@@ -205,3 +207,58 @@ def test_check_cast_every_kind_of_range() -> None:
             'tensor "u": its average reaches 3e+38, beyond the range of float8_e8m0fnu (finite values from '
             "5.87747e-39 to 1.70141e+38); written as float8_e8m0fnu it would be NaN. ")):
         check_cast(acc, _cast(acc, ml_dtypes.float8_e8m0fnu), name="u")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("with_pool", [True, False])
+def test_accumulate_all_is_numpy_with_or_without_threads(threads: int, with_pool: bool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = PARALLEL_MIN + 1000  # large enough to be split
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(n).astype(np.float16) for _ in range(3)]
+    weights = np.array([0.2, 0.3, 0.5])
+    want = np.average(np.stack([a.astype(np.float64) for a in arrays]), axis=0, weights=weights)
+    acc = np.empty(n, np.float16)  # a narrow destination: summed in float32, written in float16
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        total = accumulate_all(arrays, weights, acc, Buffers(), pool if with_pool else None, threads,
+                               np.dtype(np.float32))
+    assert np.isfinite(total)
+    np.testing.assert_allclose(acc.astype(np.float64), want, rtol=2e-3, atol=2e-3)
+
+
+class _Recorder:
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.seen: list[tuple[str, list[int], str]] = []
+        self.fail_on = fail_on
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        import threading
+
+        if name == self.fail_on:
+            raise OSError(f"disk full at {name}")
+        self.seen.append((name, array.tolist(), threading.current_thread().name))
+
+
+def test_write_behind_writes_in_order_in_its_own_named_thread_and_stops_it() -> None:
+    import threading
+
+    log = _Recorder()
+    with WriteBehind(log) as behind:
+        for k in range(4):
+            out = behind.buffers().get("out", np.dtype(np.int64), 2)
+            out[:] = k
+            behind.put(f"t{k}", out)
+    assert [(n, v) for n, v, _ in log.seen] == [(f"t{k}", [k, k]) for k in range(4)]
+    assert all(t.startswith("polyak-write") for _, _, t in log.seen)  # what a py-spy dump shows
+    assert not [t for t in threading.enumerate() if t.name.startswith("polyak-write")]  # joined on close
+
+
+def test_write_behind_raises_a_failed_write_unless_another_error_is_on_its_way_out() -> None:
+    with pytest.raises(OSError, match="^disk full at t1$"), WriteBehind(_Recorder(fail_on="t1")) as behind:
+        behind.put("t0", np.zeros(1))
+        behind.put("t1", np.zeros(1))
+    # the user's interrupt wins over the write's error
+    with pytest.raises(KeyboardInterrupt, match="^stop$"), WriteBehind(_Recorder(fail_on="t1")) as behind:
+        behind.put("t1", np.zeros(1))
+        raise KeyboardInterrupt("stop")

@@ -83,3 +83,15 @@ def test_one_error_lists_everything_and_the_fix():
     with pytest.raises(MismatchError, match=r'(?s)the model does not fit.*"c".*reload'):
         compare_layouts(_layout(c=(1,)), {}, ("the file", "the model")).raise_if_any(
             "the model does not fit", fix="reload")
+
+
+def test_quoted_names_show_eight_and_count_the_rest() -> None:
+    from polyak._layout import quoted
+
+    names = [f"t{i}" for i in range(10)]
+    assert quoted(names[:8]) == ", ".join(f'"t{i}"' for i in range(8))
+    assert quoted(names[:9]) == ", ".join(f'"t{i}"' for i in range(8)) + " and 1 more"
+    assert quoted(names) == ", ".join(f'"t{i}"' for i in range(8)) + " and 2 more"
+    assert quoted(names, 3) == '"t0", "t1", "t2" and 7 more'
+    assert quoted(names[:3], 3) == '"t0", "t1", "t2"'
+    assert quoted([]) == ""

@@ -253,3 +253,85 @@ def test_a_folder_member_is_as_new_as_its_newest_file(tmp_path: Path) -> None:
     from polyak._engine.members import order_members
 
     assert order_members([*folders, empty], "mtime") == [empty, folders[1], folders[2], folders[0]]
+
+
+def _span_reference(parts: list[tuple[str, ...]]) -> tuple[int, int]:
+    """Shared leading components, then shared trailing ones of what is left (never overlapping)."""
+    if not parts:
+        return (0, 0)
+    if len(parts) == 1:
+        return (len(parts[0]) - 1, 0)
+    from itertools import takewhile
+
+    def shared(seqs: list[tuple[str, ...]]) -> int:
+        return sum(1 for _ in takewhile(lambda column: len(set(column)) == 1, zip(*seqs)))
+
+    lead = shared(parts)
+    return lead, shared([tuple(reversed(p[lead:])) for p in parts])
+
+
+def test_common_span_against_a_reference() -> None:
+    import random
+
+    from polyak._engine.members import _common_span
+
+    rng = random.Random(7)
+    cases: list[list[tuple[str, ...]]] = [
+        [], [("/", "m")], [("/", "a", "b", "m")],
+        [("/", "r", "c", "m"), ("/", "r", "c", "c", "m")],  # the shared tail must not eat into the shared head
+        [("/", "r", "a"), ("/", "r", "a", "b")],  # one path is a prefix of the other
+        [("/", "r", "a"), ("/", "r", "a")],
+        [("/", "x", "m"), ("/", "y", "m"), ("/", "x", "z", "m")],
+    ]
+    for _ in range(300):
+        n = rng.randint(2, 4)
+        cases.append([("/", *rng.choices("ab", k=rng.randint(0, 4))) for _ in range(n)])
+    for parts in cases:
+        assert _common_span(parts) == _span_reference(parts), parts
+
+
+def test_member_names_of_nested_and_current_folder_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polyak._engine.members import member_names
+
+    monkeypatch.chdir(tmp_path)
+    assert member_names(["run/a", "run/a/b"]) == ["a", "b"]  # nothing differs in the first: its own name
+    assert member_names([".", "sub"]) == [".", "sub"]  # and when it has none: the path as given
+    assert member_names(["run/ckpt_1.pt"]) == ["ckpt_1.pt"]
+
+
+def test_member_names_of_in_memory_members(tmp_path: Path) -> None:
+    from polyak._engine.members import member_label, member_names, open_member
+
+    polyak.save(_state(1.0), tmp_path / "m_1.safetensors")
+    source = open_member(tmp_path / "m_1.safetensors", 0)
+    try:
+        assert member_names([_state(0.0), source, tmp_path / "m_2.safetensors", _state(2.0)]) == [
+            "member 0", source.label, "m_2.safetensors", "member 3"]
+    finally:
+        source.close()
+    assert member_label(tmp_path / "m_2.safetensors", 5) == str(tmp_path / "m_2.safetensors")
+
+
+def test_natural_order_compares_digit_runs_as_numbers() -> None:
+    from polyak._engine.members import _natural_key
+
+    names = ["a10b", "a2", "a10", "a9b", "b1", "a"]
+    assert sorted(names, key=_natural_key) == ["a", "a2", "a9b", "a10", "a10b", "b1"]
+
+
+def test_one_member_without_a_number_needs_no_order(tmp_path: Path) -> None:
+    from polyak._engine.members import select_members
+
+    (path,) = _touch_members(tmp_path, ["final.safetensors"])
+    assert select_members([path]) == [path]  # weights=None: a sweep of one member
+    assert select_members([path], weights=[1.0], last=1) == [path]
+
+
+def test_numbers_in_the_shared_file_name_do_not_order_the_folders(tmp_path: Path) -> None:
+    paths = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        paths += _touch_members(tmp_path / run, ["model-2.safetensors"])
+    with pytest.raises(ConfigError, match="^cannot tell the order of the checkpoints: a/model-2.safetensors, "
+                                          "b/model-2.safetensors have no numbers that order them, "):
+        polyak.average(paths, scheme="linear")

@@ -115,7 +115,7 @@ class _Writeback:
                 try:
                     import ctypes
 
-                    fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                    fn = ctypes.CDLL(None).sync_file_range
                     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
                     cls._fn = fn
                 except (OSError, AttributeError):
@@ -545,7 +545,7 @@ def _exchange(a: Path, b: Path) -> bool:
     try:
         import ctypes
 
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
+        fn = ctypes.CDLL(None).renameat2
     except (OSError, AttributeError):
         return False
     at_fdcwd = -100

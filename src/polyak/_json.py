@@ -150,6 +150,5 @@ def json_object(data: bytes | str, label: str, what: str, *, max_depth: int = MA
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number"
-    )
+    """What a parsed value that is not an object is, in JSON's words."""
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")

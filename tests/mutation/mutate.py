@@ -97,7 +97,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 # exit codes of mutmut's per-mutant test run (mutmut.stats.status_by_exit_code)
-KILLED = {1, 3, -24, 24, 152, 255, 36, -11, -9}  # failed, internal error, timeout, crash
+# (-1: the test process died of SIGHUP, which only a mutant sends: `os.kill(pid, 1)` for 0)
+KILLED = {1, 3, -24, 24, 152, 255, 36, -11, -9, -1}  # failed, internal error, timeout, crash
 SURVIVED = {0}
 NO_TESTS = {5, 33}
 
