@@ -170,12 +170,13 @@ def _keras2_h5(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[P
     path = folder / "model.h5"
     with h5py.File(path, "w") as f:
         layers = sorted(state)
-        f.attrs["layer_names"] = [n.encode() for n in layers]
+        # as Keras 2's save_attributes_to_hdf5_group stores them: a fixed-length bytes array
+        f.attrs["layer_names"] = np.asarray([n.encode() for n in layers])
         f.attrs["backend"] = b"tensorflow"
         f.attrs["keras_version"] = b"2.15.0"
         for name in layers:
             g = f.create_group(name)
-            g.attrs["weight_names"] = [f"{name}/w:0".encode()]
+            g.attrs["weight_names"] = np.asarray([f"{name}/w:0".encode()])
             g.create_group(name).create_dataset("w:0", data=state[name])
     return path, [path]
 

@@ -309,6 +309,66 @@ def test_the_npz_metadata_member_has_a_size_limit(tmp_path: Path) -> None:
         NpzSource(p)
 
 
+def test_npz_messages_name_the_label_and_the_metadata_member(tmp_path: Path) -> None:
+    from polyak.formats.npz import NpzSource, open_npz
+
+    p = _npz(tmp_path / "m.npz", {"a.npy": b"\x93NUMPX" + bytes(20)})
+    with pytest.raises(FormatError, match=_exact("run/m.npz: member a.npy is not a .npy array")):
+        open_npz(p, label="run/m.npz")
+    p = _npz(tmp_path / "m.npz", {"a.npy": _npy(), "__polyak__.json": b"{"})
+    with pytest.raises(FormatError, match=f"^{re.escape(str(p))}: corrupted __polyak__.json \\(not valid JSON: "):
+        NpzSource(p)
+    (tmp_path / "z.npz").write_bytes(b"PK not really a zip")
+    with pytest.raises(FormatError, match=_exact(f"{tmp_path / 'z.npz'}: not a readable .npz archive "
+                                                 "(File is not a zip file)")):
+        NpzSource(tmp_path / "z.npz")
+
+
+def test_npz_metadata_may_come_first_and_record_integer_dtypes(tmp_path: Path) -> None:
+    from polyak.formats.npz import NpzSource
+
+    p = _npz(tmp_path / "m.npz", {
+        "__polyak__.json": b'{"dtypes": {"i": "int16", "u": "uint8"}}',
+        "i.npy": _npy("{'descr': '<i2', 'fortran_order': False, 'shape': (2,), }", np.array([-3, 7], "<i2").tobytes()),
+        "u.npy": _npy("{'descr': '|u1', 'fortran_order': False, 'shape': (2,), }", bytes([1, 255])),
+    })
+    with NpzSource(p) as src:
+        assert sorted(src.infos()) == ["i", "u"]
+        assert src.read("i").dtype == np.int16 and src.read("i").tolist() == [-3, 7]
+        assert src.read("u").tolist() == [1, 255]
+
+
+def _member_data_offset(path: Path, member: str) -> int:
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        zi = zf.getinfo(member)
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", raw[zi.header_offset + 26: zi.header_offset + 30])
+    return zi.header_offset + 30 + name_len + extra_len
+
+
+def test_an_npz_that_changes_under_the_reader_is_refused_when_read(tmp_path: Path) -> None:
+    from polyak.formats.npz import NpzSource
+
+    n = 50_000  # larger than a file buffer: what the reader cached at open is not what it reads later
+    a = _npy(f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({n},), }}", np.ones(n, np.float32).tobytes())
+    p = _npz(tmp_path / "m.npz", {"a.npy": a, "b.npy": _npy()})
+    start = _member_data_offset(p, "a.npy")
+    for where, byte, message in [
+        (start + len(a) - 1, b"\x7f", "m.npz: cannot read array 'a' (BadZipFile: Bad CRC-32 for file 'a.npy')"),
+        (start, b"X", "m.npz: member a.npy is not a .npy array"),  # the .npy magic itself
+    ]:
+        _npz(p, {"a.npy": a, "b.npy": _npy()})
+        with NpzSource(p, label="m.npz") as src:
+            with p.open("r+b") as f:
+                f.seek(where)
+                f.write(byte)
+            with pytest.raises(FormatError, match=_exact(message)):
+                src.read("a")
+            assert src.read("b").tolist() == [0.0, 0.0]
+
+
 def _check_pt_error(tmp_path: Path, obj: Any, key: str | None, error: type[BaseException], message: str) -> None:
     """``obj`` saved as a .pt file is refused with exactly ``error`` and ``message`` (``P`` = the path)."""
     torch = pytest.importorskip("torch")
@@ -334,12 +394,17 @@ def test_each_pt_claim_is_checked(tmp_path: Path) -> None:
         ({"a": {"b": {"w": w}}, "c": {}}, "a/zz", polyak.ConfigError,
          "P: no key 'a/zz' in the checkpoint; the keys under 'a': 'b'"),
         ({"a": {}, "w": w}, "a/zz", polyak.ConfigError, "P: no key 'a/zz' in the checkpoint; the keys under 'a': none"),
+        ({"a": {"b": {"w": w}}}, "a/b/zz", polyak.ConfigError,
+         "P: no key 'a/b/zz' in the checkpoint; the keys under 'a/b': 'w'"),
+        ({"a": {"b": 3}, "w": w}, "a/b/c", polyak.ConfigError,
+         "P: no key 'a/b/c' in the checkpoint; 'a/b' holds a value of type int, not a dict"),
         ({"model": {"w": w}, "epoch": 3}, "epoch", polyak.ConfigError, "P: the entry 'epoch' holds no tensors"),
         ({"model": {"w": w}, "opt": {"lr": 0.1}}, "opt", polyak.ConfigError, "P: the entry 'opt' holds no tensors"),
         ({"epoch": 3, "lr": 0.1}, None, FormatError, "P: no tensors found (top-level keys: 'epoch', 'lr')"),
         ({"model": {"w": w}, "ema": {"w": w}, "step": 1}, None, polyak.ConfigError,
          "P: the checkpoint holds several state dicts ('model', 'ema'); choose one with --key (key=), e.g. --key model"),
         ({0: w}, None, FormatError, "P: tensor key 0 is of type int, not a name; not a state dict"),
+        ({"model": {0: w}, "epoch": 3}, None, FormatError, "P: tensor key 0 is of type int, not a name; not a state dict"),
         ({"model": {("a",): w}}, "model", FormatError, "P: tensor key ('a',) is of type tuple, not a name; not a state dict"),
         ({"w": w.to_sparse()}, None, FormatError,
          "P: tensor 'w' is a sparse tensor (torch.sparse_coo); polyak averages dense tensors. Save it dense: "
@@ -378,3 +443,20 @@ def test_a_pt_zip_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     p.write_bytes(b"PK\x03\x04" + bytes(40) + b"PK\x05\x06" + bytes(18))  # a zip whose directory is nonsense
     with pytest.raises(FormatError, match=f"^{re.escape(str(p))}: not a readable PyTorch checkpoint \\(.+\\)$"):
         load_state(p, str(p))
+
+
+def test_h5_string_list_attributes_in_every_way_keras_stores_them(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    from polyak.formats._h5 import has_attr_list, read_attr_list
+
+    names = ["dense", "dénse_1", "层"]
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.attrs["fixed"] = np.asarray([n.encode("utf-8") for n in names])  # Keras 2: fixed-length UTF-8 bytes
+        f.attrs["vlen"] = np.array(names, dtype=h5py.string_dtype())  # variable-length str
+        f.attrs["split0"] = np.asarray([n.encode("utf-8") for n in names[:2]])  # above 64 KiB: numbered chunks
+        f.attrs["split1"] = np.asarray([names[2].encode("utf-8")])
+        f.attrs["empty"] = np.zeros(0)  # an empty list: a float64 array of length 0
+        f.attrs["one"] = np.bytes_(b"dense")
+        assert [read_attr_list(f, a) for a in ("fixed", "vlen", "split", "empty", "one", "missing")] == [
+            names, names, names, [], ["dense"], None]
+        assert has_attr_list(f, "split") and has_attr_list(f, "fixed") and not has_attr_list(f, "missing")

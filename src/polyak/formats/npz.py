@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import struct
 import zipfile
 import zlib
@@ -114,7 +113,6 @@ class NpzSource(TensorSource):
         super().__init__(path, label)
         try:
             self._zf = zipfile.ZipFile(path)
-            archive_size = os.fstat(self._zf.fp.fileno()).st_size  # type: ignore[union-attr]
         except _ZIP_ERRORS as exc:
             raise FormatError(f"{self.label}: not a readable .npz archive ({exc})") from None
         self._infos: dict[str, TensorInfo] = {}
@@ -123,7 +121,7 @@ class NpzSource(TensorSource):
         dtypes: dict[str, str] = {}
         try:
             zinfos = self._zf.infolist()
-            check_zip(self._zf, self.label, max_ratio=MAX_RATIO, archive_size=archive_size)
+            check_zip(self._zf, self.label, max_ratio=MAX_RATIO)
             if META_MEMBER in self._zf.namelist():
                 with self._zf.open(META_MEMBER) as fp:
                     meta_raw = fp.read(10_000_001)
