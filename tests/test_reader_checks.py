@@ -536,3 +536,81 @@ def test_a_pt_zip_with_a_broken_directory_is_named(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match=_exact(f"{p}: not a readable PyTorch checkpoint (BadZipFile: Bad magic "
                                                  "number for central directory)")):
         load_state(p, str(p))
+
+
+def test_keras_archive_members_are_read_up_to_their_limit_exactly(tmp_path: Path) -> None:
+    import zipfile
+
+    from polyak.formats.keras_archive import read_member
+
+    with zipfile.ZipFile(tmp_path / "m.keras", "w") as zf:
+        zf.writestr("at.json", b"x" * 16)
+        zf.writestr("over.json", b"x" * 17)
+    with zipfile.ZipFile(tmp_path / "m.keras") as zf:
+        assert read_member(zf, "at.json", "m.keras", limit=16) == b"x" * 16
+        with pytest.raises(UnsafeFileError, match=_exact("m.keras: member over.json is larger than 16 bytes; "
+                                                         "refusing it")):
+            read_member(zf, "over.json", "m.keras", limit=16)
+
+
+def _keras_file(tmp_path: Path, *, extra: bytes = b"") -> Path:
+    """A .keras archive as keras.saving writes it (members stored), ``extra`` in the weights' header."""
+    import zipfile
+
+    h5py = pytest.importorskip("h5py")
+    weights = tmp_path / "w.h5"
+    with h5py.File(weights, "w") as f:
+        f.require_group("layers/dense/vars").create_dataset("0", data=np.arange(3, dtype=np.float32))
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3.0.0"}))
+        zf.writestr("config.json", json.dumps({"module": "keras", "class_name": "Sequential",
+                                               "config": {"name": "s", "layers": []}}))
+        info = zipfile.ZipInfo("model.weights.h5", date_time=(1980, 1, 1, 0, 0, 0))
+        info.extra = extra
+        zf.writestr(info, weights.read_bytes())
+    return path
+
+
+def test_keras_archive_weights_behind_a_large_extra_field_are_found(tmp_path: Path) -> None:
+    # the header's name and extra lengths are unsigned 16-bit fields: 40000 is a valid extra length
+    extra = struct.pack("<HH", 0xCAFE, 39_996) + bytes(39_996)
+    with polyak.open_source(_keras_file(tmp_path, extra=extra)) as src:
+        assert src.read("layers/dense/vars/0").tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_keras_archive_with_a_corrupt_local_header_is_named(tmp_path: Path) -> None:
+    import zipfile
+
+    path = _keras_file(tmp_path)
+    with zipfile.ZipFile(path) as zf:
+        offset = zf.getinfo("model.weights.h5").header_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + 3] = 0x09  # PK\x03\x09: not a local file header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=_exact(f"{path}: corrupt zip entry for model.weights.h5")):
+        polyak.open_source(path)
+
+
+def test_h5_dtypes_and_external_data(tmp_path: Path) -> None:
+    import ml_dtypes
+
+    h5py = pytest.importorskip("h5py")
+    from polyak.formats._h5 import check_dataset, dataset_dtype
+
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        for name, tag in (("str", "bfloat16"), ("bytes", np.bytes_(b"bfloat16")), ("wrong", "float32"),
+                          ("junk", "nonsense")):
+            ds = f.create_dataset(name, data=np.zeros(2, np.uint16).view(np.dtype("V2")))  # Keras' opaque bfloat16
+            ds.attrs["dtype"] = tag
+        f.create_dataset("untagged", data=np.zeros(2, np.uint16).view(np.dtype("V2")))
+        f.create_dataset("text", data=np.array([b"ab"]))
+        assert [dataset_dtype(f[n]) for n in ("str", "bytes", "wrong", "junk", "untagged", "text")] == [
+            np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.bfloat16), None, None, None, None]
+        assert [dataset_dtype(f.create_dataset(k, data=np.zeros(1, k))) for k in ("?", "i2", "u1", "f8", "c8")] == [
+            np.dtype(k) for k in ("?", "i2", "u1", "f8", "c8")]
+        f.create_dataset("ext", shape=(4,), dtype="<f4", external=[("secret.bin", 0, 16)])
+        with pytest.raises(UnsafeFileError, match=_exact("a.h5: dataset 'ext' keeps its data in external files "
+                                                         "[('secret.bin', 0, 16)]; polyak (like Keras) refuses HDF5 "
+                                                         "data outside the checkpoint")):
+            check_dataset(f["ext"], "a.h5", "ext")
