@@ -485,10 +485,13 @@ _PICKLE_REFUSAL = (
 
 def test_a_pt_with_python_objects_is_refused_naming_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
+    import fractions
 
     torch = pytest.importorskip("torch")
     obj = {"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)}  # as fairseq checkpoints hold
     _check_pt_error(tmp_path, obj, None, UnsafeFileError, _PICKLE_REFUSAL.format(what=" (it references argparse.Namespace)"))
+    _check_pt_error(tmp_path, {**obj, "best": fractions.Fraction(1, 3)}, None, UnsafeFileError,
+                    _PICKLE_REFUSAL.format(what=" (it references argparse.Namespace, fractions.Fraction)"))
 
     def broken(path: str) -> list[str]:
         raise RuntimeError("cannot list")
@@ -614,3 +617,46 @@ def test_h5_dtypes_and_external_data(tmp_path: Path) -> None:
                                                          "[('secret.bin', 0, 16)]; polyak (like Keras) refuses HDF5 "
                                                          "data outside the checkpoint")):
             check_dataset(f["ext"], "a.h5", "ext")
+
+
+def test_h5_links_and_external_data_are_refused_where_they_sit(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    from polyak.formats._h5 import walk
+
+    tail = "; polyak (like Keras) refuses links, which can point outside the checkpoint"
+    for kind, make in (("soft link", lambda g: h5py.SoftLink("/layers")),
+                       ("external link", lambda g: h5py.ExternalLink("other.h5", "/x"))):
+        with h5py.File(tmp_path / "a.h5", "w") as f:
+            f.create_dataset("layers/dense/vars/0", data=np.ones(2, np.float32))
+            f["layers/dense/vars"]["1"] = make(f)
+            with pytest.raises(UnsafeFileError, match=_exact(f"a.h5: 'layers/dense/vars/1' is an HDF5 {kind}{tail}")):
+                list(walk(f, "a.h5"))
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("layers/dense/vars/0", shape=(4,), dtype="<f4", external=[("secret.bin", 0, 16)])
+        with pytest.raises(UnsafeFileError, match=_exact("a.h5: dataset 'layers/dense/vars/0' keeps its data in "
+                                                         "external files [('secret.bin', 0, 16)]; polyak (like Keras) "
+                                                         "refuses HDF5 data outside the checkpoint")):
+            list(walk(f, "a.h5"))
+
+
+def test_h5_shape_bombs_are_refused_at_both_limits(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    from polyak.formats._h5 import _BOMB_FLOOR, _MAX_EXPANSION, check_dataset
+
+    chunk = 1 << 20  # float32 elements: 4 MiB chunks, stored uncompressed, allocated only when written
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        floor = f.create_dataset("floor", shape=(_BOMB_FLOOR // 4,), dtype="<f4", chunks=(chunk,))  # nothing stored
+        over = f.create_dataset("over", shape=(_BOMB_FLOOR // 4 + 1,), dtype="<f4", chunks=(chunk,))
+        small = f.create_dataset("small", shape=(2,), dtype="<f4", chunks=(2,))  # declares 8 bytes, stores 0
+        ratio = f.create_dataset("ratio", shape=(_MAX_EXPANSION * 2 * chunk,), dtype="<f4", chunks=(chunk,))
+        ratio[: 2 * chunk] = 1.0  # stores exactly 1/_MAX_EXPANSION of what it declares
+        beyond = f.create_dataset("beyond", shape=(_MAX_EXPANSION * 2 * chunk + 1,), dtype="<f4", chunks=(chunk,))
+        beyond[: 2 * chunk] = 1.0
+        assert ratio.id.get_storage_size() == 8 * chunk and ratio.size * 4 > _BOMB_FLOOR
+        for ok in (floor, small, ratio):
+            check_dataset(ok, "a.h5", ok.name)
+        for bomb in (over, beyond):
+            with pytest.raises(UnsafeFileError, match=_exact(
+                    f"a.h5: dataset {bomb.name!r} declares {bomb.size * 4} bytes but stores "
+                    f"{bomb.id.get_storage_size()}; refusing a likely decompression bomb")):
+                check_dataset(bomb, "a.h5", bomb.name)
