@@ -653,7 +653,9 @@ def test_h5_shape_bombs_are_refused_at_both_limits(tmp_path: Path) -> None:
         beyond = f.create_dataset("beyond", shape=(_MAX_EXPANSION * 2 * chunk + 1,), dtype="<f4", chunks=(chunk,))
         beyond[: 2 * chunk] = 1.0
         assert ratio.id.get_storage_size() == 8 * chunk and ratio.size * 4 > _BOMB_FLOOR
-        for ok in (floor, small, ratio):
+        empty = f.create_dataset("empty", data=h5py.Empty("<f4"))  # a null dataspace: shape None
+        scalar = f.create_dataset("scalar", data=np.float32(1))
+        for ok in (floor, small, ratio, empty, scalar):
             check_dataset(ok, "a.h5", ok.name)
         for bomb in (over, beyond):
             with pytest.raises(UnsafeFileError, match=_exact(
