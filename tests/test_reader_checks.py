@@ -662,3 +662,92 @@ def test_h5_shape_bombs_are_refused_at_both_limits(tmp_path: Path) -> None:
                     f"a.h5: dataset {bomb.name!r} declares {bomb.size * 4} bytes but stores "
                     f"{bomb.id.get_storage_size()}; refusing a likely decompression bomb")):
                 check_dataset(bomb, "a.h5", bomb.name)
+
+
+def _zip_entry(size: int, stored: int, *, deflated: bool = False, at: int = 0, name: str = "w.npy",
+               method: int | None = None) -> Any:
+    import zipfile
+
+    zi = zipfile.ZipInfo(name)
+    zi.file_size, zi.compress_size, zi.header_offset = size, stored, at
+    zi.compress_type = method if method is not None else zipfile.ZIP_DEFLATED if deflated else zipfile.ZIP_STORED
+    return zi
+
+
+class _Directory:
+    """What check_zip reads of an archive: its directory (whoever made the file wrote it)."""
+
+    def __init__(self, *entries: Any) -> None:
+        self.entries, self.fp = list(entries), None
+
+    def infolist(self) -> list[Any]:
+        return self.entries
+
+
+def test_check_zip_at_each_limit_and_one_beyond() -> None:
+    from polyak.formats._common import DEFLATE_MAX_RATIO, MAX_ARCHIVE_TOTAL, RATIO_FLOOR, check_zip
+
+    big = 1 << 50  # an archive size that no claim below reaches
+    ok = [
+        (_zip_entry(10, 10, at=90), 100, 1000),  # its bytes end exactly at the end of the archive
+        (_zip_entry(DEFLATE_MAX_RATIO * 10 + 1024, 10, deflated=True), big, 10**9),  # all deflate can give
+        (_zip_entry(RATIO_FLOOR, RATIO_FLOOR // 1000, deflated=True), big, 10),  # small members may compress well
+        (_zip_entry(20 * 2**20, 2**20, deflated=True), big, 20),  # at the ratio
+        (_zip_entry(1024, 0, deflated=True), big, 10),  # deflate's allowance for tiny members
+    ]
+    for zi, size, ratio in ok:
+        check_zip(_Directory(zi), "m.npz", max_ratio=ratio, archive_size=size)  # type: ignore[arg-type]
+    half = MAX_ARCHIVE_TOTAL // 2
+    check_zip(_Directory(_zip_entry(half, half), _zip_entry(half, half, name="b.npy")), "m.npz",  # type: ignore[arg-type]
+              max_ratio=10, archive_size=big)
+    refused = [
+        (_zip_entry(10, 11, at=90), 100, 1000, FormatError,
+         "m.npz: member w.npy claims 11 bytes beyond the end of the 100-byte archive; the file is truncated or corrupt"),
+        (_zip_entry(11, 10), big, 1000, FormatError,
+         "m.npz: stored member w.npy claims 11 bytes of content in 10 bytes; the archive is corrupt"),
+        (_zip_entry(DEFLATE_MAX_RATIO * 10 + 1025, 10, deflated=True), big, 10**9, UnsafeFileError,
+         f"m.npz: member w.npy claims to inflate 10 bytes to {DEFLATE_MAX_RATIO * 10 + 1025}, more than deflate can; "
+         "refusing a corrupt or hostile archive"),
+        (_zip_entry(20 * 2**20 + 1, 2**20, deflated=True), big, 20, UnsafeFileError,
+         f"m.npz: member w.npy declares {20 * 2**20 + 1} bytes but stores {2**20} (expands 20×); refusing a likely zip bomb"),
+        (_zip_entry(RATIO_FLOOR + 1, RATIO_FLOOR // 1000, deflated=True), big, 10, UnsafeFileError,
+         f"m.npz: member w.npy declares {RATIO_FLOOR + 1} bytes but stores {RATIO_FLOOR // 1000} "
+         f"(expands {(RATIO_FLOOR + 1) // (RATIO_FLOOR // 1000)}×); refusing a likely zip bomb"),
+        (_zip_entry(RATIO_FLOOR + 1, 0, deflated=True), big, 10**9, UnsafeFileError,
+         f"m.npz: member w.npy claims to inflate 0 bytes to {RATIO_FLOOR + 1}, more than deflate can; "
+         "refusing a corrupt or hostile archive"),
+        (_zip_entry(RATIO_FLOOR + 1, 0, method=14), big, RATIO_FLOOR, UnsafeFileError,  # LZMA: no deflate bound
+         f"m.npz: member w.npy declares {RATIO_FLOOR + 1} bytes but stores 0 (expands {RATIO_FLOOR + 1}×); "
+         "refusing a likely zip bomb"),
+        (_zip_entry(1025, 0, deflated=True), big, 10**9, UnsafeFileError,
+         "m.npz: member w.npy claims to inflate 0 bytes to 1025, more than deflate can; refusing a corrupt or "
+         "hostile archive"),
+    ]
+    for zi, size, ratio, error, message in refused:
+        with pytest.raises(error, match=_exact(message)):
+            check_zip(_Directory(_zip_entry(1, 1, name="a.npy"), zi), "m.npz",  # type: ignore[arg-type]
+                      max_ratio=ratio, archive_size=size)
+    with pytest.raises(UnsafeFileError, match=_exact(f"m.npz: the archive claims {MAX_ARCHIVE_TOTAL + 1} bytes of "
+                                                     "content; refusing it")):
+        check_zip(_Directory(_zip_entry(half, half), _zip_entry(half + 1, half + 1, name="b.npy")),  # type: ignore[arg-type]
+                  "m.npz", max_ratio=10, archive_size=big)
+
+
+def test_check_zip_measures_the_archive_itself(tmp_path: Path) -> None:
+    import zipfile
+
+    from polyak.formats._common import check_zip
+
+    p = tmp_path / "m.npz"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("a.npy", b"x" * 100)
+    with zipfile.ZipFile(p) as zf:
+        check_zip(zf, "m.npz", max_ratio=10)  # the archive's own size, read from its file
+        lie = zf.infolist()[0]
+        lie.compress_size = lie.file_size = p.stat().st_size  # its bytes, from offset 1, run past the end
+        lie.header_offset = 1
+        with pytest.raises(FormatError, match=f"^m.npz: member a.npy claims {p.stat().st_size} bytes beyond the end "
+                                              f"of the {p.stat().st_size}-byte archive"):
+            check_zip(zf, "m.npz", max_ratio=10)
+    with pytest.raises(FormatError, match=f"^m.npz: member a.npy claims 100 bytes beyond the end of the 0-byte"):
+        check_zip(_Directory(_zip_entry(100, 100, name="a.npy")), "m.npz", max_ratio=10)  # type: ignore[arg-type]
