@@ -129,7 +129,7 @@ def load_state(path: Path, label: str) -> Any:
         getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
         if getter is not None:
             try:
-                unsafe = list(getter(str(path)))
+                unsafe = sorted(getter(str(path)))  # torch lists them in set order
             except Exception:
                 unsafe = []
         what = f" (it references {', '.join(unsafe)})" if unsafe else ""
