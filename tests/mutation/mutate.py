@@ -14,7 +14,7 @@ each with the reason it cannot change what a user sees (see the rule there).
 The run is bounded and resumable: it stops after ``--budget`` seconds (mutmut keeps every
 verdict it reached), and the next run checks only the mutants without one (new or changed
 functions get fresh mutants). ``--rerun`` checks the survivors again (after tests were
-added); ``--fresh`` starts over (after tests were changed, since mutmut maps tests to
+added), except those listed as equivalent; ``--fresh`` starts over (after tests were changed, since mutmut maps tests to
 functions once).
 
 Usage (from the repository root, with the dev environment)::
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=3 * 3600, help="seconds of mutation testing at most (default 3 h)")
     ap.add_argument("--jobs", type=int, default=1, help="mutants checked at once (default 1)")
     ap.add_argument("--min-score", type=float, default=90.0, help="the score each module must reach (default 90)")
-    ap.add_argument("--rerun", action="store_true", help="check the surviving mutants again")
+    ap.add_argument("--rerun", action="store_true", help="check the surviving mutants again (not those listed as equivalent)")
     ap.add_argument("--fresh", action="store_true", help="forget every verdict and start over")
     ap.add_argument("--report-only", action="store_true", help="print the scores of the verdicts so far")
     ap.add_argument("--show", type=int, default=20, help="surviving mutants to print per module (default 20)")
@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.fresh:
             shutil.rmtree(ROOT / "mutants", ignore_errors=True)
         generate()
+        listed = load_equivalent()  # survivors by definition: --rerun does not spend time on them
         todo = [k for m in modules for k, v in selected(m).items()
-                if v is None or (args.rerun and (v in SURVIVED or v in NO_TESTS))]
+                if v is None or (args.rerun and (v in SURVIVED or v in NO_TESTS) and k not in listed)]
         log = ROOT / "mutants" / "mutate.log"
         print(f"checking {len(todo)} mutants of {', '.join(modules)} (budget {args.budget:.0f} s, log {log})",
               flush=True)
