@@ -751,3 +751,20 @@ def test_check_zip_measures_the_archive_itself(tmp_path: Path) -> None:
             check_zip(zf, "m.npz", max_ratio=10)
     with pytest.raises(FormatError, match="^m.npz: member a.npy claims 100 bytes beyond the end of the 0-byte"):
         check_zip(_Directory(_zip_entry(100, 100, name="a.npy")), "m.npz", max_ratio=10)  # type: ignore[arg-type]
+
+
+def test_an_npz_whose_deflate_stream_is_damaged_is_named(tmp_path: Path) -> None:
+    import zipfile
+
+    from polyak.formats.npz import NpzSource
+
+    p = tmp_path / "m.npz"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.npy", _npy(data=np.arange(2, dtype=np.float32).tobytes()))
+    start = _member_data_offset(p, "a.npy")
+    raw = bytearray(p.read_bytes())
+    raw[start] = 0xFF  # the first deflate block header: an invalid block type
+    p.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=f"^{re.escape(str(p))}: corrupt .npz archive \\(error: Error -3 while "
+                                          "decompressing data: .+\\)$"):
+        NpzSource(p)
