@@ -262,3 +262,21 @@ def test_write_behind_raises_a_failed_write_unless_another_error_is_on_its_way_o
     with pytest.raises(KeyboardInterrupt, match="^stop$"), WriteBehind(_Recorder(fail_on="t1")) as behind:
         behind.put("t1", np.zeros(1))
         raise KeyboardInterrupt("stop")
+
+
+def test_accumulate_into_a_destination_of_another_dtype_sums_in_the_dtype_asked() -> None:
+    from polyak._engine.kernel import accumulate_into
+
+    # summed in float32, written into float64: 1e8 + 1 rounds to 1e8 in float32 (its spacing there is 8)
+    dest = np.empty((2, 2), np.float64)
+    arrays = [np.full((2, 2), 1e8, np.float32), np.ones((2, 2), np.float32)]
+    accumulate_into(arrays, [1.0, 1.0], dest, np.dtype(np.float32), Buffers())
+    assert dest.tolist() == [[1e8, 1e8], [1e8, 1e8]]
+    # tensors of any rank, longer than a chunk, into a narrow destination
+    rng = np.random.default_rng(0)
+    big = [rng.standard_normal((3, CHUNK // 3 + 5)).astype(np.float32) for _ in range(2)]
+    narrow = np.empty((3, CHUNK // 3 + 5), np.float16)
+    accumulate_into(big, [0.25, 0.75], narrow, np.dtype(np.float32), Buffers())
+    np.testing.assert_array_equal(narrow, (0.25 * big[0] + 0.75 * big[1]).astype(np.float16))
+    with pytest.raises(ValueError, match="^accumulate_into: a destination of another dtype takes the whole sum at once$"):
+        accumulate_into(arrays, [1.0, 1.0], dest, np.dtype(np.float32), Buffers(), first=False)
