@@ -277,7 +277,7 @@ def test_common_span_against_a_reference() -> None:
 
     rng = random.Random(7)
     cases: list[list[tuple[str, ...]]] = [
-        [], [("/", "m")], [("/", "a", "b", "m")],
+        [], [("/", "m")], [("/", "a", "b", "m")], [("m",)], [("a", "x"), ("b", "x")],  # relative parts too
         [("/", "r", "c", "m"), ("/", "r", "c", "c", "m")],  # the shared tail must not eat into the shared head
         [("/", "r", "a"), ("/", "r", "a", "b")],  # one path is a prefix of the other
         [("/", "r", "a"), ("/", "r", "a")],
