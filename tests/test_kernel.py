@@ -280,3 +280,40 @@ def test_accumulate_into_a_destination_of_another_dtype_sums_in_the_dtype_asked(
     np.testing.assert_array_equal(narrow, (0.25 * big[0] + 0.75 * big[1]).astype(np.float16))
     with pytest.raises(ValueError, match="^accumulate_into: a destination of another dtype takes the whole sum at once$"):
         accumulate_into(arrays, [1.0, 1.0], dest, np.dtype(np.float32), Buffers(), first=False)
+
+
+def test_add_scaled_is_dst_plus_w_times_x_for_any_w() -> None:
+    from polyak._engine.kernel import add_scaled
+
+    x = np.array([1.0, -2.0, 3.5], np.float32)
+    for w in (1.0, 2.0, 0.5, -1.0, 0.0):
+        dst = np.array([10.0, 20.0, 30.0], np.float32)
+        add_scaled(dst, x, w, np.empty(3, np.float32))
+        np.testing.assert_array_equal(dst, np.array([10.0, 20.0, 30.0], np.float32) + np.float32(w) * x)
+
+
+@pytest.mark.parametrize("where", [0, CHUNK + 3, N - 1])  # the first, a middle and the last chunk
+def test_accumulate_into_a_narrow_destination_reports_nan_in_any_chunk(where: int) -> None:
+    from polyak._engine.kernel import accumulate_into
+
+    arrays = [np.ones(N, np.float32), np.ones(N, np.float32)]
+    arrays[1][where] = np.nan
+    total = accumulate_into(arrays, [0.5, 0.5], np.empty(N, np.float16), np.dtype(np.float32), Buffers())
+    assert not np.isfinite(total)
+    assert np.isfinite(accumulate_into(arrays[:1], [1.0], np.empty(N, np.float16), np.dtype(np.float32), Buffers()))
+
+
+def test_threads_summing_into_a_narrow_destination_never_share_scratch() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    # long enough that the two parts run at the same time: a shared scratch buffer (one part's
+    # w·x added into the other's sum) gives errors of the order of the values themselves
+    n = PARALLEL_MIN * 16 + 1000
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(n).astype(np.float16) for _ in range(3)]
+    weights = np.array([0.2, 0.3, 0.5])
+    want = np.average(np.stack([a.astype(np.float64) for a in arrays]), axis=0, weights=weights)
+    acc = np.empty(n, np.float16)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        accumulate_all(arrays, weights, acc, Buffers(), pool, 2, np.dtype(np.float32))
+    np.testing.assert_allclose(acc.astype(np.float64), want, rtol=2e-3, atol=2e-3)
