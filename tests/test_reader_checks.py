@@ -130,6 +130,39 @@ def test_the_header_length_is_checked_against_the_limit_and_the_file(tmp_path: P
         polyak.open_source(index)
 
 
+def test_the_header_length_at_its_edges(tmp_path: Path) -> None:
+    from polyak.formats.safetensors import MAX_HEADER_SIZE
+
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", MAX_HEADER_SIZE) + b"{}")  # at the limit: then checked against the file
+    with pytest.raises(FormatError, match=_exact(
+            f"{p}: truncated or corrupt safetensors file: the header claims {MAX_HEADER_SIZE} bytes but the file has "
+            "only 2 after the length field")):
+        SafetensorsSource(p)
+    p.write_bytes(b"\xff" * 8 + b"{}")  # the length is unsigned: 2**64 - 1, not -1
+    with pytest.raises(UnsafeFileError, match=_exact(
+            f"{p}: the safetensors header claims {2**64 - 1} bytes, above the {MAX_HEADER_SIZE}-byte limit; the file "
+            "is corrupt or hostile")):
+        SafetensorsSource(p)
+    p.write_bytes(bytes(8))  # exactly the length field, claiming an empty header
+    with pytest.raises(FormatError, match=f"^{re.escape(str(p))}: corrupted safetensors header \\(not valid JSON: "):
+        SafetensorsSource(p)
+    folder = tmp_path / "d.safetensors"
+    folder.mkdir()
+    with pytest.raises(FormatError, match=_exact(f"{folder}: cannot read: Is a directory")):
+        SafetensorsSource(folder)
+
+
+def test_tensors_are_listed_in_file_order(tmp_path: Path) -> None:
+    f32 = np.ones(2, np.float32).tobytes()
+    # header order a, c; file order c (bytes 0-8), then a (8-16): not the names' order
+    p = _st(tmp_path / "m.safetensors", {"a": _f32(2, 8), "c": _f32(2, 0)}, f32 * 2)
+    assert list(SafetensorsSource(p).infos()) == ["c", "a"]
+    # an empty tensor sorts by where it begins: e (at 8) after y (0-8), though both end at 8
+    header = {"e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}, "y": _f32(2, 0), "x": _f32(2, 8)}
+    assert list(SafetensorsSource(_st(tmp_path / "n.safetensors", header, f32 * 2)).infos()) == ["y", "e", "x"]
+
+
 def _index(folder: Path, index: Any, shards: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
     for name, state in (shards or {}).items():
         polyak.save(state, folder / name)

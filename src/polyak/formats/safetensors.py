@@ -123,7 +123,7 @@ def sniff_safetensors_index(path: Path, head: bytes) -> bool:
     return False
 
 
-def _parse_header(path: Path, f: object, size: int, label: str) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]], dict[str, str]]:
+def _parse_header(f: object, size: int, label: str) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]], dict[str, str]]:
     read = f.read  # type: ignore[attr-defined]
     if size < 8:
         raise FormatError(f"{label}: truncated safetensors file ({size} bytes; the header length alone takes 8)")
@@ -192,7 +192,7 @@ class SafetensorsSource(TensorSource):
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                self._data_start, self._infos, self._offsets, self._meta = _parse_header(path, f, size, self.label)
+                self._data_start, self._infos, self._offsets, self._meta = _parse_header(f, size, self.label)
         except OSError as exc:
             raise FormatError(f"{self.label}: cannot read: {describe_read_error(exc)}") from exc
         self._size = size
