@@ -317,3 +317,18 @@ def test_threads_summing_into_a_narrow_destination_never_share_scratch() -> None
     with ThreadPoolExecutor(max_workers=2) as pool:
         accumulate_all(arrays, weights, acc, Buffers(), pool, 2, np.dtype(np.float32))
     np.testing.assert_allclose(acc.astype(np.float64), want, rtol=2e-3, atol=2e-3)
+
+
+def test_accumulate_raises_no_numpy_warning_on_overflow_or_inf(recwarn: pytest.WarningsRecorder) -> None:
+    # overflow and inf - inf are found by the finiteness check and reported as polyak's own
+    # error; numpy's RuntimeWarnings (an exception under -W error) must not come first
+    import warnings
+
+    big = [np.full(4, 3e38, np.float32), np.full(4, 3e38, np.float32)]
+    infs = [np.full(4, np.inf, np.float32), np.full(4, -np.inf, np.float32)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for arrays in (big, infs):
+            total = accumulate(arrays, [1.0, 1.0], np.empty(4, np.float32), Buffers(), first=True)
+            assert not np.isfinite(total)
+    assert len(recwarn) == 0
