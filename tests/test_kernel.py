@@ -331,4 +331,9 @@ def test_accumulate_raises_no_numpy_warning_on_overflow_or_inf(recwarn: pytest.W
         for arrays in (big, infs):
             total = accumulate(arrays, [1.0, 1.0], np.empty(4, np.float32), Buffers(), first=True)
             assert not np.isfinite(total)
+        from polyak._engine.kernel import probe
+
+        for xs in (np.array([np.inf, -np.inf], np.float32), np.array([3e38, 3e38], np.float32),
+                   np.array([complex(np.inf, 1), complex(-np.inf, 1)], np.complex64)):
+            assert not np.isfinite(probe(xs))
     assert len(recwarn) == 0

@@ -335,3 +335,34 @@ def test_numbers_in_the_shared_file_name_do_not_order_the_folders(tmp_path: Path
     with pytest.raises(ConfigError, match="^cannot tell the order of the checkpoints: a/model-2.safetensors, "
                                           "b/model-2.safetensors have no numbers that order them, "):
         polyak.average(paths, scheme="linear")
+
+
+def test_a_sweep_over_many_tied_groups_names_the_first_three(tmp_path: Path) -> None:
+    from polyak._engine.members import select_members
+
+    paths = _touch_members(tmp_path, [f"{run}_{i}.safetensors" for i in range(1, 5) for run in "ab"])
+    groups = "; ".join(f"a_{i}.safetensors, b_{i}.safetensors carry the same numbers ({i})" for i in range(1, 4))
+    with pytest.raises(ConfigError, match=_exact(
+            f"cannot tell the order of the checkpoints: {groups}, and the result depends on their order (a sweep "
+            "compares the averages of the newest n); choose it with --order mtime|name|given (order='mtime', "
+            "'name' or 'given'), or rename them")):
+        select_members(paths)  # weights=None: every order matters
+
+
+def test_order_by_name_compares_the_differing_path_parts_joined_by_slashes(tmp_path: Path) -> None:
+    from polyak._engine.members import order_members
+
+    # "a/z" sorts before "a0": the separator '/' comes before the digits
+    members = [tmp_path / "a0" / "m.safetensors", tmp_path / "a" / "z" / "m.safetensors"]
+    assert order_members(members, "name") == [members[1], members[0]]
+
+
+def test_check_members_refuses_none_and_hints_at_a_prefix_on_one_side() -> None:
+    from polyak._engine.members import check_members
+
+    with pytest.raises(ConfigError, match=_exact("no members given: pass at least one checkpoint")):
+        check_members([])
+    w = np.ones(2, np.float32)
+    with pytest.raises(MismatchError, match="\nhint: the keys differ only by the prefix 'module.'; pass --strip-prefix "
+                                            "module.\n"):
+        polyak.average([{"w": w}, {"w": w, "module.w": w}])  # only missing names, no unexpected ones
