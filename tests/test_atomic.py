@@ -600,3 +600,13 @@ def test_check_output_path_passes_force_and_inputs_on(tmp_path: Path) -> None:
     assert check_output_path(tmp_path / "taken.npz", force=True) == tmp_path / "taken.npz"
     with pytest.raises(OutputError, match="is also one of the inputs"):
         check_output_path(tmp_path / "taken.npz", force=True, inputs=[tmp_path / "taken.npz"])
+
+
+def test_an_output_that_cannot_be_looked_at_is_named_with_the_reason(tmp_path: Path) -> None:
+    too_long = tmp_path / ("x" * 300 + ".npz")
+    with pytest.raises(OutputError, match=_esc(f"cannot look at the output {too_long}: File name too long")):
+        check_outputs([too_long])
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(OutputError, match=_esc(f"cannot look at the output {tmp_path / 'loop'}: Too many levels of "
+                                               "symbolic links")):
+        check_outputs([tmp_path / "loop"], force=True)

@@ -366,3 +366,14 @@ def test_check_members_refuses_none_and_hints_at_a_prefix_on_one_side() -> None:
     with pytest.raises(MismatchError, match="\nhint: the keys differ only by the prefix 'module.'; pass --strip-prefix "
                                             "module.\n"):
         polyak.average([{"w": w}, {"w": w, "module.w": w}])  # only missing names, no unexpected ones
+
+
+def test_key_reaches_every_pt_member(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"ckpt_{i}.pt"
+        torch.save({"model": {"w": torch.full((2,), float(i))}, "ema": {"w": torch.full((2,), 10.0 + i)}}, p)
+        paths.append(p)
+    assert polyak.average(paths, key="ema")["w"].tolist() == [10.5, 10.5]
+    assert polyak.average(paths, key="model")["w"].tolist() == [0.5, 0.5]
