@@ -610,3 +610,28 @@ def test_an_output_that_cannot_be_looked_at_is_named_with_the_reason(tmp_path: P
     with pytest.raises(OutputError, match=_esc(f"cannot look at the output {tmp_path / 'loop'}: Too many levels of "
                                                "symbolic links")):
         check_outputs([tmp_path / "loop"], force=True)
+
+
+def test_temporaries_are_told_by_their_last_mark_and_a_suffix_may_hold_dashes(tmp_path: Path) -> None:
+    me = os.getpid()
+    names = {
+        # a target whose own name holds the mark: only the last one says whose temporary it is
+        f".a{TEMP_MARK}{me}-0a.npz{TEMP_MARK}{DEAD_PID}-0b0b0b0b": True,
+        f".a{TEMP_MARK}{DEAD_PID}-0a.npz{TEMP_MARK}{me}-0c0c0c0c": False,  # a running process's: kept
+        f".m{TEMP_MARK}{DEAD_PID}-0d0d0d0d.pre-trained.weights.h5": True,  # a suffix (temp_path_for) with dashes
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert sorted(p.name for p in iter_stale_temps(tmp_path)) == sorted(n for n, stale in names.items() if stale)
+
+
+def test_a_failed_fsync_names_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def eio(*args: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(atomic.os, "fsync", eio)
+    f = AtomicFile(tmp_path / "out.bin")
+    f.write(b"x")
+    with pytest.raises(OutputError, match=_esc(f"cannot write {tmp_path / 'out.bin'}: Input/output error")):
+        f.finish()
+    assert _names(tmp_path) == []

@@ -456,7 +456,7 @@ def check_output_folder(folder: str | os.PathLike[str]) -> Path:
     Raises:
         OutputError: Naming the folder and the fix.
     """
-    parent = Path(folder) if str(folder) else Path(".")
+    parent = Path(folder)  # Path("") is Path(".")
     if not parent.is_dir():
         raise OutputError(f"the output folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
