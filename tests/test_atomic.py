@@ -635,3 +635,13 @@ def test_a_failed_fsync_names_the_target(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(OutputError, match=_esc(f"cannot write {tmp_path / 'out.bin'}: Input/output error")):
         f.finish()
     assert _names(tmp_path) == []
+
+
+def test_cleanup_goes_past_a_kept_input_and_a_temporary_that_vanished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kept, gone, stale = (tmp_path / f".{n}{TEMP_MARK}{DEAD_PID}-0a0a0a0a" for n in ("kept", "gone", "stale"))
+    kept.write_text("an input")
+    stale.write_text("left by a killed run")
+    # in this order: a kept input, one that another process removed first, then a stale one
+    monkeypatch.setattr(atomic, "iter_stale_temps", lambda directory: iter([kept, gone, stale]))
+    assert cleanup_stale_temps(tmp_path, keep=[kept]) == [stale]
+    assert _names(tmp_path) == [kept.name]
