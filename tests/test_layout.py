@@ -95,3 +95,14 @@ def test_quoted_names_show_eight_and_count_the_rest() -> None:
     assert quoted(names, 3) == '"t0", "t1", "t2" and 7 more'
     assert quoted(names[:3], 3) == '"t0", "t1", "t2"'
     assert quoted([]) == ""
+
+
+def test_shapes_and_dtypes_of_values_that_only_describe_themselves() -> None:
+    from polyak._layout import shape_of
+
+    class Described:  # a lazy or remote tensor: shape and dtype, no data to convert
+        shape = (2, 3)
+        dtype = np.float16  # a numpy scalar type, not a dtype instance
+
+    assert shape_of(Described()) == (2, 3) and dtype_label(Described()) == "float16"
+    assert shape_of([[1, 2, 3]]) == (1, 3) and shape_of(np.zeros((4,), np.int8)) == (4,)
