@@ -26,11 +26,9 @@ MAX_LISTED = 50
 
 
 def shape_of(value: Any) -> tuple[int, ...]:
-    """The shape of an array-like value as a tuple of Python ints (``np.shape`` for lists)."""
-    shape = getattr(value, "shape", None)
-    if shape is None:
-        shape = np.shape(value)
-    return tuple(int(d) for d in shape)
+    """The shape of an array-like value as a tuple of Python ints (``np.shape`` reads a
+    ``shape`` attribute when there is one, so a tensor is never converted; lists are measured)."""
+    return tuple(int(d) for d in np.shape(value))
 
 
 def dtype_label(value: Any) -> str | None:
