@@ -51,7 +51,7 @@ fuzz: install
 # Mutation testing of the core modules (mutmut; in-process tests only; not part of `make test`).
 # Bounded and resumable: it stops after MUTATE_BUDGET seconds and the next run goes on from
 # there; it prints each module's score. E.g. make mutate MODULES="schemes kernel" MUTATE_BUDGET=900
-# (modules and options: tests/mutation/mutate.py --help; MUTATE_ARGS=--rerun after adding tests).
+# (modules and options: tests/mutation/mutate.py --help; MUTATE_ARGS="--rerun --remap" after adding tests).
 MODULES ?=
 MUTATE_BUDGET ?= 10800
 MUTATE_JOBS ?= 1

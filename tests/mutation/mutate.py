@@ -14,8 +14,9 @@ each with the reason it cannot change what a user sees (see the rule there).
 The run is bounded and resumable: it stops after ``--budget`` seconds (mutmut keeps every
 verdict it reached), and the next run checks only the mutants without one (new or changed
 functions get fresh mutants). ``--rerun`` checks the survivors again (after tests were
-added), except those listed as equivalent; ``--fresh`` starts over (after tests were changed, since mutmut maps tests to
-functions once).
+added), except those listed as equivalent. Add ``--remap`` then: mutmut maps tests to the
+functions they reach once, and its update for new tests missed some of them (mutmut 3.8.1),
+so ``--remap`` maps every test again, keeping the verdicts. ``--fresh`` starts over.
 
 Usage (from the repository root, with the dev environment)::
 
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="mutants checked at once (default 1)")
     ap.add_argument("--min-score", type=float, default=90.0, help="the score each module must reach (default 90)")
     ap.add_argument("--rerun", action="store_true", help="check the surviving mutants again (not those listed as equivalent)")
+    ap.add_argument("--remap", action="store_true", help="map every test to the functions it reaches again")
     ap.add_argument("--fresh", action="store_true", help="forget every verdict and start over")
     ap.add_argument("--report-only", action="store_true", help="print the scores of the verdicts so far")
     ap.add_argument("--show", type=int, default=20, help="surviving mutants to print per module (default 20)")
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         if args.fresh:
             shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+        elif args.remap:
+            (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
         generate()
         listed = load_equivalent()  # survivors by definition: --rerun does not spend time on them
         todo = [k for m in modules for k, v in selected(m).items()
