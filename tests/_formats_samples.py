@@ -147,7 +147,8 @@ def _keras_weights(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, li
     return path, [path]
 
 
-def _keras_archive(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, list[Path]]:
+def _keras_archive(folder: Path, state: dict[str, np.ndarray], *, extra: bytes = b"") -> tuple[Path, list[Path]]:
+    """A Keras 3 ``.keras`` archive, members stored; ``extra`` goes into the weights' local header."""
     import zipfile
 
     weights = folder / "model.weights.h5.tmp"
@@ -158,7 +159,9 @@ def _keras_archive(folder: Path, state: dict[str, np.ndarray]) -> tuple[Path, li
     with zipfile.ZipFile(path, "w") as zf:  # stored, like keras.saving
         zf.writestr("metadata.json", json.dumps(meta))
         zf.writestr("config.json", json.dumps(config))
-        zf.write(weights, "model.weights.h5")
+        info = zipfile.ZipInfo.from_file(weights, "model.weights.h5")
+        info.extra = extra
+        zf.writestr(info, weights.read_bytes())
     weights.unlink()
     return path, [path]
 

@@ -384,13 +384,13 @@ def test_npz_metadata_may_come_first_and_record_integer_dtypes(tmp_path: Path) -
 
 
 def _member_data_offset(path: Path, member: str) -> int:
+    """Where ``member``'s bytes begin (past its local header), as the .keras reader finds them."""
     import zipfile
 
+    from polyak.formats.keras_archive import _data_offset
+
     with zipfile.ZipFile(path) as zf:
-        zi = zf.getinfo(member)
-    raw = path.read_bytes()
-    name_len, extra_len = struct.unpack("<HH", raw[zi.header_offset + 26: zi.header_offset + 30])
-    return zi.header_offset + 30 + name_len + extra_len
+        return _data_offset(path, zf.getinfo(member))
 
 
 def test_an_npz_that_changes_under_the_reader_is_refused_when_read(tmp_path: Path) -> None:
@@ -591,21 +591,10 @@ def test_keras_archive_members_are_read_up_to_their_limit_exactly(tmp_path: Path
 
 def _keras_file(tmp_path: Path, *, extra: bytes = b"") -> Path:
     """A .keras archive as keras.saving writes it (members stored), ``extra`` in the weights' header."""
-    import zipfile
+    pytest.importorskip("h5py")
+    from _formats_samples import _keras_archive
 
-    h5py = pytest.importorskip("h5py")
-    weights = tmp_path / "w.h5"
-    with h5py.File(weights, "w") as f:
-        f.require_group("layers/dense/vars").create_dataset("0", data=np.arange(3, dtype=np.float32))
-    path = tmp_path / "model.keras"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("metadata.json", json.dumps({"keras_version": "3.0.0"}))
-        zf.writestr("config.json", json.dumps({"module": "keras", "class_name": "Sequential",
-                                               "config": {"name": "s", "layers": []}}))
-        info = zipfile.ZipInfo("model.weights.h5", date_time=(1980, 1, 1, 0, 0, 0))
-        info.extra = extra
-        zf.writestr(info, weights.read_bytes())
-    return path
+    return _keras_archive(tmp_path, {"dense": np.arange(3, dtype=np.float32)}, extra=extra)[0]
 
 
 def test_keras_archive_weights_behind_a_large_extra_field_are_found(tmp_path: Path) -> None:
