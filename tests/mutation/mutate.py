@@ -199,11 +199,14 @@ from mutmut.state import state
 
 focus, slow = json.loads(sys.argv.pop(1))
 
+def file_of(test):
+    return test.split("::")[0].rsplit("/", 1)[-1]
+
 def ordered(name, tests):
     files = next((f for pats, f in focus if any(fnmatch.fnmatchcase(name, p) for p in pats)), [])
     duration = state().duration_by_test
-    kept = [t for t in tests if (f := t.split("::")[0].rsplit("/", 1)[-1]) in files or f not in slow]
-    return sorted(kept, key=lambda t: (t.split("::")[0].rsplit("/", 1)[-1] not in files, duration.get(t, 0.0), t))
+    kept = [t for t in tests if file_of(t) in files or file_of(t) not in slow]
+    return sorted(kept, key=lambda t: (file_of(t) not in files, duration.get(t, 0.0), t))
 
 for cls in (isolation.MutantRunner, *isolation.MutantRunner.__subclasses__()):
     if "submit" in vars(cls) and not getattr(cls.submit, "__isabstractmethod__", False):
